@@ -1,0 +1,55 @@
+# OMA portal. Quick start on a fresh Debian 12 machine: `make demo` or `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := nbdkit nbd-server libnbd-bin sudo
+# Browser tests (issue 4) add chromium here.
+
+.PHONY: demo test setup system-packages venv check lint clean bench
+
+# Python >= 3.12: PYTHON=... if given, else the newest pyenv 3.12+, else python3.1x on PATH.
+PYTHON ?= $(shell for p in $$(ls -d $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV) \
+	$$(command -v python3.14 python3.13 python3.12 python3 2>/dev/null); do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; done)
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: requirements.txt
+	@if [ -z "$(PYTHON)" ]; then \
+	  echo "No Python >= 3.12 found. Django 6 needs it: install one (e.g. 'pyenv install 3.13' or Debian backports python3.12) or run make PYTHON=/path/to/python3.12"; exit 1; fi
+	@echo "Using $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+setup: system-packages venv
+	$(PY) manage.py migrate --noinput -v0
+
+demo: setup
+	$(PY) manage.py demo_env > var/demo.env
+	$(VENV)/bin/honcho -f Procfile -e var/demo.env start
+
+test: system-packages venv
+	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy .
+	$(PY) manage.py makemigrations --check --dry-run
+
+bench: setup
+	$(PY) bench/export_storm.py --backend nbdkit --vms 50 --disks 2 --workers 8
+	$(PY) bench/export_storm.py --backend nbd-server --vms 50 --disks 2 --workers 8
+
+clean:
+	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

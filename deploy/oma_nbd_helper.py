@@ -1,0 +1,749 @@
+#!/usr/bin/python3
+"""oma-nbd-helper: the only OMA code that runs as root.
+
+Installed as /usr/local/libexec/oma/oma-nbd-helper and called by the portal through
+``sudo -n /usr/local/libexec/oma/oma-nbd-helper VERB ARGS``. Standard library only.
+
+It reads every path it touches from a root-owned config file (default /etc/oma/nbd-helper.conf),
+never from its caller. Dev and tests run the same program directly (not through sudo); only then may
+OMA_NBD_HELPER_CONFIG name another config file, which must be owned by the caller's uid or root and
+writable by nobody else.
+
+Verbs (one JSON line on stdout, always with "ok"):
+  link NAME DEVICE   point export NAME at DEVICE (atomic link; for nbd-server also conf.d/NAME.conf)
+  unlink NAME        remove export NAME's link (and conf file); idempotent
+  reload             SIGHUP the verified nbd-server main process (nbdkit never needs one)
+  status             verified main PID, start time, listening, links and conf files
+  start              start the server unless a verified main process already runs
+  restart            nbd-server: SIGKILL the verified main only (its children keep serving their
+                     transfers; SIGTERM would end them), then start; nbdkit: SIGTERM, then start
+  stop               SIGTERM the verified main process (ends nbd-server transfers)
+
+Exit codes:
+  0 done   2 usage   3 input refused (nothing changed)   4 bad helper config
+  5 server not running or not verifiable   6 system error   7 lock timeout
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_CONFIG = 4
+EXIT_SERVER = 5
+EXIT_SYSTEM = 6
+EXIT_LOCK = 7
+
+DEFAULT_CONFIG = "/etc/oma/nbd-helper.conf"
+UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+NAME_RE = re.compile(rf"migration-vm-{UUID_RE}-disk(?:[0-9]|[1-5][0-9]|6[0-3])")
+SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._/+:@-]*")
+MAX_PATH = 255
+LOCK_TIMEOUT = 30.0
+START_TIMEOUT = 10.0
+BACKENDS = ("nbdkit", "nbd-server")
+
+
+class HelperError(Exception):
+    def __init__(self, code: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+        self.message = message
+
+
+def refuse(kind: str, message: str) -> HelperError:
+    return HelperError(EXIT_REFUSED, kind, message)
+
+
+# --- input validation ----------------------------------------------------------------------
+
+
+def check_text(what: str, value: str) -> None:
+    """Refuse anything that could break out of a file name, a link or a config line."""
+    if "\x00" in value:
+        raise refuse("forbidden_character", f"{what} contains a NUL byte")
+    if "\n" in value or "\r" in value:
+        raise refuse("forbidden_character", f"{what} contains a line break")
+    if "[" in value or "]" in value:
+        raise refuse("forbidden_character", f"{what} contains '[' or ']' (config section syntax)")
+    if "=" in value:
+        raise refuse("forbidden_character", f"{what} contains '=' (config key syntax)")
+    if ".." in value:
+        raise refuse("forbidden_character", f"{what} contains '..'")
+    if not value.isascii() or not value.isprintable():
+        raise refuse("forbidden_character", f"{what} contains non-ASCII or control characters")
+    if len(value) > MAX_PATH:
+        raise refuse("too_long", f"{what} is {len(value)} characters long; the limit is {MAX_PATH}")
+
+
+def validate_name(name: str) -> str:
+    check_text("export name", name)
+    if not NAME_RE.fullmatch(name):
+        raise refuse(
+            "invalid_name",
+            f"export name {name!r} does not match migration-vm-<vmware instance uuid>-disk<0-63>",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str
+    export_root: Path
+    pidfile: Path
+    lock_file: Path
+    listen_address: str
+    port: int
+    server_exe: Path
+    server_config: Path | None
+    confd: Path | None
+    device_prefixes: tuple[str, ...]
+    dev_volume_root: Path | None
+    service: str
+
+
+def _config_path(value: str, key: str) -> Path:
+    if not SAFE_PATH_RE.fullmatch(value) or ".." in value:
+        raise HelperError(EXIT_CONFIG, "bad_config", f"config key {key} must be a plain absolute path, got {value!r}")
+    return Path(value)
+
+
+def config_file_path() -> Path:
+    override = os.environ.get("OMA_NBD_HELPER_CONFIG")
+    via_sudo = any(k in os.environ for k in ("SUDO_UID", "SUDO_USER", "SUDO_COMMAND"))
+    if override and not via_sudo:
+        return Path(override)
+    return Path(DEFAULT_CONFIG)
+
+
+def load_config() -> Config:
+    path = config_file_path()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise HelperError(EXIT_CONFIG, "bad_config", f"cannot read helper config {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise HelperError(EXIT_CONFIG, "bad_config", f"helper config {path} is not a regular file")
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise HelperError(
+            EXIT_CONFIG, "bad_config", f"helper config {path} must be owned by root and writable only by its owner"
+        )
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path, encoding="utf-8")
+        section = parser["helper"]
+        backend = section.get("backend", "nbdkit")
+        if backend not in BACKENDS:
+            raise HelperError(EXIT_CONFIG, "bad_config", f"backend must be one of {BACKENDS}, got {backend!r}")
+        confd = section.get("confd")
+        server_config = section.get("server_config")
+        if backend == "nbd-server" and not (confd and server_config):
+            raise HelperError(EXIT_CONFIG, "bad_config", "backend nbd-server needs confd and server_config")
+        dev_root = section.get("dev_volume_root", "").strip()
+        default_exe = "/usr/bin/nbdkit" if backend == "nbdkit" else "/usr/bin/nbd-server"
+        prefixes = tuple(section.get("device_prefixes", "/dev/disk/by-id/virtio- /dev/vd /dev/loop").split())
+        for prefix in prefixes:
+            _config_path(prefix, "device_prefixes")
+        address = section.get("listen_address", "127.0.0.1")
+        socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        return Config(
+            backend=backend,
+            export_root=_config_path(section["export_root"], "export_root"),
+            pidfile=_config_path(section["pidfile"], "pidfile"),
+            lock_file=_config_path(section["lock_file"], "lock_file"),
+            listen_address=address,
+            port=section.getint("port", 10809),
+            server_exe=_config_path(section.get("server_exe", default_exe), "server_exe"),
+            server_config=_config_path(server_config, "server_config") if server_config else None,
+            confd=_config_path(confd, "confd") if confd else None,
+            device_prefixes=prefixes,
+            dev_volume_root=_config_path(dev_root, "dev_volume_root") if dev_root else None,
+            service=section.get("service", "direct"),
+        )
+    except HelperError:
+        raise
+    except (configparser.Error, KeyError, ValueError, OSError) as exc:
+        raise HelperError(EXIT_CONFIG, "bad_config", f"helper config {path} is invalid: {exc}") from exc
+
+
+def _dev_numbers(rdev: int) -> str:
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def _mounted_devices() -> set[str]:
+    """major:minor of every mounted filesystem, plus active swap devices."""
+    found: set[str] = set()
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 2:
+                found.add(fields[2])
+    with contextlib.suppress(OSError), open("/proc/swaps", encoding="utf-8", errors="replace") as fh:
+        for line in list(fh)[1:]:
+            with contextlib.suppress(OSError):
+                st = os.stat(line.split()[0])
+                if stat.S_ISBLK(st.st_mode):
+                    found.add(_dev_numbers(st.st_rdev))
+    return found
+
+
+def _sys_block(numbers: str) -> Path:
+    return Path("/sys/dev/block") / numbers
+
+
+def _whole_disk(numbers: str) -> str:
+    """The whole-disk major:minor for a partition (or the device itself)."""
+    node = _sys_block(numbers).resolve()
+    if (node / "partition").exists():
+        with contextlib.suppress(OSError):
+            return (node.parent / "dev").read_text().strip()
+    return numbers
+
+
+def _backing_disks(numbers: str, seen: set[str] | None = None) -> set[str]:
+    """The whole disks under a device, following device-mapper/md slaves."""
+    seen = set() if seen is None else seen
+    if numbers in seen:
+        return set()
+    seen.add(numbers)
+    disks = {_whole_disk(numbers)}
+    slaves = _sys_block(numbers) / "slaves"
+    with contextlib.suppress(OSError):
+        for slave in slaves.iterdir():
+            with contextlib.suppress(OSError):
+                disks |= _backing_disks((slave / "dev").read_text().strip(), seen)
+    return disks
+
+
+def _os_disks() -> set[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == "/":
+                return _backing_disks(fields[2])
+    return set()
+
+
+def _device_in_use(numbers: str) -> str | None:
+    mounted = _mounted_devices()
+    if numbers in mounted:
+        return "it is mounted or used as swap"
+    node = _sys_block(numbers)
+    with contextlib.suppress(OSError):
+        if any((node / "holders").iterdir()):
+            return "it is held by another device (device-mapper, RAID or LVM)"
+    with contextlib.suppress(OSError):
+        for child in node.resolve().iterdir():
+            dev_file = child / "dev"
+            if (child / "partition").exists() and dev_file.exists() and dev_file.read_text().strip() in mounted:
+                return f"its partition {child.name} is mounted"
+    return None
+
+
+def validate_device(config: Config, device: str) -> str:
+    check_text("device", device)
+    if not device.startswith("/"):
+        raise refuse("invalid_device", f"device {device!r} is not an absolute path")
+    if config.dev_volume_root is not None:
+        root = os.path.realpath(config.dev_volume_root)
+        resolved = os.path.realpath(device)
+        if not (device.startswith(str(config.dev_volume_root) + "/") and resolved.startswith(root + "/")):
+            raise refuse("device_not_allowed", f"device {device!r} is outside the volume root {config.dev_volume_root}")
+        try:
+            st = os.stat(resolved)
+        except OSError as exc:
+            raise refuse("device_missing", f"device {device!r} does not exist") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse("not_a_volume", f"device {device!r} is not a regular volume file (dev mode)")
+        return device
+    if not any(device.startswith(prefix) for prefix in config.device_prefixes):
+        allowed = ", ".join(config.device_prefixes)
+        raise refuse("device_not_allowed", f"device {device!r} is not under an allowed prefix ({allowed})")
+    resolved = os.path.realpath(device)
+    if not resolved.startswith("/dev/"):
+        raise refuse("device_not_allowed", f"device {device!r} resolves to {resolved}, outside /dev")
+    try:
+        st = os.stat(resolved)
+    except OSError as exc:
+        raise refuse("device_missing", f"device {device!r} does not exist") from exc
+    if not stat.S_ISBLK(st.st_mode):
+        raise refuse("not_a_block_device", f"device {device!r} ({resolved}) is not a block device")
+    numbers = _dev_numbers(st.st_rdev)
+    if _whole_disk(numbers) in _os_disks() or numbers in _os_disks():
+        raise refuse("os_disk", f"device {device!r} ({resolved}) is the OS disk or part of it")
+    reason = _device_in_use(numbers)
+    if reason:
+        raise refuse("device_in_use", f"device {device!r} ({resolved}) is in use: {reason}")
+    return device
+
+
+# --- atomic file operations ----------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_symlink(target: str, link: Path) -> None:
+    tmp = link.parent / f".{link.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    os.symlink(target, tmp)
+    try:
+        os.rename(tmp, link)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(link.parent)
+
+
+def atomic_write(path: Path, content: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_durably(path: Path) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+@contextlib.contextmanager
+def locked(config: Config) -> Iterator[None]:
+    fd = os.open(config.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise HelperError(
+                        EXIT_LOCK, "lock_timeout", f"could not lock {config.lock_file} in {LOCK_TIMEOUT}s"
+                    ) from exc
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+def conf_text(config: Config, name: str) -> str:
+    # flush/fua: honour the client's flushes, so a completed copy is on the volume, not in cache.
+    return (
+        "# Managed by oma-nbd-helper. Do not edit: changes are overwritten.\n"
+        f"[{name}]\n"
+        f"    exportname = {config.export_root / name}\n"
+        "    flush = true\n"
+        "    fua = true\n"
+    )
+
+
+# --- the server's main process -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MainProcess:
+    pid: int
+    start_ticks: int
+
+    @property
+    def started_at(self) -> float:
+        with open("/proc/stat", encoding="ascii") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + self.start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _read_pidfile(config: Config) -> int | None:
+    try:
+        text = config.pidfile.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+    if not text.isdigit() or len(text) > 9:
+        return None
+    return int(text)
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+def verified_main(config: Config) -> tuple[MainProcess | None, str]:
+    """The server's main process from the pidfile, checked through /proc; never pgrep."""
+    pid = _read_pidfile(config)
+    if pid is None:
+        return None, f"no valid pidfile at {config.pidfile}"
+    info = _proc_stat(pid)
+    if info is None:
+        return None, f"pid {pid} from {config.pidfile} is not running"
+    state, start_ticks = info
+    if state in ("Z", "X"):
+        return None, f"pid {pid} from {config.pidfile} is a zombie (the server died)"
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\x00")
+    except OSError as exc:
+        return None, f"cannot inspect pid {pid}: {exc.strerror}"
+    if os.path.realpath(exe) != os.path.realpath(config.server_exe):
+        return None, f"pid {pid} runs {exe}, not {config.server_exe}"
+    wanted = str(config.server_config if config.backend == "nbd-server" else config.pidfile).encode()
+    if wanted not in cmdline:
+        return None, f"pid {pid} was not started with {wanted.decode()}"
+    if config.backend == "nbd-server":
+        # Children of nbd-server have the same cmdline; the main one was reparented to nobody else.
+        ppid = _ppid(pid)
+        if ppid is not None and _proc_stat(ppid) is not None and _exe_of(ppid) == exe:
+            return None, f"pid {pid} is a child of {ppid}, not the main server process"
+    return MainProcess(pid, start_ticks), "verified"
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    return int(raw[raw.rindex(")") + 2 :].split()[1])
+
+
+def _exe_of(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as fh:
+            for line in list(fh)[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(inode)
+    return inodes
+
+
+def is_listening(pid: int, port: int) -> bool:
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return False
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return True
+    return False
+
+
+def require_main(config: Config) -> MainProcess:
+    main, why = verified_main(config)
+    if main is None:
+        raise HelperError(EXIT_SERVER, "server_not_running", why)
+    return main
+
+
+# --- verbs ---------------------------------------------------------------------------------
+
+
+def verb_link(config: Config, name: str, device: str) -> dict[str, object]:
+    validate_name(name)
+    validate_device(config, device)
+    link = config.export_root / name
+    with locked(config):
+        try:
+            current = os.readlink(link)
+        except FileNotFoundError:
+            current = None
+        except OSError as exc:
+            raise refuse("not_a_link", f"{link} exists and is not a link") from exc
+        link_changed = current != device
+        if link_changed:
+            atomic_symlink(device, link)
+        conf_changed = False
+        conf_mtime = None
+        if config.backend == "nbd-server" and config.confd is not None:
+            conf = config.confd / f"{name}.conf"
+            text = conf_text(config, name)
+            try:
+                conf_changed = conf.read_text(encoding="ascii") != text
+            except FileNotFoundError:
+                conf_changed = True
+            if conf_changed:
+                atomic_write(conf, text)
+            conf_mtime = os.stat(conf).st_mtime
+    return {
+        "conf_mtime": conf_mtime,
+        "name": name,
+        "device": device,
+        "previous_device": current,
+        "link_changed": link_changed,
+        "conf_changed": conf_changed,
+        "needs_reload": conf_changed,
+    }
+
+
+def verb_unlink(config: Config, name: str) -> dict[str, object]:
+    validate_name(name)
+    with locked(config):
+        link = config.export_root / name
+        if (link.exists() or link.is_symlink()) and not link.is_symlink():
+            raise refuse("not_a_link", f"{link} is not a link; refusing to remove it")
+        link_removed = remove_durably(link)
+        conf_removed = False
+        if config.backend == "nbd-server" and config.confd is not None:
+            conf_removed = remove_durably(config.confd / f"{name}.conf")
+    return {"name": name, "link_removed": link_removed, "conf_removed": conf_removed}
+
+
+def check_confd(config: Config) -> None:
+    """A stray file in conf.d would block every new export of a reload, or shadow a name."""
+    if config.confd is None:
+        return
+    for path in config.confd.iterdir():
+        if path.name.endswith(".conf") and not validate_conf_file(config, path):
+            raise HelperError(EXIT_CONFIG, "bad_conf_file", f"{path} is not a file this helper wrote; remove it")
+
+
+def verb_reload(config: Config) -> dict[str, object]:
+    if config.backend != "nbd-server":
+        return {"reloaded": False, "reason": "nbdkit serves new links without a reload"}
+    with locked(config):
+        main = require_main(config)
+        check_confd(config)
+        os.kill(main.pid, signal.SIGHUP)
+    return {"reloaded": True, "pid": main.pid, "started_at": main.started_at}
+
+
+def verb_status(config: Config) -> dict[str, object]:
+    main, why = verified_main(config)
+    links: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.scandir(config.export_root), key=lambda e: e.name):
+            if entry.is_symlink() and not entry.name.startswith("."):
+                links[entry.name] = os.readlink(entry.path)
+    confs: list[str] = []
+    if config.backend == "nbd-server" and config.confd is not None:
+        with contextlib.suppress(FileNotFoundError):
+            confs = sorted(p.name[:-5] for p in config.confd.iterdir() if p.name.endswith(".conf"))
+    return {
+        "backend": config.backend,
+        "export_root": str(config.export_root),
+        "confd": str(config.confd) if config.confd else None,
+        "address": config.listen_address,
+        "port": config.port,
+        "pid": main.pid if main else None,
+        "started_at": main.started_at if main else None,
+        "verified": main is not None,
+        "why": why,
+        "listening": bool(main and is_listening(main.pid, config.port)),
+        "links": links,
+        "confs": confs,
+    }
+
+
+def _port_taken(config: Config) -> bool:
+    family = socket.AF_INET6 if ":" in config.listen_address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((config.listen_address, config.port)) == 0
+
+
+def _server_argv(config: Config) -> list[str]:
+    if config.backend == "nbdkit":
+        return [
+            str(config.server_exe),
+            "-i",
+            config.listen_address,
+            "-p",
+            str(config.port),
+            "-P",
+            str(config.pidfile),
+            "file",
+            f"dir={config.export_root}",
+        ]
+    return [str(config.server_exe), "-C", str(config.server_config), "-p", str(config.pidfile)]
+
+
+def _wait_ready(config: Config, old_pid: int | None) -> MainProcess:
+    deadline = time.monotonic() + START_TIMEOUT
+    why = "not started"
+    while time.monotonic() < deadline:
+        main, why = verified_main(config)
+        if main is not None and main.pid != old_pid and is_listening(main.pid, config.port):
+            return main
+        time.sleep(0.05)
+    raise HelperError(EXIT_SERVER, "start_failed", f"server did not become ready in {START_TIMEOUT}s: {why}")
+
+
+def _start(config: Config, old_pid: int | None) -> MainProcess:
+    if config.service.startswith("systemd:"):
+        unit = config.service.split(":", 1)[1]
+        subprocess.run(["/bin/systemctl", "restart" if old_pid else "start", unit], check=True, timeout=60)
+        return _wait_ready(config, old_pid)
+    if _port_taken(config):
+        raise HelperError(
+            EXIT_SERVER, "port_taken", f"{config.listen_address}:{config.port} is already taken by another process"
+        )
+    if config.backend == "nbd-server":
+        check_confd(config)
+    remove_durably(config.pidfile)
+    result = subprocess.run(
+        _server_argv(config),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()[-500:]
+        raise HelperError(EXIT_SERVER, "start_failed", f"server exited {result.returncode}: {message}")
+    return _wait_ready(config, old_pid)
+
+
+def validate_conf_file(config: Config, path: Path) -> bool:
+    name = path.name[:-5]
+    try:
+        return bool(NAME_RE.fullmatch(name)) and path.read_text(encoding="ascii") == conf_text(config, name)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _proc_stat(pid)
+        if info is None or info[0] in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    raise HelperError(EXIT_SERVER, "stop_failed", f"pid {pid} did not exit within {timeout}s")
+
+
+def verb_start(config: Config) -> dict[str, object]:
+    with locked(config):
+        main, why = verified_main(config)
+        if main is not None:
+            return {"started": False, "pid": main.pid, "started_at": main.started_at}
+        new = _start(config, None)
+    return {"started": True, "pid": new.pid, "started_at": new.started_at, "previous": why}
+
+
+def verb_restart(config: Config) -> dict[str, object]:
+    with locked(config):
+        main, _ = verified_main(config)
+        old_pid = None
+        if main is not None and config.service.startswith("systemd:") and config.backend == "nbd-server":
+            # systemctl restart would SIGTERM the main, which ends every transfer; kill only the
+            # main process and let Restart=always bring up a fresh one.
+            unit = config.service.split(":", 1)[1]
+            subprocess.run(
+                ["/bin/systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", unit], check=True, timeout=60
+            )
+            return {"restarted": True, "previous_pid": main.pid, **_ready_fields(_wait_ready(config, main.pid))}
+        if main is not None and not config.service.startswith("systemd:"):
+            old_pid = main.pid
+            # nbd-server: SIGKILL reaches only the main process, so transfers in its children go on.
+            os.kill(main.pid, signal.SIGKILL if config.backend == "nbd-server" else signal.SIGTERM)
+            _wait_gone(main.pid)
+        new = _start(config, old_pid)
+    return {"restarted": True, "previous_pid": old_pid, "pid": new.pid, "started_at": new.started_at}
+
+
+def _ready_fields(main: MainProcess) -> dict[str, object]:
+    return {"pid": main.pid, "started_at": main.started_at}
+
+
+def verb_stop(config: Config) -> dict[str, object]:
+    with locked(config):
+        main, why = verified_main(config)
+        if main is None:
+            return {"stopped": False, "why": why}
+        os.kill(main.pid, signal.SIGTERM)
+        _wait_gone(main.pid)
+        remove_durably(config.pidfile)
+    return {"stopped": True, "pid": main.pid}
+
+
+USAGE = "usage: oma-nbd-helper {link NAME DEVICE | unlink NAME | reload | status | start | restart | stop}"
+VERBS = {
+    "link": (2, verb_link),
+    "unlink": (1, verb_unlink),
+    "reload": (0, verb_reload),
+    "status": (0, verb_status),
+    "start": (0, verb_start),
+    "restart": (0, verb_restart),
+    "stop": (0, verb_stop),
+}
+
+
+def emit(payload: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(payload, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    verb = argv[0] if argv else ""
+    try:
+        if verb not in VERBS or len(argv) - 1 != VERBS[verb][0]:
+            raise HelperError(EXIT_USAGE, "usage", USAGE)
+        config = load_config()
+        result = VERBS[verb][1](config, *argv[1:])  # type: ignore[operator]
+    except HelperError as exc:
+        emit({"ok": False, "verb": verb, "error": exc.kind, "message": exc.message})
+        return exc.code
+    except (OSError, subprocess.SubprocessError) as exc:
+        emit({"ok": False, "verb": verb, "error": "system_error", "message": str(exc)})
+        return EXIT_SYSTEM
+    emit({"ok": True, "verb": verb, **result})
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    sys.exit(main(sys.argv[1:]))

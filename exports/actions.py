@@ -1,0 +1,482 @@
+"""Every write that matters to exports: ensure, retire, observe the server, reconcile.
+
+Views, admin actions, management commands and workflow steps call these; none saves a mapping
+itself, and nothing but the privileged helper touches a link or a conf file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from .backends import get_backend, nbd_settings
+from .helper_client import HelperFailed
+from .models import (
+    ExportEvent,
+    NbdServerState,
+    VMExportMapping,
+    export_name_for,
+    normalize_vm_id,
+    validate_device_path,
+    validate_disk_unit,
+)
+from .nbd_protocol import NbdError
+from .nbd_servers import ExportNotServed, NbdBackend, ServeReport
+
+log = logging.getLogger(__name__)
+Status = VMExportMapping.Status
+
+
+class ExportError(Exception):
+    """An export could not be ensured; the message says why in an operator's words."""
+
+
+class ExportRefused(ExportError):
+    """Bad input: nothing was changed."""
+
+
+class ExportConflict(ExportError):
+    """The request contradicts an existing mapping (for example, a device already exported)."""
+
+
+class ExportUnavailable(ExportError):
+    """The mapping and link are written but the server does not serve the export (yet)."""
+
+
+def record_event(
+    kind: str,
+    *,
+    mapping: VMExportMapping | None = None,
+    export_name: str = "",
+    message: str = "",
+    data: dict[str, Any] | None = None,
+    actor: str = "system",
+) -> ExportEvent:
+    return ExportEvent.objects.create(
+        mapping=mapping,
+        export_name=export_name or (mapping.export_name if mapping else ""),
+        kind=kind,
+        message=message,
+        data=data or {},
+        actor=actor,
+    )
+
+
+def _server_state() -> NbdServerState:
+    conf = nbd_settings()
+    state, _ = NbdServerState.objects.get_or_create(
+        node=conf["NODE"],
+        defaults={"backend": conf["BACKEND"], "address": f"{conf['HOST']}:{conf['PORT']}"},
+    )
+    return state
+
+
+def _epoch(value: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(value, tz=dt.UTC) if value else None
+
+
+def record_serve_report(report: ServeReport, backend: NbdBackend, actor: str = "system") -> None:
+    """Count reloads and incidents on the server state row, with an event for each incident."""
+    if not (report.reloads or report.crashes or report.restarts or report.lost):
+        return
+    state = _server_state()
+    now = timezone.now()
+    updates: dict[str, Any] = {
+        "reload_count": F("reload_count") + report.reloads,
+        "crashes_detected": F("crashes_detected") + report.crashes,
+        "restarts_detected": F("restarts_detected") + report.restarts,
+        "lost_exports_detected": F("lost_exports_detected") + len(report.lost),
+        "repairs": F("repairs") + report.repairs,
+    }
+    if report.reloads:
+        updates["last_reload_at"] = now
+    if report.crashes or report.restarts:
+        # Our own repair restarted the main process: remember the new one, so the next check
+        # does not count this restart a second time.
+        try:
+            status = backend.helper_status()
+            updates["main_pid"] = status.get("pid")
+            updates["main_started_at"] = _epoch(status.get("started_at"))
+        except HelperFailed:
+            pass
+    NbdServerState.objects.filter(pk=state.pk).update(**updates)
+    if report.reloads:
+        record_event("server.reload", message=f"{report.reloads} reload(s)", data={"reloads": report.reloads})
+    for note in report.notes:
+        kind = "server.crash" if "died" in note or "not running" in note else "server.repair"
+        record_event(kind, message=note, data=asdict(report), actor=actor)
+
+
+def _validated(vm_id: str, disk_unit: int, device: str) -> tuple[str, str]:
+    try:
+        vm_id = normalize_vm_id(vm_id)
+        validate_disk_unit(disk_unit)
+        validate_device_path(device)
+    except ValidationError as exc:
+        raise ExportRefused("; ".join(exc.messages)) from exc
+    return vm_id, export_name_for(vm_id, disk_unit)
+
+
+def _served(backend: NbdBackend, name: str) -> bool:
+    try:
+        return name in backend.served_names()
+    except NbdError:
+        return False
+
+
+def ensure_export(*, vm_id: str, vm_name: str, disk_unit: int, device: str, actor: str = "system") -> VMExportMapping:
+    """Return the VM disk's persistent export, served by the NBD server and pointing at ``device``.
+
+    Reuse (mapping, link and served name all right): no helper call, no reload. New name: mapping
+    row, link (+ conf file), one coalesced reload on nbd-server only, then verified served.
+    Retarget (same VM disk, new device): the link is replaced atomically, no reload.
+    Raises ExportRefused (nothing changed), ExportConflict, or ExportUnavailable.
+    """
+    vm_id, name = _validated(vm_id, disk_unit, device)
+    backend = get_backend()
+
+    current = VMExportMapping.objects.filter(vm_id=vm_id, disk_unit_number=disk_unit).first()
+    if (
+        current is not None
+        and current.status == Status.ACTIVE
+        and current.device_path == device
+        and backend.link_target(name) == device
+        and _served(backend, name)
+    ):
+        now = timezone.now()
+        VMExportMapping.objects.filter(pk=current.pk).update(last_used_at=now)
+        current.last_used_at = now
+        return current
+
+    try:
+        mapping, written_at = _write_export(backend, vm_id, vm_name, disk_unit, device, name, actor)
+    except IntegrityError as exc:
+        # Lost a race with another request for the same device (the unique constraint decided).
+        raise _device_conflict(vm_id, disk_unit, device) or ExportConflict(str(exc)) from exc
+    # Outside the transaction: a reload may wait for its spacing, and must not hold row locks.
+    return _make_served(backend, mapping, written_at, actor)
+
+
+def _device_conflict(vm_id: str, disk_unit: int, device: str) -> ExportConflict | None:
+    other = (
+        VMExportMapping.objects.filter(device_path=device)
+        .exclude(vm_id=vm_id, disk_unit_number=disk_unit)
+        .exclude(status=Status.RETIRED)
+        .first()
+    )
+    if other is None:
+        return None
+    return ExportConflict(f"device {device} is already exported as {other.export_name} ({other.vm_name})")
+
+
+def _write_export(
+    backend: NbdBackend, vm_id: str, vm_name: str, disk_unit: int, device: str, name: str, actor: str
+) -> tuple[VMExportMapping, float]:
+    conflict = _device_conflict(vm_id, disk_unit, device)
+    if conflict is not None:
+        raise conflict
+    with transaction.atomic():
+        mapping, created = VMExportMapping.objects.select_for_update().get_or_create(
+            vm_id=vm_id,
+            disk_unit_number=disk_unit,
+            defaults={"vm_name": vm_name, "export_name": name, "device_path": device, "status": Status.PENDING},
+        )
+        previous_device = None if created else mapping.device_path
+        previous_status = mapping.status
+        written = False
+        written_at = time.time()
+        if created or backend.needs_reload or backend.link_target(name) != device:
+            try:
+                result = backend.publish(name, device)
+            except HelperFailed as exc:
+                if exc.refused:
+                    raise ExportRefused(exc.message) from exc
+                raise ExportError(str(exc)) from exc
+            written = bool(result.get("link_changed") or result.get("conf_changed"))
+            # When its conf file was written decides whether a reload since then already covers it.
+            written_at = float(result.get("conf_mtime") or time.time())
+        mapping.vm_name = vm_name
+        mapping.device_path = device
+        if mapping.status != Status.ACTIVE or written:
+            mapping.status = Status.PENDING
+        mapping.status_detail = ""
+        mapping.save()
+        if created:
+            kind = "export.created"
+        elif previous_device != device:
+            kind = "export.retargeted"
+        elif previous_status == Status.RETIRED:
+            kind = "export.reactivated"
+        else:
+            kind = "export.relinked" if written else "export.rechecked"
+        record_event(
+            kind,
+            mapping=mapping,
+            message=f"{name} -> {device}",
+            data={"device": device, "previous_device": previous_device, "written": written},
+            actor=actor,
+        )
+    return mapping, written_at
+
+
+def _make_served(backend: NbdBackend, mapping: VMExportMapping, written_at: float, actor: str) -> VMExportMapping:
+    name = mapping.export_name
+    report = ServeReport()
+    try:
+        report = backend.make_served({name}, written_at, float(nbd_settings()["SERVE_TIMEOUT"]))
+    except (ExportNotServed, HelperFailed, NbdError) as exc:
+        detail = str(exc)
+        VMExportMapping.objects.filter(pk=mapping.pk).update(status=Status.ERROR, status_detail=detail[:2000])
+        record_event("export.not_served", mapping=mapping, message=detail, actor=actor)
+        raise ExportUnavailable(f"{name} is not served: {detail}") from exc
+    finally:
+        record_serve_report(report, backend, actor)
+    now = timezone.now()
+    VMExportMapping.objects.filter(pk=mapping.pk).update(status=Status.ACTIVE, last_verified_at=now, last_used_at=now)
+    mapping.refresh_from_db()
+    if report.reloads or report.shared_reload:
+        record_event(
+            "export.served",
+            mapping=mapping,
+            message=f"served after {'a shared' if report.shared_reload else 'a'} reload",
+            data={"reloads": report.reloads, "restarts": report.restarts},
+            actor=actor,
+        )
+    return mapping
+
+
+def retire_export(*, vm_id: str, disk_unit: int, actor: str = "system") -> VMExportMapping:
+    """Withdraw a VM disk's export (link and conf file). The row stays, so the name is never reused
+    for another disk; ensure_export on the same VM disk brings it back."""
+    try:
+        vm_id = normalize_vm_id(vm_id)
+        validate_disk_unit(disk_unit)
+    except ValidationError as exc:
+        raise ExportRefused("; ".join(exc.messages)) from exc
+    backend = get_backend()
+    with transaction.atomic():
+        try:
+            mapping = VMExportMapping.objects.select_for_update().get(vm_id=vm_id, disk_unit_number=disk_unit)
+        except VMExportMapping.DoesNotExist as exc:
+            raise ExportRefused(f"no export mapping for VM {vm_id} disk {disk_unit}") from exc
+        if mapping.status == Status.RETIRED:
+            return mapping
+        try:
+            backend.withdraw(mapping.export_name)
+        except HelperFailed as exc:
+            raise ExportError(str(exc)) from exc
+        mapping.status = Status.RETIRED
+        mapping.status_detail = ""
+        mapping.save(update_fields=["status", "status_detail", "updated_at"])
+        note = " nbd-server keeps listing it until its next restart." if backend.needs_reload else ""
+        record_event("export.retired", mapping=mapping, message=f"link removed.{note}", actor=actor)
+    return mapping
+
+
+@dataclass
+class ServerCheck:
+    backend: str
+    version: str
+    address: str
+    health: str
+    pid: int | None
+    started_at: float | None
+    expected: list[str]
+    served: list[str]
+    missing: list[str]
+    unknown_served: list[str]
+    warnings: list[str]
+    incidents: list[str] = field(default_factory=list)
+
+
+def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCheck:
+    """Observe the server through the helper (verified PID) and the NBD protocol (served names),
+    compare with the database, record what changed; with ``repair``, start a dead server and make
+    missing exports served again."""
+    backend = get_backend()
+    state = _server_state()
+    incidents: list[str] = []
+    status = backend.helper_status()
+    if not status.get("verified") and repair:
+        report = ServeReport()
+        backend.ensure_running(report)
+        record_serve_report(report, backend, actor)
+        incidents += report.notes
+        status = backend.helper_status()
+        state.refresh_from_db()
+    expected = set(
+        VMExportMapping.objects.filter(status__in=[Status.ACTIVE, Status.PENDING]).values_list("export_name", flat=True)
+    )
+    try:
+        served = backend.served_names()
+    except NbdError:
+        served = set()
+    missing = expected - served
+    if missing and repair and status.get("verified"):
+        try:
+            report = backend.make_served(missing, time.time(), float(nbd_settings()["SERVE_TIMEOUT"]))
+            record_serve_report(report, backend, actor)
+            incidents += report.notes
+        except (ExportNotServed, HelperFailed) as exc:
+            incidents.append(str(exc))
+        served = backend.served_names()
+        missing = expected - served
+    pid, started = status.get("pid"), _epoch(status.get("started_at"))
+    updates: dict[str, Any] = {}
+    if state.main_pid and pid and (pid != state.main_pid or started != state.main_started_at):
+        incidents.append(f"main process changed from pid {state.main_pid} to {pid} (restarted outside the portal)")
+        updates["restarts_detected"] = F("restarts_detected") + 1
+        record_event("server.restart", message=incidents[-1], data={"old_pid": state.main_pid, "pid": pid})
+    if state.main_pid and not status.get("verified") and state.health != NbdServerState.Health.DOWN:
+        incidents.append(f"main process {state.main_pid} is gone: {status.get('why')}")
+        updates["crashes_detected"] = F("crashes_detected") + 1
+        record_event("server.crash", message=incidents[-1])
+    warnings = backend.warnings()
+    if not status.get("verified"):
+        health = NbdServerState.Health.DOWN
+    elif missing:
+        health = NbdServerState.Health.DEGRADED
+    else:
+        health = NbdServerState.Health.OK
+    version = backend.version()
+    NbdServerState.objects.filter(pk=state.pk).update(
+        backend=backend.name,
+        version=version,
+        address=f"{backend.host}:{backend.port}",
+        health=health,
+        main_pid=pid if status.get("verified") else state.main_pid,
+        main_started_at=started if status.get("verified") else state.main_started_at,
+        exports_expected=len(expected),
+        exports_served=len(expected & served),
+        last_check_at=timezone.now(),
+        warnings=warnings,
+        **updates,
+    )
+    return ServerCheck(
+        backend=backend.name,
+        version=version,
+        address=f"{backend.host}:{backend.port}",
+        health=str(health),
+        pid=pid,
+        started_at=status.get("started_at"),
+        expected=sorted(expected),
+        served=sorted(served),
+        missing=sorted(missing),
+        unknown_served=sorted(served - expected),
+        warnings=warnings,
+        incidents=incidents,
+    )
+
+
+@dataclass
+class ReconcileReport:
+    """Database vs links/conf files vs what the server really serves."""
+
+    missing_link: list[str] = field(default_factory=list)
+    wrong_link: list[str] = field(default_factory=list)
+    missing_conf: list[str] = field(default_factory=list)
+    not_served: list[str] = field(default_factory=list)
+    retired_but_linked: list[str] = field(default_factory=list)
+    orphaned: list[str] = field(default_factory=list)
+    served_unknown: list[str] = field(default_factory=list)
+    conflicting: list[str] = field(default_factory=list)
+    fixed: list[str] = field(default_factory=list)
+    unfixed: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        problems = (
+            self.missing_link,
+            self.wrong_link,
+            self.missing_conf,
+            self.not_served,
+            self.retired_but_linked,
+            self.orphaned,
+            self.served_unknown,
+            self.conflicting,
+        )
+        return not any(problems)
+
+
+def reconcile_exports(*, fix: bool = False, actor: str = "system") -> ReconcileReport:
+    """Find every disagreement between the database, the links/conf files and the served names.
+
+    With ``fix``: live mappings get their link/conf rewritten and are made served (the database is
+    the truth), links of retired mappings are removed. Links and served names that no mapping
+    accounts for, and two names on one device, are only reported: a person decides.
+    """
+    backend = get_backend()
+    report = ReconcileReport()
+    status = backend.helper_status()
+    links: dict[str, str] = status["links"]
+    confs = set(status["confs"])
+    try:
+        served = backend.served_names()
+    except NbdError:
+        served = set()
+    rows = {m.export_name: m for m in VMExportMapping.objects.all()}
+    live = {name: m for name, m in rows.items() if m.status != Status.RETIRED}
+    broken: list[VMExportMapping] = []
+    for name, mapping in live.items():
+        bad = False
+        if name not in links:
+            report.missing_link.append(name)
+            bad = True
+        elif links[name] != mapping.device_path:
+            report.wrong_link.append(f"{name}: link -> {links[name]}, database -> {mapping.device_path}")
+            bad = True
+        if backend.needs_reload and name not in confs:
+            report.missing_conf.append(name)
+            bad = True
+        if name not in served:
+            report.not_served.append(name)
+            bad = True
+        if bad:
+            broken.append(mapping)
+    retired = [n for n in set(links) | confs if n in rows and n not in live]
+    report.retired_but_linked = sorted(retired)
+    report.orphaned = sorted(n for n in set(links) | confs if n not in rows)
+    report.served_unknown = sorted(served - set(live))
+    by_target: dict[str, list[str]] = {}
+    for name, target in links.items():
+        by_target.setdefault(target, []).append(name)
+    report.conflicting = sorted(f"{t}: {', '.join(sorted(ns))}" for t, ns in by_target.items() if len(ns) > 1)
+
+    if fix:
+        for mapping in broken:
+            try:
+                ensure_export(
+                    vm_id=mapping.vm_id,
+                    vm_name=mapping.vm_name,
+                    disk_unit=mapping.disk_unit_number,
+                    device=mapping.device_path,
+                    actor=actor,
+                )
+                report.fixed.append(f"republished {mapping.export_name}")
+            except ExportError as exc:
+                report.unfixed.append(f"{mapping.export_name}: {exc}")
+        for name in retired:
+            try:
+                backend.withdraw(name)
+                record_event(
+                    "export.withdrawn", mapping=rows[name], message="reconcile removed a retired link", actor=actor
+                )
+                report.fixed.append(f"removed link of retired {name}")
+            except HelperFailed as exc:
+                report.unfixed.append(f"{name}: {exc}")
+        for name in report.orphaned:
+            report.unfixed.append(f"{name}: no mapping accounts for it; check and remove it by hand")
+        for name in report.served_unknown:
+            if name not in links:
+                report.unfixed.append(f"{name}: served but unknown; it goes away at the next server restart")
+        for line in report.conflicting:
+            report.unfixed.append(f"two exports on one device: {line}")
+    return report

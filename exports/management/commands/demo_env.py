@@ -1,0 +1,36 @@
+import secrets
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from exports.backends import nbd_settings
+from exports.devserver import free_port
+
+
+class Command(BaseCommand):
+    help = "Pick free loopback ports for the demo, make sure an admin exists, print the env for honcho."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        web, nbd = free_port(), free_port()
+        password_file = settings.VAR_DIR / "demo-admin-password"
+        user_model = get_user_model()
+        if not password_file.exists() or not user_model.objects.filter(username="admin").exists():
+            password = secrets.token_urlsafe(12)
+            user, _ = user_model.objects.get_or_create(username="admin", defaults={"is_staff": True})
+            user.is_staff = user.is_superuser = True
+            user.set_password(password)
+            user.save()
+            password_file.write_text(password + "\n")
+            password_file.chmod(0o600)
+        password = password_file.read_text().strip()
+        self.stdout.write(f"OMA_WEB_PORT={web}\nOMA_NBD_PORT={nbd}\n")
+        sys.stderr.write(
+            "\n"
+            f"  OMA portal:  http://127.0.0.1:{web}/   (log in as admin / {password})\n"
+            f"  Admin:       http://127.0.0.1:{web}/admin/\n"
+            f"  NBD server:  nbd://127.0.0.1:{nbd}/  (backend {nbd_settings()['BACKEND']}; try: nbdinfo --list nbd://127.0.0.1:{nbd})\n"
+            "  Stop with Ctrl-C.\n\n"
+        )

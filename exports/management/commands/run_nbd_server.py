@@ -1,0 +1,66 @@
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from exports import actions
+from exports.backends import get_backend, nbd_settings
+from exports.devserver import write_layout
+from exports.helper_client import HelperFailed
+
+
+class Command(BaseCommand):
+    help = (
+        "Development/demo supervisor: lay out the NBD server under var/nbd, start it through the helper, "
+        "check it every few seconds (restarting it if it dies), stop it on SIGTERM. Production uses systemd."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--interval", type=float, default=5.0, help="seconds between checks")
+        parser.add_argument("--demo-exports", type=int, default=0, help="create N demo volumes and exports")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        conf = nbd_settings()
+        layout = write_layout(Path(conf["HELPER_CONFIG"]).parent, conf["BACKEND"], conf["HOST"], int(conf["PORT"]))
+        if Path(conf["EXPORT_ROOT"]) != layout.export_root:
+            raise CommandError(f"OMA_NBD EXPORT_ROOT {conf['EXPORT_ROOT']} must be {layout.export_root} in dev mode")
+        backend = get_backend()
+        try:
+            started = backend.start()
+        except HelperFailed as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"{backend.name} serving nbd://{backend.host}:{backend.port}/ (pid {started['pid']})")
+        stopping = False
+
+        def stop(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        try:
+            for n in range(options["demo_exports"]):
+                self._demo_export(layout.volume_root, n)
+            while not stopping:
+                check = actions.check_nbd_server(repair=True, actor="run_nbd_server")
+                for incident in check.incidents:
+                    self.stderr.write(f"incident: {incident}")
+                deadline = time.monotonic() + options["interval"]
+                while not stopping and time.monotonic() < deadline:
+                    time.sleep(0.2)
+        finally:
+            backend.stop()
+            self.stdout.write("NBD server stopped")
+
+    def _demo_export(self, volume_root: Path, n: int) -> None:
+        vm_id = f"4210{n:04x}-0000-4000-8000-{n:012x}"
+        volume = volume_root / f"demo-vm{n}-disk0.img"
+        if not volume.exists():
+            with open(volume, "wb") as fh:
+                fh.truncate(1 << 30)
+        mapping = actions.ensure_export(
+            vm_id=vm_id, vm_name=f"demo-vm-{n}", disk_unit=0, device=str(volume), actor="run_nbd_server"
+        )
+        self.stdout.write(f"demo export nbd://{nbd_settings()['HOST']}:{nbd_settings()['PORT']}/{mapping.export_name}")

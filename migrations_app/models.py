@@ -1,0 +1,1 @@
+"""Migration jobs land here with the workflow (issue 3)."""

@@ -1,0 +1,158 @@
+"""Settings for the OMA portal.
+
+Everything that differs between the embedded default (``make demo``: SQLite, nbdkit, files under
+``var/``) and a production OMA (PostgreSQL, sudo helper, systemd NBD server) comes from the
+environment, so one settings module serves both.
+"""
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("OMA_VAR_DIR", BASE_DIR / "var")).resolve()
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+DEBUG = env_bool("DJANGO_DEBUG", True)
+# The embedded default is a development appliance; production must set a real secret.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "oma-embedded-dev-key-not-for-production-use-0123456789")
+if not DEBUG and SECRET_KEY.startswith("oma-embedded-dev-key"):
+    raise RuntimeError("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off")
+ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "channels",
+    "django_q",
+    "exports",
+    "migrations_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "omaportal.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = "omaportal.wsgi.application"
+ASGI_APPLICATION = "omaportal.asgi.application"
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# DATABASE_URL selects PostgreSQL (psycopg 3); without it SQLite in WAL mode under var/.
+if os.environ.get("DATABASE_URL"):
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(VAR_DIR / "oma.sqlite3"),
+            "OPTIONS": {
+                # IMMEDIATE takes the write lock at BEGIN, so concurrent writers queue on the busy
+                # timeout instead of failing with "database is locked" on lock upgrade.
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 30,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            # A file, not :memory:, so tests with threads and subprocesses share one database.
+            "TEST": {"NAME": str(VAR_DIR / "test-oma.sqlite3")},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "staticfiles"
+
+Q_CLUSTER = {
+    "name": "oma",
+    "orm": "default",
+    "workers": int(os.environ.get("OMA_Q_WORKERS", "2")),
+    "timeout": 3600,
+    "retry": 3700,
+    "catch_up": False,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler", "stream": sys.stderr}},
+    "root": {"handlers": ["console"], "level": os.environ.get("OMA_LOG_LEVEL", "INFO")},
+}
+
+# --- The shared NBD server -----------------------------------------------------------------
+# The helper reads its paths from its own root-owned config; the portal only needs to know how to
+# call it and where to read (never write) the export links and the server's address.
+_NBD_DIR = VAR_DIR / "nbd"
+OMA_NBD: dict[str, Any] = {
+    # "nbdkit" (default, zero reloads) or "nbd-server" (conf.d + coalesced SIGHUP reloads).
+    "BACKEND": os.environ.get("OMA_NBD_BACKEND", "nbdkit"),
+    "HOST": os.environ.get("OMA_NBD_HOST", "127.0.0.1"),
+    "PORT": int(os.environ.get("OMA_NBD_PORT", "10809")),
+    # Production: "sudo -n /usr/local/libexec/oma/oma-nbd-helper". Dev runs the same program.
+    "HELPER_COMMAND": shlex.split(
+        os.environ.get("OMA_NBD_HELPER", f"{shlex.quote(sys.executable)} {BASE_DIR / 'deploy' / 'oma_nbd_helper.py'}")
+    ),
+    # Passed to the helper only in dev mode (the helper ignores it under sudo).
+    "HELPER_CONFIG": os.environ.get("OMA_NBD_HELPER_CONFIG", str(_NBD_DIR / "helper.conf")),
+    "EXPORT_ROOT": os.environ.get("OMA_NBD_EXPORT_ROOT", str(_NBD_DIR / "exports")),
+    "STATE_DIR": os.environ.get("OMA_NBD_STATE_DIR", str(_NBD_DIR / "portal")),
+    # Minimum seconds between two SIGHUPs to nbd-server (3.24 corrupts memory on rapid reloads).
+    "MIN_RELOAD_SPACING": float(os.environ.get("OMA_NBD_MIN_RELOAD_SPACING", "1.0")),
+    # How long a new export may take to appear before ensure_export gives up.
+    "SERVE_TIMEOUT": float(os.environ.get("OMA_NBD_SERVE_TIMEOUT", "15")),
+    "NODE": os.environ.get("OMA_NODE_NAME", "local"),
+}
+
+# Until the operator GUI has its own login page, Django admin's serves every role.
+LOGIN_URL = "admin:login"

@@ -1,0 +1,69 @@
+"""The files an installer copies to a production OMA are valid and agree with the helper."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.exports.test_helper import load_helper_module
+
+DEPLOY = REPO / "deploy"
+
+
+def test_sudoers_file_passes_visudo() -> None:
+    visudo = shutil.which("visudo") or "/usr/sbin/visudo"
+    if not Path(visudo).exists():
+        pytest.skip("visudo is not installed (Debian package sudo)")
+    proc = subprocess.run([visudo, "-cf", str(DEPLOY / "sudoers.d" / "oma-nbd-helper")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_sudoers_allows_only_the_helper_path() -> None:
+    rules = [
+        line
+        for line in (DEPLOY / "sudoers.d" / "oma-nbd-helper").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "Defaults"))
+    ]
+    assert rules == ["oma ALL=(root) NOPASSWD: /usr/local/libexec/oma/oma-nbd-helper"]
+
+
+def test_example_helper_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    helper = load_helper_module()
+    config_file = tmp_path / "nbd-helper.conf"
+    shutil.copy(DEPLOY / "etc" / "nbd-helper.conf", config_file)
+    config_file.chmod(0o644)
+    monkeypatch.setenv("OMA_NBD_HELPER_CONFIG", str(config_file))
+    config = helper.load_config()
+    assert config.backend == "nbdkit" and config.dev_volume_root is None
+    assert str(config.export_root) == "/var/lib/oma/nbd/exports"
+
+
+@pytest.mark.parametrize(
+    ("unit", "backend"), [("oma-nbdkit.service", "nbdkit"), ("oma-nbd-server.service", "nbd-server")]
+)
+def test_systemd_units_start_the_server_the_way_the_helper_verifies_it(
+    unit: str, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    helper = load_helper_module()
+    config_file = tmp_path / "nbd-helper.conf"
+    text = (DEPLOY / "etc" / "nbd-helper.conf").read_text().replace("backend = nbdkit", f"backend = {backend}")
+    config_file.write_text(text)
+    monkeypatch.setenv("OMA_NBD_HELPER_CONFIG", str(config_file))
+    argv = helper._server_argv(helper.load_config())
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.read(DEPLOY / "systemd" / unit)
+    assert parser["Service"]["ExecStart"].split() == argv
+    assert parser["Service"]["PIDFile"] == "/run/oma/nbd-server.pid"
+    if backend == "nbd-server":
+        assert parser["Service"]["KillMode"] == "process", "children must outlive a main restart"
+
+
+def test_nbd_server_example_config_never_sets_maxconnections() -> None:
+    text = (DEPLOY / "etc" / "nbd-server.config").read_text()
+    assert "maxconnections" not in text.replace("Never set maxconnections", "")
+    assert "includedir = /etc/nbd-server/conf.d" in text

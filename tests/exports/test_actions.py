@@ -1,0 +1,238 @@
+"""ensure_export / retire_export / check_nbd_server against real NBD servers through the real helper."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from django.db import connection
+
+from exports import actions
+from exports.models import ExportEvent, NbdServerState, VMExportMapping
+from exports.nbd_protocol import NbdConnection, list_exports
+from tests.conftest import RunningServer
+
+VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
+NAME0 = f"migration-vm-{VM}-disk0"
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def ensure(server: RunningServer, device: str, disk: int = 0, vm: str = VM) -> VMExportMapping:
+    return actions.ensure_export(vm_id=vm, vm_name="web-01", disk_unit=disk, device=device)
+
+
+def reloads() -> int:
+    state = NbdServerState.objects.first()
+    return state.reload_count if state else 0
+
+
+def read_export(server: RunningServer, name: str, length: int) -> bytes:
+    with NbdConnection("127.0.0.1", server.layout.port) as conn:
+        conn.open(name)
+        return conn.pread(0, length)
+
+
+def test_new_export_is_served_before_ensure_returns(nbd_server: RunningServer) -> None:
+    device = nbd_server.volume("a.img", fill=b"disk-a")
+    mapping = ensure(nbd_server, device)
+    assert mapping.export_name == NAME0
+    assert mapping.status == VMExportMapping.Status.ACTIVE
+    assert NAME0 in list_exports("127.0.0.1", nbd_server.layout.port)
+    assert read_export(nbd_server, NAME0, 6) == b"disk-a"
+    assert os.readlink(nbd_server.layout.export_root / NAME0) == device
+    assert ExportEvent.objects.filter(kind="export.created", export_name=NAME0).count() == 1
+    assert reloads() == (1 if nbd_server.backend == "nbd-server" else 0)
+
+
+def test_reuse_calls_no_helper_and_reloads_nothing(nbd_server: RunningServer) -> None:
+    device = nbd_server.volume("a.img")
+    ensure(nbd_server, device)
+    calls_before, reloads_before, pid_before = nbd_server.helper_calls(), reloads(), nbd_server.main_pid()
+    again = ensure(nbd_server, device)
+    assert again.export_name == NAME0 and again.last_used_at is not None
+    assert nbd_server.helper_calls() == calls_before
+    assert reloads() == reloads_before
+    assert nbd_server.main_pid() == pid_before
+
+
+def test_retarget_replaces_the_link_without_reload(nbd_server: RunningServer) -> None:
+    ensure(nbd_server, nbd_server.volume("old.img", fill=b"old-volume"))
+    reloads_before, pid_before = reloads(), nbd_server.main_pid()
+    new = nbd_server.volume("new.img", fill=b"new-volume")
+    mapping = ensure(nbd_server, new)
+    assert mapping.device_path == new and mapping.export_name == NAME0
+    assert read_export(nbd_server, NAME0, 10) == b"new-volume"
+    assert reloads() == reloads_before and nbd_server.main_pid() == pid_before
+    assert ExportEvent.objects.filter(kind="export.retargeted", export_name=NAME0).exists()
+
+
+def test_second_disk_of_same_vm_gets_its_own_name(nbd_server: RunningServer) -> None:
+    first = ensure(nbd_server, nbd_server.volume("d0.img"), disk=0)
+    second = ensure(nbd_server, nbd_server.volume("d1.img"), disk=1)
+    assert {first.export_name, second.export_name} == {NAME0, f"migration-vm-{VM}-disk1"}
+    served = set(list_exports("127.0.0.1", nbd_server.layout.port))
+    assert {first.export_name, second.export_name} <= served
+
+
+def test_device_already_exported_for_another_disk_is_a_conflict(nbd_server: RunningServer) -> None:
+    device = nbd_server.volume("shared.img")
+    ensure(nbd_server, device, disk=0)
+    before = nbd_server.snapshot()
+    with pytest.raises(actions.ExportConflict, match="already exported as"):
+        ensure(nbd_server, device, disk=1)
+    assert VMExportMapping.objects.count() == 1
+    assert nbd_server.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("vm", "disk", "device", "message"),
+    [
+        ("not-a-uuid", 0, "/dev/vdb", "not a VMware instance UUID"),
+        (VM, 64, "/dev/vdb", "from 0 to 63"),
+        (VM, 0, "/dev/vdb\n[evil]", "must be an absolute path"),
+        (VM, 0, "/dev/../etc/shadow", "must be an absolute path"),
+    ],
+)
+def test_invalid_requests_are_refused_before_anything_runs(
+    nbd_server: RunningServer, vm: str, disk: int, device: str, message: str
+) -> None:
+    with pytest.raises(actions.ExportRefused, match=message):
+        actions.ensure_export(vm_id=vm, vm_name="x", disk_unit=disk, device=device)
+    assert nbd_server.helper_calls() == []
+    assert not VMExportMapping.objects.exists()
+
+
+def test_device_refused_by_the_helper_leaves_no_row_and_no_link(nbd_server: RunningServer) -> None:
+    before = nbd_server.snapshot()
+    with pytest.raises(actions.ExportRefused, match="outside the volume root"):
+        ensure(nbd_server, "/etc/shadow")
+    assert not VMExportMapping.objects.exists()
+    assert nbd_server.snapshot() == before
+
+
+def test_vm_id_is_normalised_to_lower_case(nbd_server: RunningServer) -> None:
+    mapping = ensure(nbd_server, nbd_server.volume("a.img"), vm=VM.upper())
+    assert mapping.vm_id == VM and mapping.export_name == NAME0
+
+
+def test_retire_removes_the_link_and_reactivation_restores_it(nbd_server: RunningServer) -> None:
+    device = nbd_server.volume("a.img")
+    ensure(nbd_server, device)
+    retired = actions.retire_export(vm_id=VM, disk_unit=0)
+    assert retired.status == VMExportMapping.Status.RETIRED
+    assert not (nbd_server.layout.export_root / NAME0).is_symlink()
+    assert os.path.exists(device), "retiring never deletes the volume"
+    back = ensure(nbd_server, device)
+    assert back.status == VMExportMapping.Status.ACTIVE and back.pk == retired.pk
+    assert ExportEvent.objects.filter(kind="export.reactivated").count() == 1
+
+
+def test_retired_device_can_be_used_by_another_disk(nbd_server: RunningServer) -> None:
+    device = nbd_server.volume("a.img")
+    ensure(nbd_server, device, disk=0)
+    actions.retire_export(vm_id=VM, disk_unit=0)
+    assert ensure(nbd_server, device, disk=1).export_name.endswith("disk1")
+
+
+def test_twenty_concurrent_callers_make_one_mapping_and_one_link(nbd_server: RunningServer) -> None:
+    device = nbd_server.volume("a.img")
+    results: list[str] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(20)
+
+    def call() -> None:
+        try:
+            barrier.wait()
+            results.append(ensure(nbd_server, device).export_name)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert results == [NAME0] * 20
+    assert VMExportMapping.objects.count() == 1
+    assert [p.name for p in nbd_server.layout.export_root.iterdir()] == [NAME0]
+    links = nbd_server.helper_calls().count("link")
+    # nbd-server callers that arrive before the first reload finishes repeat an idempotent link.
+    assert links == 1 if nbd_server.backend == "nbdkit" else 1 <= links <= 20
+    assert ExportEvent.objects.filter(kind="export.created").count() == 1
+    assert not ExportEvent.objects.filter(kind__in=["export.relinked", "export.retargeted"]).exists()
+    if nbd_server.backend == "nbd-server":
+        assert sorted(p.name for p in nbd_server.layout.confd.iterdir()) == [f"{NAME0}.conf"]
+
+
+def test_many_new_exports_share_few_reloads(nbdserver_server: RunningServer) -> None:
+    devices = [nbdserver_server.volume(f"v{i}.img") for i in range(12)]
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            vm = f"4210aaaa-bbbb-4ccc-8ddd-{i:012x}"
+            actions.ensure_export(vm_id=vm, vm_name=f"vm{i}", disk_unit=0, device=devices[i])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    served = set(list_exports("127.0.0.1", nbdserver_server.layout.port))
+    assert {m.export_name for m in VMExportMapping.objects.all()} <= served
+    assert 1 <= reloads() < 12, "reloads must be coalesced"
+
+
+def test_crashed_nbd_server_is_detected_and_repaired_on_next_export(nbdserver_server: RunningServer) -> None:
+    first = ensure(nbdserver_server, nbdserver_server.volume("a.img"), disk=0)
+    old_pid = nbdserver_server.main_pid()
+    os.kill(old_pid, signal.SIGKILL)
+    time.sleep(0.2)
+    second = ensure(nbdserver_server, nbdserver_server.volume("b.img"), disk=1)
+    served = set(list_exports("127.0.0.1", nbdserver_server.layout.port))
+    assert {first.export_name, second.export_name} <= served
+    state = NbdServerState.objects.get()
+    assert state.crashes_detected >= 1 and state.repairs >= 1
+    assert nbdserver_server.main_pid() != old_pid
+    assert ExportEvent.objects.filter(kind="server.crash").exists()
+
+
+def test_check_detects_a_restart_made_outside_the_portal(nbd_server: RunningServer) -> None:
+    ensure(nbd_server, nbd_server.volume("a.img"))
+    actions.check_nbd_server()
+    assert nbd_server.helper("restart").returncode == 0
+    check = actions.check_nbd_server()
+    assert any("restarted outside the portal" in i for i in check.incidents)
+    assert NbdServerState.objects.get().restarts_detected == 1
+    assert check.missing == [] and check.health == "ok"
+
+
+def test_check_with_repair_starts_a_dead_server(nbd_server: RunningServer) -> None:
+    ensure(nbd_server, nbd_server.volume("a.img"))
+    actions.check_nbd_server()
+    os.kill(nbd_server.main_pid(), signal.SIGKILL)
+    time.sleep(0.2)
+    down = actions.check_nbd_server()
+    assert down.health == "down"
+    repaired = actions.check_nbd_server(repair=True)
+    assert repaired.health == "ok" and repaired.missing == []
+    assert NbdServerState.objects.get().crashes_detected >= 1
+
+
+def test_nbd_server_version_warning_is_plain(nbdserver_server: RunningServer) -> None:
+    check = actions.check_nbd_server()
+    if check.version != "3.24":
+        pytest.skip(f"nbd-server {check.version} is not the known-bad 3.24")
+    assert any("corrupts its memory on reload" in w and "nbdkit" in w for w in check.warnings)

@@ -1,0 +1,301 @@
+"""The privileged helper, run as the real program: hostile input is refused and changes nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exports.devserver import DevServerLayout, free_port, write_layout
+from tests.conftest import HELPER, RunningServer, run_helper
+
+VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
+NAME = f"migration-vm-{VM}-disk0"
+
+
+def load_helper_module() -> Any:
+    spec = importlib.util.spec_from_file_location("oma_nbd_helper", HELPER)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def result_of(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, f"helper must print exactly one JSON line, got {proc.stdout!r} {proc.stderr!r}"
+    return json.loads(lines[0])
+
+
+@pytest.fixture(params=["nbdkit", "nbd-server"])
+def layout(request: pytest.FixtureRequest, tmp_path: Path) -> DevServerLayout:
+    """A laid-out (not started) server: link/unlink validation needs no running server."""
+    return write_layout(tmp_path / "nbd", request.param, "127.0.0.1", free_port())
+
+
+def snapshot(layout: DevServerLayout) -> dict[str, str]:
+    return RunningServer(layout, layout.root / "none").snapshot()
+
+
+def test_link_writes_link_and_conf_atomically(layout: DevServerLayout) -> None:
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(b"x" * 4096)
+    proc = run_helper(layout, "link", NAME, str(volume))
+    out = result_of(proc)
+    assert proc.returncode == 0 and out["ok"] is True and out["link_changed"] is True
+    assert os.readlink(layout.export_root / NAME) == str(volume)
+    if layout.backend == "nbd-server":
+        conf = (layout.confd / f"{NAME}.conf").read_text()
+        assert f"[{NAME}]" in conf and f"exportname = {layout.export_root / NAME}" in conf
+    else:
+        assert list(layout.confd.iterdir()) == []
+    # No temp files left behind.
+    assert not [p for p in layout.export_root.iterdir() if p.name.startswith(".")]
+
+
+def test_link_again_with_same_device_changes_nothing(layout: DevServerLayout) -> None:
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(b"x")
+    run_helper(layout, "link", NAME, str(volume))
+    out = result_of(run_helper(layout, "link", NAME, str(volume)))
+    assert out["link_changed"] is False and out["conf_changed"] is False and out["needs_reload"] is False
+
+
+def test_unlink_removes_link_and_conf_and_is_idempotent(layout: DevServerLayout) -> None:
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(b"x")
+    run_helper(layout, "link", NAME, str(volume))
+    first = result_of(run_helper(layout, "unlink", NAME))
+    second = result_of(run_helper(layout, "unlink", NAME))
+    assert first["link_removed"] is True and second["link_removed"] is False
+    assert not (layout.export_root / NAME).is_symlink()
+    assert not (layout.confd / f"{NAME}.conf").exists()
+    assert volume.exists(), "unlink must never touch the volume itself"
+
+
+HOSTILE_NAMES = [
+    f"{NAME}\n[evil]",
+    "[x]",
+    f"{NAME}=1",
+    f"../{NAME}",
+    "migration-vm-..-disk0",
+    "m" * 300,
+    f"migration-vm-{VM}-disk64",
+    f"migration-vm-{VM.upper()}-disk0",
+    f"migration-vm-{VM}-disk0 ",
+    "migration-vm-4210aaaa-bbbb-4ccc-8ddd-eeeeffff000é-disk0",
+    "",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_are_refused_and_change_nothing(layout: DevServerLayout, name: str) -> None:
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(b"x")
+    run_helper(layout, "link", NAME, str(volume))
+    before = snapshot(layout)
+    for args in (("link", name, str(volume)), ("unlink", name)):
+        proc = run_helper(layout, *args)
+        out = result_of(proc)
+        assert proc.returncode == 3, out
+        assert out["ok"] is False and out["message"]
+    assert snapshot(layout) == before
+
+
+def hostile_devices(layout: DevServerLayout) -> list[tuple[str, str]]:
+    root = layout.volume_root
+    os_disk_link = root / "os-disk"
+    os_disk_link.symlink_to("/dev/vda" if Path("/dev/vda").exists() else "/dev/sda")
+    shadow_link = root / "shadow"
+    shadow_link.symlink_to("/etc/shadow")
+    (root / "a-directory").mkdir()
+    return [
+        (str(os_disk_link), "device_not_allowed"),
+        (str(shadow_link), "device_not_allowed"),
+        ("/etc/shadow", "device_not_allowed"),
+        (str(root / "a-directory"), "not_a_volume"),
+        (str(root / "missing.img"), "device_missing"),
+        (f"{root}/../helper.conf", "forbidden_character"),
+        (f"{root}/v0.img\nexportname = /etc/shadow", "forbidden_character"),
+        (f"{root}/[generic].img", "forbidden_character"),
+        (f"{root}/a=b.img", "forbidden_character"),
+        (f"{root}/vé.img", "forbidden_character"),
+        (f"{root}/" + "v" * 300, "too_long"),
+        ("relative/v0.img", "invalid_device"),
+        ("/tmp/v0.img", "device_not_allowed"),
+    ]
+
+
+def test_hostile_devices_are_refused_and_change_nothing(layout: DevServerLayout) -> None:
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(b"x")
+    run_helper(layout, "link", NAME, str(volume))
+    other = f"migration-vm-{VM}-disk1"
+    for device, kind in hostile_devices(layout):
+        before = snapshot(layout)
+        for name in (NAME, other):
+            proc = run_helper(layout, "link", name, device)
+            out = result_of(proc)
+            assert proc.returncode == 3, (device, out)
+            assert out["error"] == kind, (device, out)
+            assert snapshot(layout) == before, device
+    assert os.readlink(layout.export_root / NAME) == str(volume)
+
+
+def test_nul_byte_is_refused_in_process(layout: DevServerLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    # argv cannot carry NUL through exec, so call the helper's own main() with one.
+    helper = load_helper_module()
+    monkeypatch.setenv("OMA_NBD_HELPER_CONFIG", str(layout.helper_config))
+    before = snapshot(layout)
+    for args in (["link", f"{NAME}\x00", "/x"], ["link", NAME, f"{layout.volume_root}/v\x00.img"], ["unlink", "\x00"]):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            code = helper.main(args)
+        out = json.loads(buf.getvalue())
+        assert code == 3 and out["error"] == "forbidden_character" and "NUL" in out["message"]
+    assert snapshot(layout) == before
+
+
+def test_usage_errors_exit_2() -> None:
+    proc = subprocess.run(["python3", str(HELPER), "link", NAME], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and result_of(proc)["error"] == "usage"
+    proc = subprocess.run(["python3", str(HELPER), "format-disk"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+
+
+def test_config_override_is_ignored_under_sudo(layout: DevServerLayout) -> None:
+    # Under sudo the caller must not choose the config: the helper falls back to /etc/oma.
+    proc = run_helper(layout, "status", env={"SUDO_UID": "1000", "SUDO_USER": "oma"})
+    if Path("/etc/oma/nbd-helper.conf").exists():
+        pytest.skip("a real /etc/oma/nbd-helper.conf is installed on this machine")
+    out = result_of(proc)
+    assert proc.returncode == 4 and "/etc/oma/nbd-helper.conf" in str(out["message"])
+
+
+def test_group_writable_config_is_refused(layout: DevServerLayout) -> None:
+    layout.helper_config.chmod(0o666)
+    proc = run_helper(layout, "status")
+    assert proc.returncode == 4 and "writable only by its owner" in str(result_of(proc)["message"])
+
+
+def test_config_with_unsafe_path_is_refused(layout: DevServerLayout) -> None:
+    text = layout.helper_config.read_text().replace(f"export_root = {layout.export_root}", "export_root = /tmp/x\n[y]")
+    layout.helper_config.write_text(text)
+    assert run_helper(layout, "status").returncode == 4
+
+
+def test_reload_without_running_server_exits_5(tmp_path: Path) -> None:
+    layout = write_layout(tmp_path / "nbd", "nbd-server", "127.0.0.1", free_port())
+    proc = run_helper(layout, "reload")
+    assert proc.returncode == 5 and result_of(proc)["error"] == "server_not_running"
+
+
+def test_reload_refuses_a_stray_conf_file(nbdserver_server: RunningServer) -> None:
+    layout = nbdserver_server.layout
+    (layout.confd / "stray.conf").write_text("[stray]\n    exportname = /etc/shadow\n")
+    pid = nbdserver_server.main_pid()
+    proc = run_helper(layout, "reload")
+    assert proc.returncode == 4 and result_of(proc)["error"] == "bad_conf_file"
+    assert nbdserver_server.main_pid() == pid
+
+
+def test_status_reports_verified_pid_and_listening(nbd_server: RunningServer) -> None:
+    out = result_of(nbd_server.helper("status"))
+    assert out["verified"] is True and out["listening"] is True
+    assert out["pid"] == nbd_server.main_pid()
+
+
+def test_status_does_not_trust_a_pidfile_naming_another_process(nbd_server: RunningServer) -> None:
+    real = nbd_server.main_pid()
+    nbd_server.layout.pidfile.write_text(f"{os.getpid()}\n")
+    out = result_of(nbd_server.helper("status"))
+    assert out["verified"] is False and "runs" in str(out["why"])
+    assert result_of(nbd_server.helper("reload"))["ok"] is (nbd_server.backend == "nbdkit")
+    nbd_server.layout.pidfile.write_text(f"{real}\n")
+
+
+def test_start_refuses_a_taken_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        layout = write_layout(tmp_path / "nbd", "nbdkit", "127.0.0.1", sock.getsockname()[1])
+        proc = run_helper(layout, "start")
+    assert proc.returncode == 5 and result_of(proc)["error"] == "port_taken"
+
+
+# --- production mode: block devices under allowed prefixes ----------------------------------
+
+
+@pytest.fixture
+def prod_layout(tmp_path: Path) -> DevServerLayout:
+    layout = write_layout(tmp_path / "nbd", "nbdkit", "127.0.0.1", free_port())
+    text = layout.helper_config.read_text()
+    text = text.replace(f"dev_volume_root = {layout.volume_root}", "device_prefixes = /dev/loop /dev/vd /dev/sd")
+    layout.helper_config.write_text(text)
+    return layout
+
+
+def test_os_disk_is_refused_in_production_mode(prod_layout: DevServerLayout) -> None:
+    disk = next((d for d in ("/dev/vda", "/dev/sda") if Path(d).exists()), None)
+    if disk is None:
+        pytest.skip("no /dev/vda or /dev/sda here")
+    proc = run_helper(prod_layout, "link", NAME, disk)
+    out = result_of(proc)
+    assert proc.returncode == 3 and out["error"] in {"os_disk", "device_in_use"}
+    assert not (prod_layout.export_root / NAME).is_symlink()
+
+
+def test_regular_file_is_refused_in_production_mode(prod_layout: DevServerLayout, tmp_path: Path) -> None:
+    proc = run_helper(prod_layout, "link", NAME, "/dev/null")
+    assert proc.returncode == 3 and result_of(proc)["error"] == "device_not_allowed"
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> object:
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("loop devices need root and losetup")
+    image = tmp_path / "loop.img"
+    image.write_bytes(bytes(8 << 20))
+    proc = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"losetup failed here: {proc.stderr.strip()}")
+    device = proc.stdout.strip()
+    yield device
+    subprocess.run(["umount", device], capture_output=True, check=False)
+    subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+
+
+def test_unmounted_loop_device_is_accepted_in_production_mode(prod_layout: DevServerLayout, loop_device: str) -> None:
+    proc = run_helper(prod_layout, "link", NAME, loop_device)
+    assert proc.returncode == 0, proc.stdout
+    assert os.readlink(prod_layout.export_root / NAME) == loop_device
+
+
+def test_mounted_loop_device_is_refused(prod_layout: DevServerLayout, loop_device: str, tmp_path: Path) -> None:
+    if not shutil.which("mkfs.ext4"):
+        pytest.skip("mkfs.ext4 missing")
+    subprocess.run(["mkfs.ext4", "-q", "-F", loop_device], capture_output=True, check=True)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", loop_device, str(mountpoint)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount here: {mounted.stderr.strip()}")
+    try:
+        before = snapshot(prod_layout)
+        proc = run_helper(prod_layout, "link", NAME, loop_device)
+        assert proc.returncode == 3 and result_of(proc)["error"] == "device_in_use"
+        assert snapshot(prod_layout) == before
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
