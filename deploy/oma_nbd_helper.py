@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/python3 -IS
 """oma-nbd-helper: the only OMA code that runs as root.
 
 Installed as /usr/local/libexec/oma/oma-nbd-helper and called by the portal through
@@ -33,16 +33,13 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import signal
-import socket
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -105,8 +102,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     backend: str
     export_root: Path
     pidfile: Path
@@ -163,6 +159,8 @@ def load_config() -> Config:
         prefixes = tuple(section.get("device_prefixes", "/dev/disk/by-id/virtio- /dev/vd /dev/loop").split())
         for prefix in prefixes:
             _config_path(prefix, "device_prefixes")
+        import socket
+
         address = section.get("listen_address", "127.0.0.1")
         socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
         return Config(
@@ -308,7 +306,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_symlink(target: str, link: Path) -> None:
-    tmp = link.parent / f".{link.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = link.parent / f".{link.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     os.symlink(target, tmp)
     try:
         os.rename(tmp, link)
@@ -320,7 +318,7 @@ def atomic_symlink(target: str, link: Path) -> None:
 
 
 def atomic_write(path: Path, content: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as fh:
@@ -380,8 +378,7 @@ def conf_text(config: Config, name: str) -> str:
 # --- the server's main process -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MainProcess:
+class MainProcess(NamedTuple):
     pid: int
     start_ticks: int
 
@@ -587,6 +584,8 @@ def verb_status(config: Config) -> dict[str, object]:
 
 
 def _port_taken(config: Config) -> bool:
+    import socket
+
     family = socket.AF_INET6 if ":" in config.listen_address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
@@ -621,6 +620,8 @@ def _wait_ready(config: Config, old_pid: int | None) -> MainProcess:
 
 
 def _start(config: Config, old_pid: int | None) -> MainProcess:
+    import subprocess
+
     if config.service.startswith("systemd:"):
         unit = config.service.split(":", 1)[1]
         subprocess.run(["/bin/systemctl", "restart" if old_pid else "start", unit], check=True, timeout=60)
@@ -679,6 +680,8 @@ def verb_restart(config: Config) -> dict[str, object]:
         main, _ = verified_main(config)
         old_pid = None
         if main is not None and config.service.startswith("systemd:") and config.backend == "nbd-server":
+            import subprocess
+
             # systemctl restart would SIGTERM the main, which ends every transfer; kill only the
             # main process and let Restart=always bring up a fresh one.
             unit = config.service.split(":", 1)[1]
@@ -737,7 +740,7 @@ def main(argv: list[str]) -> int:
     except HelperError as exc:
         emit({"ok": False, "verb": verb, "error": exc.kind, "message": exc.message})
         return exc.code
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, ValueError) as exc:
         emit({"ok": False, "verb": verb, "error": "system_error", "message": str(exc)})
         return EXIT_SYSTEM
     emit({"ok": True, "verb": verb, **result})

@@ -125,11 +125,14 @@ def _validated(vm_id: str, disk_unit: int, device: str) -> tuple[str, str]:
     return vm_id, export_name_for(vm_id, disk_unit)
 
 
-def _served(backend: NbdBackend, name: str) -> bool:
-    try:
-        return name in backend.served_names()
-    except NbdError:
-        return False
+@dataclass(frozen=True)
+class ExportRequest:
+    """One VM disk that should be exported from ``device``."""
+
+    vm_id: str
+    vm_name: str
+    disk_unit: int
+    device: str
 
 
 def ensure_export(*, vm_id: str, vm_name: str, disk_unit: int, device: str, actor: str = "system") -> VMExportMapping:
@@ -140,29 +143,77 @@ def ensure_export(*, vm_id: str, vm_name: str, disk_unit: int, device: str, acto
     Retarget (same VM disk, new device): the link is replaced atomically, no reload.
     Raises ExportRefused (nothing changed), ExportConflict, or ExportUnavailable.
     """
-    vm_id, name = _validated(vm_id, disk_unit, device)
+    return ensure_exports([ExportRequest(vm_id, vm_name, disk_unit, device)], actor=actor)[0]
+
+
+def ensure_exports(requests: list[ExportRequest], *, actor: str = "system") -> list[VMExportMapping]:
+    """ensure_export for several disks at once (a VM's disks): every request is validated and checked
+    for conflicts before anything is written, and all new names share one reload."""
+    checked = []
+    for req in requests:
+        vm_id, name = _validated(req.vm_id, req.disk_unit, req.device)
+        checked.append((ExportRequest(vm_id, req.vm_name, req.disk_unit, req.device), name))
+    devices = [req.device for req, _ in checked]
+    if len(set(devices)) != len(devices):
+        raise ExportConflict("two disks of one request name the same device")
+    for req, _ in checked:
+        conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
+        if conflict is not None:
+            raise conflict
     backend = get_backend()
+    served = _ServedNames(backend)
+    results: list[VMExportMapping | None] = []
+    to_serve: list[VMExportMapping] = []
+    written_at = 0.0
+    for req, name in checked:
+        reused = _reuse(backend, served, req, name)
+        if reused is not None:
+            results.append(reused)
+            continue
+        try:
+            mapping, when = _write_export(backend, req.vm_id, req.vm_name, req.disk_unit, req.device, name, actor)
+        except IntegrityError as exc:
+            # Lost a race with another request for the same device (the unique constraint decided).
+            conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
+            raise conflict or ExportConflict(str(exc)) from exc
+        results.append(None)
+        to_serve.append(mapping)
+        written_at = max(written_at, when)
+    # Outside any transaction: a reload may wait for its spacing, and must not hold row locks.
+    made = iter(_make_served(backend, to_serve, written_at, actor) if to_serve else [])
+    return [mapping if mapping is not None else next(made) for mapping in results]
 
-    current = VMExportMapping.objects.filter(vm_id=vm_id, disk_unit_number=disk_unit).first()
+
+class _ServedNames:
+    """The served names, listed at most once per call (an nbd-server list forks a child)."""
+
+    def __init__(self, backend: NbdBackend) -> None:
+        self.backend = backend
+        self.names: set[str] | None = None
+
+    def __contains__(self, name: object) -> bool:
+        if self.names is None:
+            try:
+                self.names = self.backend.served_names()
+            except NbdError:
+                self.names = set()
+        return name in self.names
+
+
+def _reuse(backend: NbdBackend, served: _ServedNames, req: ExportRequest, name: str) -> VMExportMapping | None:
+    current = VMExportMapping.objects.filter(vm_id=req.vm_id, disk_unit_number=req.disk_unit).first()
     if (
-        current is not None
-        and current.status == Status.ACTIVE
-        and current.device_path == device
-        and backend.link_target(name) == device
-        and _served(backend, name)
+        current is None
+        or current.status != Status.ACTIVE
+        or current.device_path != req.device
+        or backend.link_target(name) != req.device
+        or name not in served
     ):
-        now = timezone.now()
-        VMExportMapping.objects.filter(pk=current.pk).update(last_used_at=now)
-        current.last_used_at = now
-        return current
-
-    try:
-        mapping, written_at = _write_export(backend, vm_id, vm_name, disk_unit, device, name, actor)
-    except IntegrityError as exc:
-        # Lost a race with another request for the same device (the unique constraint decided).
-        raise _device_conflict(vm_id, disk_unit, device) or ExportConflict(str(exc)) from exc
-    # Outside the transaction: a reload may wait for its spacing, and must not hold row locks.
-    return _make_served(backend, mapping, written_at, actor)
+        return None
+    now = timezone.now()
+    VMExportMapping.objects.filter(pk=current.pk).update(last_used_at=now)
+    current.last_used_at = now
+    return current
 
 
 def _device_conflict(vm_id: str, disk_unit: int, device: str) -> ExportConflict | None:
@@ -227,30 +278,35 @@ def _write_export(
     return mapping, written_at
 
 
-def _make_served(backend: NbdBackend, mapping: VMExportMapping, written_at: float, actor: str) -> VMExportMapping:
-    name = mapping.export_name
+def _make_served(
+    backend: NbdBackend, mappings: list[VMExportMapping], written_at: float, actor: str
+) -> list[VMExportMapping]:
+    names = {m.export_name for m in mappings}
+    pks = [m.pk for m in mappings]
     report = ServeReport()
     try:
-        report = backend.make_served({name}, written_at, float(nbd_settings()["SERVE_TIMEOUT"]))
+        report = backend.make_served(names, written_at, float(nbd_settings()["SERVE_TIMEOUT"]))
     except (ExportNotServed, HelperFailed, NbdError) as exc:
         detail = str(exc)
-        VMExportMapping.objects.filter(pk=mapping.pk).update(status=Status.ERROR, status_detail=detail[:2000])
-        record_event("export.not_served", mapping=mapping, message=detail, actor=actor)
-        raise ExportUnavailable(f"{name} is not served: {detail}") from exc
+        VMExportMapping.objects.filter(pk__in=pks).update(status=Status.ERROR, status_detail=detail[:2000])
+        for mapping in mappings:
+            record_event("export.not_served", mapping=mapping, message=detail, actor=actor)
+        raise ExportUnavailable(f"not served: {detail}") from exc
     finally:
         record_serve_report(report, backend, actor)
     now = timezone.now()
-    VMExportMapping.objects.filter(pk=mapping.pk).update(status=Status.ACTIVE, last_verified_at=now, last_used_at=now)
-    mapping.refresh_from_db()
+    VMExportMapping.objects.filter(pk__in=pks).update(status=Status.ACTIVE, last_verified_at=now, last_used_at=now)
+    fresh = VMExportMapping.objects.in_bulk(pks)
     if report.reloads or report.shared_reload:
-        record_event(
-            "export.served",
-            mapping=mapping,
-            message=f"served after {'a shared' if report.shared_reload else 'a'} reload",
-            data={"reloads": report.reloads, "restarts": report.restarts},
-            actor=actor,
-        )
-    return mapping
+        for mapping in mappings:
+            record_event(
+                "export.served",
+                mapping=mapping,
+                message=f"served after {'a shared' if report.shared_reload else 'a'} reload",
+                data={"reloads": report.reloads, "restarts": report.restarts},
+                actor=actor,
+            )
+    return [fresh[pk] for pk in pks]
 
 
 def retire_export(*, vm_id: str, disk_unit: int, actor: str = "system") -> VMExportMapping:

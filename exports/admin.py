@@ -8,6 +8,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
+from django.forms.models import construct_instance
 from django.http import HttpRequest
 
 from . import actions
@@ -50,9 +51,10 @@ class MappingForm(forms.ModelForm):
         return data
 
     def _post_clean(self) -> None:
-        # Model-level checks (unique constraints) are left to ensure_export, which reports them
-        # with the export's own words; the helper does the filesystem checks.
-        pass
+        # Copy the cleaned values onto the instance, but leave the model-level checks (unique
+        # constraints) to ensure_export, which reports them in the export's own words; the helper
+        # does the filesystem checks.
+        self.instance = construct_instance(self, self.instance, self._meta.fields, self._meta.exclude)
 
 
 @admin.register(VMExportMapping)

@@ -260,10 +260,16 @@ class NbdServerBackend(_BaseBackend):
                 if missing:
                     self._repair(missing, report)
             else:
-                wait = state["last_started"] + self.min_spacing - time.time()
+                # Spacing counts from the end of the last reload's checks and repairs too: the server
+                # gets quiet time, and writers released by that reload gather into the next one.
+                last = max(state["last_started"], state.get("last_finished", 0.0))
+                wait = last + self.min_spacing - time.time()
                 if wait > 0:
                     time.sleep(wait)
-                self._reload_and_verify(state, report)
+                try:
+                    self._reload_and_verify(state, report)
+                finally:
+                    state["last_finished"] = time.time()
             missing = self._wait_listed(names, timeout) or self.unopenable(names)
         if missing:
             raise ExportNotServed(missing, "not served after a verified reload and repair")

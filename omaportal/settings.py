@@ -141,14 +141,16 @@ OMA_NBD: dict[str, Any] = {
     "PORT": int(os.environ.get("OMA_NBD_PORT", "10809")),
     # Production: "sudo -n /usr/local/libexec/oma/oma-nbd-helper". Dev runs the same program.
     "HELPER_COMMAND": shlex.split(
-        os.environ.get("OMA_NBD_HELPER", f"{shlex.quote(sys.executable)} {BASE_DIR / 'deploy' / 'oma_nbd_helper.py'}")
+        os.environ.get(
+            "OMA_NBD_HELPER", f"{shlex.quote(sys.executable)} -IS {BASE_DIR / 'deploy' / 'oma_nbd_helper.py'}"
+        )
     ),
     # Passed to the helper only in dev mode (the helper ignores it under sudo).
     "HELPER_CONFIG": os.environ.get("OMA_NBD_HELPER_CONFIG", str(_NBD_DIR / "helper.conf")),
     "EXPORT_ROOT": os.environ.get("OMA_NBD_EXPORT_ROOT", str(_NBD_DIR / "exports")),
     "STATE_DIR": os.environ.get("OMA_NBD_STATE_DIR", str(_NBD_DIR / "portal")),
     # Minimum seconds between two SIGHUPs to nbd-server (3.24 corrupts memory on rapid reloads).
-    "MIN_RELOAD_SPACING": float(os.environ.get("OMA_NBD_MIN_RELOAD_SPACING", "1.0")),
+    "MIN_RELOAD_SPACING": float(os.environ.get("OMA_NBD_MIN_RELOAD_SPACING", "2.0")),
     # How long a new export may take to appear before ensure_export gives up.
     "SERVE_TIMEOUT": float(os.environ.get("OMA_NBD_SERVE_TIMEOUT", "15")),
     "NODE": os.environ.get("OMA_NODE_NAME", "local"),

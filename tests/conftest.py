@@ -67,7 +67,12 @@ def run_helper(
 ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "OMA_NBD_HELPER_CONFIG": str(layout.helper_config), **(env or {})}
     return subprocess.run(
-        [sys.executable, str(HELPER), *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
+        [sys.executable, "-IS", str(HELPER), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        check=False,
     )
 
 
@@ -75,7 +80,7 @@ def _counting_helper(tmp_path: Path) -> tuple[list[str], Path]:
     """The real helper behind a two-line wrapper that logs each verb, so tests can count helper calls."""
     log = tmp_path / "helper-calls.log"
     wrapper = tmp_path / "helper-wrapper.sh"
-    wrapper.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\nexec "{sys.executable}" "{HELPER}" "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\nexec "{sys.executable}" -IS "{HELPER}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     return [str(wrapper)], log
 

@@ -236,3 +236,39 @@ def test_nbd_server_version_warning_is_plain(nbdserver_server: RunningServer) ->
     if check.version != "3.24":
         pytest.skip(f"nbd-server {check.version} is not the known-bad 3.24")
     assert any("corrupts its memory on reload" in w and "nbdkit" in w for w in check.warnings)
+
+
+def test_a_vms_disks_together_share_one_reload(nbdserver_server: RunningServer) -> None:
+    requests = [actions.ExportRequest(VM, "web-01", d, nbdserver_server.volume(f"d{d}.img")) for d in range(3)]
+    mappings = actions.ensure_exports(requests)
+    assert [m.export_name for m in mappings] == [f"migration-vm-{VM}-disk{d}" for d in range(3)]
+    assert all(m.status == VMExportMapping.Status.ACTIVE for m in mappings)
+    assert reloads() == 1
+    assert {m.export_name for m in mappings} <= set(list_exports("127.0.0.1", nbdserver_server.layout.port))
+
+
+def test_a_batch_with_one_bad_disk_changes_nothing(nbd_server: RunningServer) -> None:
+    good = actions.ExportRequest(VM, "web-01", 0, nbd_server.volume("d0.img"))
+    for bad in (
+        actions.ExportRequest(VM, "web-01", 1, "/dev/vdb\n"),
+        actions.ExportRequest(VM, "web-01", 1, good.device),
+    ):
+        with pytest.raises(actions.ExportError):
+            actions.ensure_exports([good, bad])
+    assert not VMExportMapping.objects.exists()
+    assert nbd_server.snapshot() == {}
+    assert nbd_server.helper_calls() == []
+
+
+def test_a_batch_mixes_reuse_and_new_exports(nbd_server: RunningServer) -> None:
+    first = ensure(nbd_server, nbd_server.volume("d0.img"), disk=0)
+    calls = len(nbd_server.helper_calls())
+    both = actions.ensure_exports(
+        [
+            actions.ExportRequest(VM, "web-01", 0, first.device_path),
+            actions.ExportRequest(VM, "web-01", 1, nbd_server.volume("d1.img")),
+        ]
+    )
+    assert [m.export_name for m in both] == [NAME0, f"migration-vm-{VM}-disk1"]
+    new_calls = nbd_server.helper_calls()[calls:]
+    assert new_calls.count("link") == 1, new_calls

@@ -1,0 +1,25 @@
+"""The benchmark still runs end to end and prints its JSON contract (tiny sizes; no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_export_storm_prints_its_json_line_last() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "export_storm.py"), "--backend", "nbd-server",
+         "--vms", "2", "--disks", "2", "--workers", "2", "--min-reload-spacing", "0.2"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("backend", "exports", "listed", "reloads", "restarts", "crashes", "interrupted_transfers",
+                "new_p50_ms", "new_p99_ms", "reuse_p50_ms", "reuse_p99_ms", "reuse_reloads"):  # fmt: skip
+        assert key in result, key
+    assert set(result["baseline"]) >= {"reloads", "crashes", "listed"}
+    assert result["exports"] == 4 and result["listed"] == 4 and result["errors"] == []
+    assert result["reuse_reloads"] == 0

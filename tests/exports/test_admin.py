@@ -1,0 +1,111 @@
+"""Django admin for mappings: same validation as the helper, changes only through exports.actions."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+from django.urls import reverse
+
+from exports import actions
+from exports.models import ExportEvent, VMExportMapping
+from tests.conftest import RunningServer
+
+VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
+NAME0 = f"migration-vm-{VM}-disk0"
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def admin_client_logged_in() -> Client:
+    user = get_user_model().objects.create_superuser("boss", "boss@example.com", "pw-for-tests-only")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def add(client: Client, **fields: object) -> object:
+    data = {"vm_id": VM, "vm_name": "web-01", "disk_unit_number": 0, "device_path": "", **fields}
+    return client.post(reverse("admin:exports_vmexportmapping_add"), data, follow=True)
+
+
+def test_admin_add_goes_through_ensure_export(nbdkit_server: RunningServer, admin_client_logged_in: Client) -> None:
+    device = nbdkit_server.volume("a.img")
+    add(admin_client_logged_in, device_path=device)
+    mapping = VMExportMapping.objects.get()
+    assert mapping.export_name == NAME0 and mapping.status == VMExportMapping.Status.ACTIVE
+    assert os.readlink(nbdkit_server.layout.export_root / NAME0) == device
+    assert ExportEvent.objects.get(kind="export.created").actor == "boss"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"device_path": "/dev/vdb\n[x]"}, "must be an absolute path"),
+        ({"device_path": "/dev/../etc/shadow"}, "must be an absolute path"),
+        ({"vm_id": "nope", "device_path": "/dev/vdb"}, "not a VMware instance UUID"),
+        ({"disk_unit_number": 64, "device_path": "/dev/vdb"}, "from 0 to 63"),
+    ],
+)
+def test_admin_form_rejects_bad_input_with_the_reason(
+    nbdkit_server: RunningServer, admin_client_logged_in: Client, fields: dict[str, object], message: str
+) -> None:
+    response = add(admin_client_logged_in, **fields)
+    assert message in response.content.decode()  # type: ignore[attr-defined]
+    assert not VMExportMapping.objects.exists()
+    assert nbdkit_server.helper_calls() == []
+
+
+def test_admin_add_refused_by_helper_changes_nothing(
+    nbdkit_server: RunningServer, admin_client_logged_in: Client
+) -> None:
+    before = nbdkit_server.snapshot()
+    response = add(admin_client_logged_in, device_path="/etc/shadow")
+    assert "Refused, nothing changed" in response.content.decode()  # type: ignore[attr-defined]
+    assert not VMExportMapping.objects.exists()
+    assert nbdkit_server.snapshot() == before
+
+
+def test_export_name_is_read_only_and_delete_is_not_offered(
+    nbdkit_server: RunningServer, admin_client_logged_in: Client
+) -> None:
+    mapping = actions.ensure_export(vm_id=VM, vm_name="web", disk_unit=0, device=nbdkit_server.volume("a.img"))
+    page = admin_client_logged_in.get(reverse("admin:exports_vmexportmapping_change", args=[mapping.pk]))
+    html = page.content.decode()
+    assert 'name="export_name"' not in html and NAME0 in html
+    assert 'name="vm_id"' not in html, "vm_id of an existing mapping must not be editable"
+    deleted = admin_client_logged_in.post(reverse("admin:exports_vmexportmapping_delete", args=[mapping.pk]))
+    assert deleted.status_code == 403
+    assert VMExportMapping.objects.filter(pk=mapping.pk).exists()
+
+
+def test_admin_retire_action_removes_the_link(nbdkit_server: RunningServer, admin_client_logged_in: Client) -> None:
+    mapping = actions.ensure_export(vm_id=VM, vm_name="web", disk_unit=0, device=nbdkit_server.volume("a.img"))
+    admin_client_logged_in.post(
+        reverse("admin:exports_vmexportmapping_changelist"),
+        {"action": "retire", "_selected_action": [mapping.pk]},
+    )
+    mapping.refresh_from_db()
+    assert mapping.status == VMExportMapping.Status.RETIRED
+    assert not (nbdkit_server.layout.export_root / NAME0).is_symlink()
+
+
+def test_changelist_search_and_filter(nbdkit_server: RunningServer, admin_client_logged_in: Client) -> None:
+    actions.ensure_export(vm_id=VM, vm_name="web-01", disk_unit=0, device=nbdkit_server.volume("a.img"))
+    url = reverse("admin:exports_vmexportmapping_changelist")
+    assert NAME0 in admin_client_logged_in.get(url, {"q": "web-01"}).content.decode()
+    assert NAME0 not in admin_client_logged_in.get(url, {"q": "db-02"}).content.decode()
+    assert NAME0 in admin_client_logged_in.get(url, {"status__exact": "active"}).content.decode()
+
+
+def test_overview_requires_login_and_shows_mappings(
+    nbdkit_server: RunningServer, admin_client_logged_in: Client
+) -> None:
+    assert Client().get("/").status_code == 302
+    actions.ensure_export(vm_id=VM, vm_name="web-01", disk_unit=0, device=nbdkit_server.volume("a.img"))
+    actions.check_nbd_server()
+    html = admin_client_logged_in.get("/").content.decode()
+    assert NAME0 in html and "Exports served 1 of 1" in html
