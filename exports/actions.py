@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -110,9 +110,8 @@ def record_serve_report(report: ServeReport, backend: NbdBackend, actor: str = "
     NbdServerState.objects.filter(pk=state.pk).update(**updates)
     if report.reloads:
         record_event("server.reload", message=f"{report.reloads} reload(s)", data={"reloads": report.reloads})
-    for note in report.notes:
-        kind = "server.crash" if "died" in note or "not running" in note else "server.repair"
-        record_event(kind, message=note, data=asdict(report), actor=actor)
+    for kind, message in report.incidents:
+        record_event(kind, message=message, data={"lost": report.lost, "restarts": report.restarts}, actor=actor)
 
 
 def _validated(vm_id: str, disk_unit: int, device: str) -> tuple[str, str]:

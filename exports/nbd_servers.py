@@ -43,15 +43,12 @@ class ServeReport:
     lost: list[str] = field(default_factory=list)
     repairs: int = 0
     notes: list[str] = field(default_factory=list)
+    # (event kind, message) for each incident, so the caller can audit them.
+    incidents: list[tuple[str, str]] = field(default_factory=list)
 
-    def merge(self, other: ServeReport) -> None:
-        self.reloads += other.reloads
-        self.shared_reload = self.shared_reload or other.shared_reload
-        self.crashes += other.crashes
-        self.restarts += other.restarts
-        self.lost += other.lost
-        self.repairs += other.repairs
-        self.notes += other.notes
+    def incident(self, kind: str, message: str) -> None:
+        self.notes.append(message)
+        self.incidents.append((kind, message))
 
 
 class ExportNotServed(Exception):
@@ -174,7 +171,7 @@ class _BaseBackend:
         if status.get("verified") and status.get("listening"):
             return
         report.crashes += 1
-        report.notes.append(f"server not running ({status.get('why')}); starting it")
+        report.incident("server.crash", f"server not running ({status.get('why')}); starting it")
         self.start()
         report.restarts += 1
         report.repairs += 1
@@ -278,8 +275,9 @@ class NbdServerBackend(_BaseBackend):
     def _repair(self, missing: set[str], report: ServeReport) -> set[str]:
         """Restart the main process: a fresh one reads every conf file. Children keep their transfers."""
         report.lost += sorted(missing)
-        report.notes.append(
-            f"nbd-server dropped or blanked {len(missing)} export(s); restarting the main process (transfers kept)"
+        report.incident(
+            "server.lost_exports",
+            f"nbd-server dropped or blanked {len(missing)} export(s); restarting the main process (transfers kept)",
         )
         self.restart()
         report.restarts += 1
@@ -309,7 +307,9 @@ class NbdServerBackend(_BaseBackend):
         after = self.helper_status()
         if not after.get("verified") or after.get("pid") != before["pid"]:
             report.crashes += 1
-            report.notes.append(f"nbd-server main {before['pid']} died on reload ({after.get('why')}); restarting")
+            report.incident(
+                "server.crash", f"nbd-server main {before['pid']} died on reload ({after.get('why')}); restarting"
+            )
             self.start()
             report.restarts += 1
             report.repairs += 1

@@ -51,8 +51,10 @@ class RunningServer:
         return int(self.layout.pidfile.read_text().strip())
 
     def snapshot(self) -> dict[str, str]:
-        """Every file and link under the layout's export root and conf.d, as text, for byte-identity checks."""
-        found: dict[str, str] = {}
+        """Every link and file under the export root and conf.d, plus the server and helper configs."""
+        found: dict[str, str] = {
+            str(path): path.read_text() for path in (self.layout.server_config, self.layout.helper_config)
+        }
         for folder in (self.layout.export_root, self.layout.confd):
             for entry in sorted(folder.iterdir()):
                 if entry.is_symlink():

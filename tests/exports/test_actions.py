@@ -256,7 +256,7 @@ def test_a_batch_with_one_bad_disk_changes_nothing(nbd_server: RunningServer) ->
         with pytest.raises(actions.ExportError):
             actions.ensure_exports([good, bad])
     assert not VMExportMapping.objects.exists()
-    assert nbd_server.snapshot() == {}
+    assert not any(nbd_server.layout.export_root.iterdir()) and not any(nbd_server.layout.confd.iterdir())
     assert nbd_server.helper_calls() == []
 
 
