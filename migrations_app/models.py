@@ -1,1 +1,179 @@
-"""Migration jobs land here with the workflow (issue 3)."""
+"""Source VMs as the VMA reports them, migration jobs, their disks, and the step/event log.
+
+The job state machine lives here, in one place: ``MigrationJob.transition_to`` is the only way a
+job's state changes, and an illegal transition raises ``IllegalTransition``.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from django.db import models
+from django.utils import timezone
+
+from exports.models import VMExportMapping
+
+
+class SourceVM(models.Model):
+    """A VMware VM as the VMA agent's inventory reports it."""
+
+    vm_id = models.CharField(max_length=36, unique=True, help_text="VMware instance UUID, lower case")
+    name = models.CharField(max_length=255)
+    path = models.CharField(max_length=1024, blank=True, help_text="inventory path in vCenter")
+    power_state = models.CharField(max_length=32, blank=True)
+    guest_os = models.CharField(max_length=128, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "source VM"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class SourceDisk(models.Model):
+    vm = models.ForeignKey(SourceVM, on_delete=models.CASCADE, related_name="disks")
+    unit_number = models.PositiveSmallIntegerField()
+    key = models.IntegerField(help_text="VMware device key")
+    label = models.CharField(max_length=255, blank=True)
+    path = models.CharField(max_length=1024, blank=True, help_text="datastore path of the disk file")
+    capacity_bytes = models.BigIntegerField()
+
+    class Meta:
+        ordering = ["vm", "unit_number"]
+        constraints = [models.UniqueConstraint(fields=["vm", "unit_number"], name="one_source_disk_per_unit")]
+
+    def __str__(self) -> str:
+        return f"{self.vm.name} disk {self.unit_number}"
+
+
+class JobState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PROVISIONING = "provisioning", "Provisioning volumes"
+    ATTACHING = "attaching", "Attaching volumes"
+    EXPORTING = "exporting", "Exporting over NBD"
+    REPLICATING = "replicating", "Replicating"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    CANCELLING = "cancelling", "Cancelling"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+# The workflow's steps, in order; a job's current_step is one of these.
+STEPS = [JobState.PROVISIONING, JobState.ATTACHING, JobState.EXPORTING, JobState.REPLICATING]
+ACTIVE_STATES = {JobState.PENDING, JobState.CANCELLING, *STEPS}
+FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
+
+TRANSITIONS: dict[str, set[str]] = {
+    JobState.PENDING: {*STEPS, JobState.CANCELLED, JobState.FAILED},
+    JobState.PROVISIONING: {JobState.ATTACHING, JobState.FAILED, JobState.CANCELLING},
+    JobState.ATTACHING: {JobState.EXPORTING, JobState.FAILED, JobState.CANCELLING},
+    JobState.EXPORTING: {JobState.REPLICATING, JobState.FAILED, JobState.CANCELLING},
+    JobState.REPLICATING: {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLING},
+    JobState.CANCELLING: {JobState.CANCELLED, JobState.FAILED},
+    # Retry: back to pending, keeping current_step so the job resumes where it stopped.
+    JobState.FAILED: {JobState.PENDING},
+    JobState.CANCELLED: {JobState.PENDING},
+    JobState.COMPLETED: set(),
+}
+
+
+class IllegalTransition(Exception):
+    def __init__(self, job: MigrationJob, to: str) -> None:
+        super().__init__(f"{job.job_id}: cannot go from {job.state} to {to}")
+        self.job_id = job.job_id
+        self.from_state = job.state
+        self.to_state = to
+
+
+def new_job_id() -> str:
+    """A readable, sortable job id such as job-20250812-080802-ab12."""
+    return f"job-{timezone.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+class MigrationJob(models.Model):
+    job_id = models.CharField(max_length=40, unique=True, default=new_job_id, editable=False)
+    vm = models.ForeignKey(SourceVM, on_delete=models.PROTECT, related_name="jobs")
+    state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.PENDING, db_index=True)
+    current_step = models.CharField(max_length=16, choices=JobState.choices, blank=True)
+    requested_by = models.CharField(max_length=150, default="system")
+    attempt = models.PositiveIntegerField(default=1)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    cleanup_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["vm", "-created_at"])]
+
+    def __str__(self) -> str:
+        return self.job_id
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def can_transition_to(self, to: str) -> bool:
+        return to in TRANSITIONS[self.state]
+
+    def transition_to(self, to: str, *, error: str = "") -> None:
+        """Move to state ``to`` (not saved). Raises IllegalTransition for anything the machine forbids."""
+        if not self.can_transition_to(to):
+            raise IllegalTransition(self, to)
+        now = timezone.now()
+        if to in STEPS:
+            self.current_step = to
+            self.started_at = self.started_at or now
+        if to == JobState.PENDING:
+            self.attempt += 1
+            self.error = ""
+            self.finished_at = None
+        if to in FINAL_STATES:
+            self.finished_at = now
+        if to == JobState.FAILED:
+            self.error = error or self.error or "failed"
+        self.state = to
+        self.heartbeat_at = now
+
+
+class JobDisk(models.Model):
+    job = models.ForeignKey(MigrationJob, on_delete=models.CASCADE, related_name="disks")
+    source_disk = models.ForeignKey(SourceDisk, on_delete=models.PROTECT, related_name="job_disks")
+    volume_id = models.CharField(max_length=64, blank=True)
+    device_path = models.CharField(max_length=255, blank=True)
+    mapping = models.ForeignKey(VMExportMapping, null=True, blank=True, on_delete=models.SET_NULL)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    throughput_bps = models.BigIntegerField(default=0)
+    previous_change_id = models.CharField(max_length=255, blank=True)
+    new_change_id = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["job", "source_disk__unit_number"]
+        constraints = [models.UniqueConstraint(fields=["job", "source_disk"], name="one_job_disk_per_source_disk")]
+
+    def __str__(self) -> str:
+        return f"{self.job.job_id} disk {self.source_disk.unit_number}"
+
+
+class JobEvent(models.Model):
+    """Step log: every step start/finish/failure and every operator action, with timings."""
+
+    job = models.ForeignKey(MigrationJob, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=48)
+    step = models.CharField(max_length=16, blank=True)
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    actor = models.CharField(max_length=150, default="system")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} {self.kind}"

@@ -1,0 +1,172 @@
+"""Destination volumes, behind one interface. Adapters only: no ORM here.
+
+``local`` (embedded default): sparse files under a volume root, which is the privileged helper's
+dev volume root, so an export can point straight at the file; ``loop=True`` (root only) attaches
+each file as a loop device instead, as a real block device would be.
+The ``cloudstack`` backend (createVolume/attachVolume through PyPI ``cs``) joins it next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+GIB = 1 << 30
+LOSETUP = shutil.which("losetup") or "/usr/sbin/losetup"
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+class VolumeError(Exception):
+    """The volume backend refused or failed; the message says why."""
+
+
+@dataclass
+class Volume:
+    id: str
+    name: str
+    size_bytes: int
+    attached_device: str = ""
+
+
+class VolumeBackend(Protocol):
+    name: str
+
+    def create_volume(self, name: str, size_bytes: int) -> Volume: ...
+    def attach_volume(self, volume_id: str) -> str: ...
+    def detach_volume(self, volume_id: str) -> None: ...
+    def delete_volume(self, volume_id: str) -> None: ...
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+    def list_volumes(self) -> list[Volume]: ...
+
+
+def round_up_gib(size_bytes: int) -> int:
+    """CloudStack sizes volumes in whole GiB; local volumes follow, so both behave alike."""
+    if size_bytes <= 0:
+        raise VolumeError(f"volume size must be positive, got {size_bytes}")
+    return -(-size_bytes // GIB) * GIB
+
+
+class LocalVolumeBackend:
+    """Sparse files under ``root``; ``<id>.img`` with its metadata in ``<id>.json``."""
+
+    name = "local"
+
+    def __init__(self, root: Path | str, loop: bool = False) -> None:
+        self.root = Path(root)
+        self.loop = loop
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root / ".volumes.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _meta_path(self, volume_id: str) -> Path:
+        try:
+            parsed = uuid.UUID(volume_id)
+        except ValueError as exc:
+            raise VolumeError(f"not a volume id: {volume_id!r}") from exc
+        return self.root / f"{parsed}.json"
+
+    def image_path(self, volume_id: str) -> Path:
+        return self._meta_path(volume_id).with_suffix(".img")
+
+    def _save(self, volume: Volume) -> None:
+        path = self._meta_path(volume.id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(volume)))
+        os.replace(tmp, path)
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        try:
+            return Volume(**json.loads(self._meta_path(volume_id).read_text()))
+        except FileNotFoundError:
+            return None
+
+    def list_volumes(self) -> list[Volume]:
+        return sorted(
+            (Volume(**json.loads(p.read_text())) for p in self.root.glob("*.json")),
+            key=lambda v: v.name,
+        )
+
+    def create_volume(self, name: str, size_bytes: int) -> Volume:
+        """Create the named volume, or return the one that already has this name (idempotent)."""
+        if not NAME_RE.fullmatch(name):
+            raise VolumeError(f"volume name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        size = round_up_gib(size_bytes)
+        with self._locked():
+            for volume in self.list_volumes():
+                if volume.name == name:
+                    if volume.size_bytes < size_bytes:
+                        raise VolumeError(
+                            f"volume {name} exists with {volume.size_bytes} bytes, fewer than {size_bytes}"
+                        )
+                    return volume
+            volume = Volume(id=str(uuid.uuid4()), name=name, size_bytes=size)
+            with open(self.image_path(volume.id), "xb") as fh:
+                fh.truncate(size)
+            self._save(volume)
+            return volume
+
+    def attach_volume(self, volume_id: str) -> str:
+        """The device to export: the image file itself, or a loop device when ``loop``. Idempotent."""
+        with self._locked():
+            volume = self._require(volume_id)
+            if volume.attached_device:
+                return volume.attached_device
+            image = self.image_path(volume_id)
+            if self.loop:
+                proc = subprocess.run(  # noqa: S603 - fixed program, our own file path
+                    [LOSETUP, "--find", "--show", str(image)], capture_output=True, text=True, check=False
+                )
+                if proc.returncode != 0:
+                    raise VolumeError(f"losetup failed for {image}: {proc.stderr.strip()}")
+                volume.attached_device = proc.stdout.strip()
+            else:
+                volume.attached_device = str(image)
+            self._save(volume)
+            return volume.attached_device
+
+    def detach_volume(self, volume_id: str) -> None:
+        with self._locked():
+            volume = self._require(volume_id)
+            if not volume.attached_device:
+                return
+            if self.loop:
+                proc = subprocess.run(  # noqa: S603
+                    [LOSETUP, "-d", volume.attached_device], capture_output=True, text=True, check=False
+                )
+                if proc.returncode != 0 and "No such device" not in proc.stderr:
+                    raise VolumeError(f"losetup -d {volume.attached_device} failed: {proc.stderr.strip()}")
+            volume.attached_device = ""
+            self._save(volume)
+
+    def delete_volume(self, volume_id: str) -> None:
+        with self._locked():
+            volume = self.get_volume(volume_id)
+            if volume is None:
+                return
+            if volume.attached_device:
+                raise VolumeError(f"volume {volume.name} is attached as {volume.attached_device}; detach it first")
+            self.image_path(volume_id).unlink(missing_ok=True)
+            self._meta_path(volume_id).unlink()
+
+    def _require(self, volume_id: str) -> Volume:
+        volume = self.get_volume(volume_id)
+        if volume is None:
+            raise VolumeError(f"no volume {volume_id}")
+        return volume

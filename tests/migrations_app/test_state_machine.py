@@ -1,0 +1,75 @@
+"""The job state machine: every legal transition works, every other one raises and changes nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from migrations_app.models import (
+    STEPS,
+    TRANSITIONS,
+    IllegalTransition,
+    JobState,
+    MigrationJob,
+    SourceVM,
+    new_job_id,
+)
+
+ALL = [s.value for s in JobState]
+PAIRS = [(a, b) for a in ALL for b in ALL]
+
+
+def job_in(state: str) -> MigrationJob:
+    job = MigrationJob(vm=SourceVM(vm_id="4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000", name="web"), job_id=new_job_id())
+    job.state = state
+    return job
+
+
+@pytest.mark.parametrize(("start", "to"), PAIRS)
+def test_transition_is_allowed_exactly_when_the_table_says_so(start: str, to: str) -> None:
+    job = job_in(start)
+    if to in TRANSITIONS[start]:
+        job.transition_to(to, error="boom")
+        assert job.state == to
+    else:
+        with pytest.raises(IllegalTransition, match=f"cannot go from {start} to {to}"):
+            job.transition_to(to)
+        assert job.state == start
+
+
+def test_completed_is_final() -> None:
+    assert TRANSITIONS[JobState.COMPLETED] == set()
+
+
+def test_happy_path_records_step_and_times() -> None:
+    job = job_in(JobState.PENDING)
+    for step in STEPS:
+        job.transition_to(step)
+        assert job.current_step == step and job.started_at is not None
+    job.transition_to(JobState.COMPLETED)
+    assert job.finished_at is not None and job.current_step == JobState.REPLICATING
+
+
+def test_retry_keeps_the_failed_step_and_counts_the_attempt() -> None:
+    job = job_in(JobState.PENDING)
+    job.transition_to(JobState.PROVISIONING)
+    job.transition_to(JobState.ATTACHING)
+    job.transition_to(JobState.FAILED, error="attach timed out")
+    assert job.error == "attach timed out" and job.finished_at is not None
+    job.transition_to(JobState.PENDING)
+    assert job.current_step == JobState.ATTACHING and job.attempt == 2
+    assert job.error == "" and job.finished_at is None
+
+
+def test_job_ids_are_readable_and_unique() -> None:
+    ids = {new_job_id() for _ in range(200)}
+    assert all(re.fullmatch(r"job-\d{8}-\d{6}-[0-9a-f]{4}", i) for i in ids)
+    assert len(ids) > 190  # 4 hex digits per second: collisions are possible but rare
+
+
+@pytest.mark.django_db
+def test_job_rows_save_with_a_generated_id() -> None:
+    vm = SourceVM.objects.create(vm_id="4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000", name="web")
+    job = MigrationJob.objects.create(vm=vm)
+    assert job.job_id.startswith("job-") and job.state == JobState.PENDING and job.attempt == 1

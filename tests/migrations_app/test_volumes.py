@@ -1,0 +1,88 @@
+"""The local volume backend: sparse files, idempotent create/attach, loop devices when root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from migrations_app.volumes import GIB, LocalVolumeBackend, VolumeError, round_up_gib
+
+
+def test_sizes_round_up_to_whole_gib() -> None:
+    assert round_up_gib(1) == GIB
+    assert round_up_gib(GIB) == GIB
+    assert round_up_gib(GIB + 1) == 2 * GIB
+    with pytest.raises(VolumeError):
+        round_up_gib(0)
+
+
+def test_create_is_sparse_and_idempotent_by_name(tmp_path: Path) -> None:
+    backend = LocalVolumeBackend(tmp_path)
+    first = backend.create_volume("oma-vm1-disk0", 3 * GIB - 5)
+    again = backend.create_volume("oma-vm1-disk0", 3 * GIB - 5)
+    assert again.id == first.id and first.size_bytes == 3 * GIB
+    image = backend.image_path(first.id)
+    assert image.stat().st_size == 3 * GIB
+    assert image.stat().st_blocks * 512 < 1 << 20, "volumes must be sparse"
+    assert [v.id for v in backend.list_volumes()] == [first.id]
+
+
+def test_existing_smaller_volume_is_an_error(tmp_path: Path) -> None:
+    backend = LocalVolumeBackend(tmp_path)
+    backend.create_volume("v", GIB)
+    with pytest.raises(VolumeError, match="fewer than"):
+        backend.create_volume("v", 2 * GIB)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", "x\n", "é", "a" * 129])
+def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(VolumeError):
+        LocalVolumeBackend(tmp_path).create_volume(name, GIB)
+    assert not list(tmp_path.glob("*.img"))
+
+
+def test_attach_detach_delete_without_loop(tmp_path: Path) -> None:
+    backend = LocalVolumeBackend(tmp_path)
+    volume = backend.create_volume("v", GIB)
+    device = backend.attach_volume(volume.id)
+    assert device == str(backend.image_path(volume.id)) == backend.attach_volume(volume.id)
+    with pytest.raises(VolumeError, match="detach it first"):
+        backend.delete_volume(volume.id)
+    backend.detach_volume(volume.id)
+    backend.detach_volume(volume.id)
+    backend.delete_volume(volume.id)
+    backend.delete_volume(volume.id)
+    assert backend.list_volumes() == [] and not list(tmp_path.glob("*.img"))
+
+
+def test_unknown_or_malformed_ids_are_errors(tmp_path: Path) -> None:
+    backend = LocalVolumeBackend(tmp_path)
+    with pytest.raises(VolumeError, match="not a volume id"):
+        backend.attach_volume("../../etc/passwd")
+    with pytest.raises(VolumeError, match="no volume"):
+        backend.attach_volume("00000000-0000-4000-8000-000000000000")
+
+
+def test_loop_attach_gives_a_block_device_with_the_volume_data(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("loop devices need root")
+    backend = LocalVolumeBackend(tmp_path, loop=True)
+    volume = backend.create_volume("v", GIB)
+    with open(backend.image_path(volume.id), "r+b") as fh:
+        fh.write(b"volume-bytes")
+    try:
+        device = backend.attach_volume(volume.id)
+    except VolumeError as exc:
+        pytest.skip(f"loop devices unavailable here: {exc}")
+    try:
+        assert device.startswith("/dev/loop") and backend.attach_volume(volume.id) == device
+        with open(device, "rb") as fh:
+            assert fh.read(12) == b"volume-bytes"
+    finally:
+        backend.detach_volume(volume.id)
+    listed = subprocess.run(["losetup", "-j", str(backend.image_path(volume.id))], capture_output=True, text=True)
+    assert listed.stdout.strip() == ""
