@@ -1,0 +1,153 @@
+"""CloudStack ("OSSEA") volumes through PyPI ``cs``: signed API requests and async job polling.
+
+The OMA is itself a CloudStack VM: each migrated disk becomes a data volume attached to it, and
+KVM exposes it as ``/dev/disk/by-id/virtio-<first 20 hex chars of the volume uuid>`` (device ids
+and /dev/vdX order are not reliable). The export must be withdrawn before a detach.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from cs import CloudStack, CloudStackApiException, CloudStackException
+
+from .volumes import NAME_RE, Volume, VolumeError, round_up_gib
+
+GIB = 1 << 30
+
+
+def by_id_serial(volume_id: str) -> str:
+    """The virtio serial KVM shows for a CloudStack volume: its uuid without hyphens, 20 characters."""
+    return volume_id.replace("-", "")[:20]
+
+
+class CloudStackVolumeBackend:
+    name = "cloudstack"
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        key: str,
+        secret: str,
+        zone_id: str,
+        disk_offering_id: str,
+        oma_vm_id: str,
+        job_timeout: int = 300,
+        poll_interval: float = 2.0,
+        request_timeout: int = 30,
+        device_root: str = "/dev/disk/by-id",
+        device_timeout: float = 60,
+    ) -> None:
+        if job_timeout < 1:
+            # cs keeps whole seconds, and 0 would mean "wait forever".
+            raise VolumeError(f"job_timeout must be at least 1 second, got {job_timeout}")
+        self.api = CloudStack(
+            endpoint=endpoint,
+            key=key,
+            secret=secret,
+            timeout=request_timeout,
+            job_timeout=job_timeout,
+            poll_interval=poll_interval,
+            retry=2,  # cs retries only list* and queryAsync* calls, which are safe to repeat
+            fetch_result=True,
+        )
+        self.zone_id = zone_id
+        self.disk_offering_id = disk_offering_id
+        self.oma_vm_id = oma_vm_id
+        self.job_timeout = job_timeout
+        self.device_root = Path(device_root)
+        self.device_timeout = device_timeout
+
+    def _call(self, command: str, **params: Any) -> Any:
+        try:
+            return getattr(self.api, command)(**params)
+        except CloudStackApiException as exc:
+            error = exc.error if isinstance(exc.error, dict) else {}
+            code = error.get("errorcode", "?")
+            text = error.get("errortext") or str(exc)
+            raise VolumeError(f"CloudStack {command} failed ({code}): {text}") from exc
+        except CloudStackException as exc:
+            if "Timeout waiting for async job" in str(exc):
+                raise VolumeError(f"CloudStack {command} did not finish within {self.job_timeout:g}s") from exc
+            raise VolumeError(f"CloudStack {command} failed: {exc}") from exc
+        except OSError as exc:
+            raise VolumeError(f"CloudStack unreachable during {command}: {exc}") from exc
+
+    @staticmethod
+    def _volume(raw: dict[str, Any], device: str = "") -> Volume:
+        return Volume(id=raw["id"], name=raw["name"], size_bytes=int(raw.get("size", 0)), attached_device=device)
+
+    def device_for(self, volume_id: str) -> str:
+        return str(self.device_root / f"virtio-{by_id_serial(volume_id)}")
+
+    def _raw(self, volume_id: str) -> dict[str, Any] | None:
+        found = self._call("listVolumes", id=volume_id, listall=True)
+        volumes = found.get("volume", []) if isinstance(found, dict) else []
+        return volumes[0] if volumes else None
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        raw = self._raw(volume_id)
+        if raw is None:
+            return None
+        attached = raw.get("virtualmachineid") == self.oma_vm_id
+        return self._volume(raw, self.device_for(volume_id) if attached else "")
+
+    def list_volumes(self) -> list[Volume]:
+        found = self._call("listVolumes", zoneid=self.zone_id, type="DATADISK", listall=True, fetch_list=True)
+        return [self._volume(raw) for raw in found]
+
+    def create_volume(self, name: str, size_bytes: int) -> Volume:
+        """Find the named volume or create it (size rounded up to whole GiB); waits for the async job."""
+        if not NAME_RE.fullmatch(name):
+            raise VolumeError(f"volume name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        size_gib = round_up_gib(size_bytes) // GIB
+        existing = self._call("listVolumes", name=name, zoneid=self.zone_id, listall=True)
+        for raw in existing.get("volume", []) if isinstance(existing, dict) else []:
+            if raw["name"] == name and raw.get("state") not in ("Destroy", "Expunging", "Expunged"):
+                return self._volume(raw)
+        result = self._call(
+            "createVolume", name=name, zoneid=self.zone_id, diskofferingid=self.disk_offering_id, size=size_gib
+        )
+        return self._volume(result["volume"])
+
+    def attach_volume(self, volume_id: str) -> str:
+        """Attach to the OMA itself and return the by-id device once it has appeared. Idempotent."""
+        raw = self._raw(volume_id)
+        if raw is None:
+            raise VolumeError(f"no CloudStack volume {volume_id}")
+        owner = raw.get("virtualmachineid")
+        if owner and owner != self.oma_vm_id:
+            raise VolumeError(f"volume {raw['name']} is attached to another VM ({owner})")
+        if not owner:
+            self._call("attachVolume", id=volume_id, virtualmachineid=self.oma_vm_id)
+        return self._wait_for_device(volume_id)
+
+    def _wait_for_device(self, volume_id: str) -> str:
+        device = self.device_for(volume_id)
+        deadline = time.monotonic() + self.device_timeout
+        while not os.path.exists(device):
+            if time.monotonic() > deadline:
+                raise VolumeError(f"{device} did not appear within {self.device_timeout:g}s after attach")
+            time.sleep(0.2)
+        return device
+
+    def detach_volume(self, volume_id: str) -> None:
+        """Detach from the OMA. The caller withdraws the volume's export first."""
+        raw = self._raw(volume_id)
+        if raw is None or not raw.get("virtualmachineid"):
+            return
+        if raw["virtualmachineid"] != self.oma_vm_id:
+            raise VolumeError(f"volume {raw['name']} is attached to another VM; not detaching it")
+        self._call("detachVolume", id=volume_id)
+
+    def delete_volume(self, volume_id: str) -> None:
+        raw = self._raw(volume_id)
+        if raw is None:
+            return
+        if raw.get("virtualmachineid"):
+            raise VolumeError(f"volume {raw['name']} is attached; detach it first")
+        self._call("deleteVolume", id=volume_id)
