@@ -1,0 +1,412 @@
+"""A VMA agent simulator that serves docs/vma-api.md and moves real bytes.
+
+Its inventory is a handful of demo VMs whose disks are deterministic image files. A full copy runs
+``nbdcopy`` from the image into the export; an incremental sync first changes a few blocks of the
+source (as a running guest would) and writes only the blocks changed since the given change id,
+through the NBD protocol. Faults can be injected: fail or drop the connection at N %, or stall.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from exports.nbd_protocol import NbdConnection, NbdError
+
+BLOCK = 1 << 20
+NBDCOPY = shutil.which("nbdcopy") or "/usr/bin/nbdcopy"
+# Written part of each data block: the images stay mostly sparse, so they are quick to make.
+DATA_PER_BLOCK = 64 << 10
+DEMO_VMS = [("web-01", 1), ("db-01", 2), ("app-01", 3), ("file-01", 2)]
+NBD_URL_RE = re.compile(r"nbd://(?P<host>[0-9.]+|\[[0-9a-f:]+\]|localhost):(?P<port>\d+)/(?P<export>[A-Za-z0-9._-]+)")
+
+
+@dataclass
+class Faults:
+    fail_at_percent: int | None = None
+    drop_at_percent: int | None = None
+    stall: bool = False
+
+
+def block_bytes(seed: str, block: int, generation: int) -> bytes:
+    digest = hashlib.sha256(f"{seed}:{block}:{generation}".encode()).digest()
+    return digest * (DATA_PER_BLOCK // len(digest))
+
+
+@dataclass
+class SimDisk:
+    unit_number: int
+    key: int
+    label: str
+    path: str
+    capacity_bytes: int
+    image: Path
+    generation: int = 0
+    changes: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return self.capacity_bytes // BLOCK
+
+    @property
+    def change_id(self) -> str:
+        return f"sim:{self.key}:{self.generation}"
+
+    def make_image(self) -> None:
+        if self.image.exists() and self.image.stat().st_size == self.capacity_bytes:
+            return
+        with open(self.image, "wb") as fh:
+            fh.truncate(self.capacity_bytes)
+            for block in range(0, self.blocks, 4):
+                fh.seek(block * BLOCK)
+                fh.write(block_bytes(str(self.image.name), block, 0))
+
+    def guest_writes(self) -> list[int]:
+        """What a running guest changed since the last sync: a new generation of a few blocks."""
+        self.generation += 1
+        count = max(1, self.blocks // 16)
+        changed = sorted({(self.generation * 7 + i * 13) % self.blocks for i in range(count)})
+        with open(self.image, "r+b") as fh:
+            for block in changed:
+                fh.seek(block * BLOCK)
+                fh.write(block_bytes(self.image.name, block, self.generation))
+        self.changes[self.generation] = changed
+        return changed
+
+    def changed_since(self, change_id: str) -> list[int] | None:
+        """Blocks changed after ``change_id``, or None when that id is not one of this disk's."""
+        prefix = f"sim:{self.key}:"
+        if not change_id.startswith(prefix) or not change_id[len(prefix) :].isdigit():
+            return None
+        since = int(change_id[len(prefix) :])
+        if since > self.generation:
+            return None
+        return sorted({b for gen, blocks in self.changes.items() if gen > since for b in blocks})
+
+
+@dataclass
+class SimVM:
+    id: str
+    name: str
+    disks: list[SimDisk]
+    power_state: str = "poweredOn"
+    guest_os: str = "ubuntu64Guest"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "path": f"/DC1/vm/{self.name}",
+            "power_state": self.power_state,
+            "guest_os": self.guest_os,
+            "disks": [
+                {
+                    "unit_number": d.unit_number,
+                    "key": d.key,
+                    "label": d.label,
+                    "path": d.path,
+                    "capacity_bytes": d.capacity_bytes,
+                }
+                for d in self.disks
+            ],
+        }
+
+
+def demo_inventory(data_dir: Path, size_mib: int = 64) -> list[SimVM]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    vms = []
+    for name, disk_count in DEMO_VMS:
+        vm_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"oma-vma-sim/{name}"))
+        disks = [
+            SimDisk(
+                unit_number=unit,
+                key=2000 + unit,
+                label=f"Hard disk {unit + 1}",
+                path=f"[datastore1] {name}/{name}_{unit}.vmdk",
+                capacity_bytes=size_mib * BLOCK,
+                image=data_dir / f"{name}-disk{unit}.img",
+            )
+            for unit in range(disk_count)
+        ]
+        for disk in disks:
+            disk.make_image()
+        vms.append(SimVM(vm_id, name, disks))
+    return vms
+
+
+@dataclass
+class DiskCopy:
+    disk: SimDisk
+    nbd_url: str
+    previous_change_id: str
+    state: str = "queued"
+    mode: str = "full"
+    bytes_done: int = 0
+    bytes_total: int = 0
+    throughput_bps: int = 0
+    change_id: str = ""
+    error: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "unit_number": self.disk.unit_number,
+            "state": self.state,
+            "mode": self.mode,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "throughput_bps": self.throughput_bps,
+            "change_id": self.change_id,
+            "error": self.error,
+        }
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Replication:
+    def __init__(self, replication_id: str, vm: SimVM, copies: list[DiskCopy], faults: Faults) -> None:
+        self.id = replication_id
+        self.vm = vm
+        self.copies = copies
+        self.faults = faults
+        self.cancel_requested = threading.Event()
+        self.state = "running"
+        self.error = ""
+        self.threads = [threading.Thread(target=self._run_disk, args=(c,), daemon=True) for c in copies]
+
+    def start(self) -> None:
+        for copy in self.copies:
+            if copy.previous_change_id:
+                changed = copy.disk.changed_since(copy.previous_change_id)
+                if changed is not None:
+                    copy.mode = "incremental"
+                    copy.disk.guest_writes()
+        for thread in self.threads:
+            thread.start()
+        threading.Thread(target=self._finish, daemon=True).start()
+
+    def _finish(self) -> None:
+        for thread in self.threads:
+            thread.join()
+        states = {c.state for c in self.copies}
+        if "failed" in states:
+            self.state = "failed"
+            self.error = "; ".join(f"disk {c.disk.unit_number}: {c.error}" for c in self.copies if c.error)
+        elif self.cancel_requested.is_set():
+            self.state = "cancelled"
+        else:
+            self.state = "completed"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "replication_id": self.id,
+            "vm_id": self.vm.id,
+            "state": self.state,
+            "error": self.error,
+            "disks": [c.as_json() for c in self.copies],
+        }
+
+    def _fault(self, copy: DiskCopy, percent: int) -> str | None:
+        if self.faults.fail_at_percent is not None and percent >= self.faults.fail_at_percent:
+            return f"injected failure at {self.faults.fail_at_percent}%"
+        if self.faults.drop_at_percent is not None and percent >= self.faults.drop_at_percent:
+            return f"NBD connection dropped at {self.faults.drop_at_percent}%"
+        return None
+
+    def _run_disk(self, copy: DiskCopy) -> None:
+        copy.state = "copying"
+        started = time.monotonic()
+        try:
+            if self.faults.stall:
+                copy.bytes_total = copy.disk.capacity_bytes
+                self.cancel_requested.wait()
+            elif copy.mode == "incremental":
+                self._copy_blocks(copy, started)
+            else:
+                self._copy_full(copy, started)
+        except (NbdError, OSError, ValueError) as exc:
+            copy.state, copy.error = "failed", str(exc)
+            return
+        if copy.state == "failed":
+            return
+        if self.cancel_requested.is_set():
+            copy.state = "cancelled"
+            return
+        copy.state = "done"
+        copy.change_id = copy.disk.change_id
+
+    def _copy_full(self, copy: DiskCopy, started: float) -> None:
+        copy.bytes_total = copy.disk.capacity_bytes
+        read_fd, write_fd = os.pipe()
+        proc = subprocess.Popen(  # noqa: S603 - fixed program; the URL was validated
+            [NBDCOPY, "--flush", f"--progress={write_fd}", str(copy.disk.image), copy.nbd_url],
+            pass_fds=(write_fd,),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        os.close(write_fd)
+        with os.fdopen(read_fd) as progress:
+            for line in progress:
+                percent = int(line.split("/")[0]) if line.strip().split("/")[0].isdigit() else 0
+                copy.bytes_done = copy.bytes_total * percent // 100
+                copy.throughput_bps = int(copy.bytes_done / max(time.monotonic() - started, 1e-3))
+                fault = self._fault(copy, percent)
+                if fault or self.cancel_requested.is_set():
+                    proc.kill()
+                    if fault:
+                        copy.state, copy.error = "failed", fault
+                    break
+        _, stderr = proc.communicate()
+        if proc.returncode != 0 and copy.state != "failed" and not self.cancel_requested.is_set():
+            copy.state, copy.error = "failed", f"nbdcopy exited {proc.returncode}: {stderr.decode()[-300:]}"
+        elif copy.state != "failed" and not self.cancel_requested.is_set():
+            copy.bytes_done = copy.bytes_total
+
+    def _copy_blocks(self, copy: DiskCopy, started: float) -> None:
+        blocks = copy.disk.changed_since(copy.previous_change_id) or []
+        copy.bytes_total = len(blocks) * BLOCK
+        match = NBD_URL_RE.fullmatch(copy.nbd_url)
+        if match is None:
+            raise ValueError(f"bad NBD URL {copy.nbd_url!r}")
+        with NbdConnection(match["host"].strip("[]"), int(match["port"])) as conn, open(copy.disk.image, "rb") as src:
+            conn.open(match["export"])
+            for n, block in enumerate(blocks, start=1):
+                if self.cancel_requested.is_set():
+                    return
+                src.seek(block * BLOCK)
+                conn.pwrite(block * BLOCK, src.read(BLOCK))
+                copy.bytes_done = n * BLOCK
+                copy.throughput_bps = int(copy.bytes_done / max(time.monotonic() - started, 1e-3))
+                fault = self._fault(copy, 100 * n // max(len(blocks), 1))
+                if fault:
+                    copy.state, copy.error = "failed", fault
+                    return
+            conn.flush()
+
+
+class VmaSimulator:
+    """The state behind the HTTP API (usable directly in tests)."""
+
+    version = "sim-1"
+
+    def __init__(self, vms: list[SimVM], token: str, faults: Faults | None = None) -> None:
+        self.vms = {vm.id: vm for vm in vms}
+        self.token = token
+        self.faults = faults or Faults()
+        self.replications: dict[str, Replication] = {}
+        self.lock = threading.Lock()
+
+    def start_replication(self, body: dict[str, Any]) -> tuple[int, Replication]:
+        replication_id = str(body.get("replication_id", ""))
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", replication_id):
+            raise ApiError(400, "bad_request", "replication_id must be 1-64 letters, digits, '.', '_' or '-'")
+        with self.lock:
+            if replication_id in self.replications:
+                return 200, self.replications[replication_id]
+            vm = self.vms.get(str(body.get("vm_id", "")))
+            if vm is None:
+                raise ApiError(404, "not_found", f"no VM {body.get('vm_id')!r}")
+            running = [r for r in self.replications.values() if r.vm is vm and r.state in ("running", "cancelling")]
+            if running:
+                raise ApiError(409, "conflict", f"replication {running[0].id} of {vm.name} is running")
+            disks = body.get("disks")
+            if not isinstance(disks, list) or not disks:
+                raise ApiError(400, "bad_request", "disks must be a non-empty list")
+            copies = []
+            for item in disks:
+                disk = next((d for d in vm.disks if d.unit_number == item.get("unit_number")), None)
+                if disk is None:
+                    raise ApiError(404, "not_found", f"{vm.name} has no disk {item.get('unit_number')!r}")
+                url = str(item.get("nbd_url", ""))
+                if not NBD_URL_RE.fullmatch(url):
+                    raise ApiError(400, "bad_request", f"nbd_url {url!r} is not nbd://host:port/export")
+                copies.append(DiskCopy(disk, url, str(item.get("previous_change_id") or "")))
+            replication = Replication(replication_id, vm, copies, self.faults)
+            self.replications[replication_id] = replication
+        replication.start()
+        return 202, replication
+
+    def get(self, replication_id: str) -> Replication:
+        replication = self.replications.get(replication_id)
+        if replication is None:
+            raise ApiError(404, "not_found", f"no replication {replication_id}")
+        return replication
+
+    def cancel(self, replication_id: str) -> Replication:
+        replication = self.get(replication_id)
+        if replication.state == "running":
+            replication.state = "cancelling"
+            replication.cancel_requested.set()
+        return replication
+
+    def route(self, method: str, path: str, body: dict[str, Any], token: str) -> tuple[int, dict[str, Any]]:
+        if not hmac.compare_digest(token, f"Bearer {self.token}"):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+        parts = [p for p in urlparse(path).path.split("/") if p]
+        if parts[:2] != ["api", "v1"]:
+            raise ApiError(404, "not_found", f"no such endpoint {path}")
+        parts = parts[2:]
+        if method == "GET" and parts == ["health"]:
+            active = sum(r.state == "running" for r in self.replications.values())
+            return 200, {"status": "ok", "version": self.version, "active_replications": active}
+        if method == "GET" and parts == ["inventory"]:
+            return 200, {"vms": [vm.as_json() for vm in self.vms.values()]}
+        if method == "POST" and parts == ["replications"]:
+            status, replication = self.start_replication(body)
+            return status, replication.as_json()
+        if method == "GET" and len(parts) == 2 and parts[0] == "replications":
+            return 200, self.get(parts[1]).as_json()
+        if method == "POST" and len(parts) == 3 and parts[0] == "replications" and parts[2] == "cancel":
+            return 200, self.cancel(parts[1]).as_json()
+        raise ApiError(404, "not_found", f"no such endpoint {method} {path}")
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+        sim = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self, method: str) -> None:
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    raw = self.rfile.read(length) if length else b"{}"
+                    try:
+                        body = json.loads(raw or b"{}")
+                    except ValueError as exc:
+                        raise ApiError(400, "bad_request", "body is not JSON") from exc
+                    if not isinstance(body, dict):
+                        raise ApiError(400, "bad_request", "body must be a JSON object")
+                    status, payload = sim.route(method, self.path, body, self.headers.get("Authorization", ""))
+                except ApiError as exc:
+                    status, payload = exc.status, {"error": {"code": exc.code, "message": exc.message}}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def do_POST(self) -> None:
+                self._handle("POST")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return ThreadingHTTPServer((host, port), Handler)

@@ -1,0 +1,187 @@
+"""The VMA client against the simulator, which moves real bytes into real NBD exports."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exports import actions
+from migrations_app.vma_client import VmaClient, VmaError, VmaUnavailable
+from migrations_app.vma_sim import Faults, SimVM, VmaSimulator, demo_inventory
+from tests.conftest import RunningServer
+
+TOKEN = "sim-token-for-tests"
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Sim:
+    def __init__(self, tmp_path: Path, faults: Faults | None = None, size_mib: int = 16) -> None:
+        self.vms = demo_inventory(tmp_path / "vma", size_mib=size_mib)
+        self.sim = VmaSimulator(self.vms, TOKEN, faults)
+        self.server = self.sim.serve()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.client = VmaClient(self.url, TOKEN, timeout=5)
+
+    def vm(self, name: str) -> SimVM:
+        return next(vm for vm in self.vms if vm.name == name)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Sim]:
+    s = Sim(tmp_path)
+    yield s
+    s.close()
+
+
+def export_disks(server: RunningServer, vm: SimVM) -> list[dict[str, Any]]:
+    """Volumes and exports for every disk of ``vm``; returns the replication's disk list."""
+    disks = []
+    for disk in vm.disks:
+        device = server.volume(f"{vm.name}-{disk.unit_number}.img", size=disk.capacity_bytes)
+        mapping = actions.ensure_export(vm_id=vm.id, vm_name=vm.name, disk_unit=disk.unit_number, device=device)
+        url = f"nbd://127.0.0.1:{server.layout.port}/{mapping.export_name}"
+        disks.append({"unit_number": disk.unit_number, "nbd_url": url, "previous_change_id": "", "device": device})
+    return disks
+
+
+def wait_done(client: VmaClient, replication_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.replication(replication_id)
+        if state["state"] not in ("running", "cancelling"):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"replication {replication_id} still {state['state']}")
+
+
+def sha(path: str | Path, length: int | None = None) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read(length) if length else fh.read()).hexdigest()
+
+
+def test_health_and_inventory(sim: Sim) -> None:
+    assert sim.client.health()["status"] == "ok"
+    inventory = sim.client.inventory()
+    assert [vm["name"] for vm in inventory] == ["web-01", "db-01", "app-01", "file-01"]
+    assert {len(vm["disks"]) for vm in inventory} == {1, 2, 3}
+    assert inventory[1]["disks"][1]["capacity_bytes"] == 16 << 20
+
+
+def test_wrong_token_is_refused(sim: Sim) -> None:
+    with pytest.raises(VmaError) as exc:
+        VmaClient(sim.url, "wrong").inventory()
+    assert exc.value.status == 401 and exc.value.code == "unauthorized"
+
+
+def test_unreachable_vma_is_a_clear_error(sim: Sim) -> None:
+    sim.close()
+    with pytest.raises(VmaUnavailable):
+        VmaClient(sim.url, TOKEN, timeout=1, retries=1).health()
+
+
+def test_full_copy_moves_every_byte(nbdkit_server: RunningServer, sim: Sim) -> None:
+    vm = sim.vm("db-01")
+    disks = export_disks(nbdkit_server, vm)
+    started = sim.client.start_replication("job-1", vm.id, disks)
+    assert started["state"] == "running"
+    done = wait_done(sim.client, "job-1")
+    assert done["state"] == "completed", done
+    for disk, sent in zip(vm.disks, disks, strict=True):
+        assert sha(sent["device"]) == sha(disk.image)
+    assert all(d["bytes_done"] == d["bytes_total"] == 16 << 20 and d["change_id"] for d in done["disks"])
+
+
+def test_starting_the_same_replication_twice_copies_once(nbdkit_server: RunningServer, sim: Sim) -> None:
+    vm = sim.vm("web-01")
+    disks = export_disks(nbdkit_server, vm)
+    sim.client.start_replication("job-2", vm.id, disks)
+    again = sim.client.start_replication("job-2", vm.id, disks)
+    assert again["replication_id"] == "job-2"
+    assert len(sim.sim.replications) == 1
+    wait_done(sim.client, "job-2")
+
+
+def test_incremental_sync_writes_only_changed_blocks(nbdkit_server: RunningServer, sim: Sim) -> None:
+    vm = sim.vm("web-01")
+    disks = export_disks(nbdkit_server, vm)
+    sim.client.start_replication("job-full", vm.id, disks)
+    first = wait_done(sim.client, "job-full")
+    disks[0]["previous_change_id"] = first["disks"][0]["change_id"]
+    sim.client.start_replication("job-incr", vm.id, disks)
+    second = wait_done(sim.client, "job-incr")
+    disk = second["disks"][0]
+    assert second["state"] == "completed" and disk["mode"] == "incremental"
+    assert 0 < disk["bytes_total"] < vm.disks[0].capacity_bytes // 4
+    assert disk["change_id"] != first["disks"][0]["change_id"]
+    assert sha(disks[0]["device"]) == sha(vm.disks[0].image), "destination must equal the changed source"
+
+
+def test_unknown_change_id_falls_back_to_a_full_copy(nbdkit_server: RunningServer, sim: Sim) -> None:
+    vm = sim.vm("web-01")
+    disks = export_disks(nbdkit_server, vm)
+    disks[0]["previous_change_id"] = "sim:9999:3"
+    sim.client.start_replication("job-x", vm.id, disks)
+    done = wait_done(sim.client, "job-x")
+    assert done["disks"][0]["mode"] == "full" and sha(disks[0]["device"]) == sha(vm.disks[0].image)
+
+
+def test_cancel_stops_a_stalled_copy(nbdkit_server: RunningServer, tmp_path: Path) -> None:
+    s = Sim(tmp_path, Faults(stall=True))
+    try:
+        vm = s.vm("web-01")
+        s.client.start_replication("job-c", vm.id, export_disks(nbdkit_server, vm))
+        assert s.client.cancel("job-c")["state"] == "cancelling"
+        assert wait_done(s.client, "job-c")["state"] == "cancelled"
+        assert s.client.cancel("job-c")["state"] == "cancelled"  # idempotent
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    ("faults", "message"),
+    [(Faults(fail_at_percent=30), "injected failure at 30%"), (Faults(drop_at_percent=50), "dropped at 50%")],
+)
+def test_injected_faults_fail_the_replication(
+    nbdkit_server: RunningServer, tmp_path: Path, faults: Faults, message: str
+) -> None:
+    s = Sim(tmp_path, faults, size_mib=64)
+    try:
+        vm = s.vm("web-01")
+        s.client.start_replication("job-f", vm.id, export_disks(nbdkit_server, vm))
+        done = wait_done(s.client, "job-f")
+        assert done["state"] == "failed" and message in done["error"]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"replication_id": "a b", "vm_id": "x", "disks": []}, 400),
+        ({"replication_id": "j", "vm_id": "no-such-vm", "disks": []}, 404),
+    ],
+)
+def test_bad_requests_get_json_errors(sim: Sim, body: dict[str, Any], status: int) -> None:
+    with pytest.raises(VmaError) as exc:
+        sim.client.start_replication(body["replication_id"], body["vm_id"], body["disks"])
+    assert exc.value.status == status and exc.value.message
+
+
+def test_a_bad_nbd_url_is_refused(sim: Sim) -> None:
+    vm = sim.vm("web-01")
+    bad = [{"unit_number": 0, "nbd_url": "nbd://127.0.0.1:1/x; rm -rf /", "previous_change_id": ""}]
+    with pytest.raises(VmaError) as exc:
+        sim.client.start_replication("job-bad", vm.id, bad)
+    assert exc.value.status == 400 and not sim.sim.replications
