@@ -100,6 +100,8 @@ class MigrationJob(models.Model):
     requested_by = models.CharField(max_length=150, default="system")
     attempt = models.PositiveIntegerField(default=1)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Which worker runs the job now: a worker that finds another runner here stops (recovery took over).
+    runner = models.CharField(max_length=64, blank=True)
     cleanup_requested = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)

@@ -96,6 +96,9 @@ else:
             "TEST": {"NAME": str(VAR_DIR / "test-oma.sqlite3")},
         }
     }
+# Lets a worker process started by a test (or a second instance) use one named database.
+if os.environ.get("OMA_DB_NAME"):
+    DATABASES["default"]["NAME"] = os.environ["OMA_DB_NAME"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -158,3 +161,35 @@ OMA_NBD: dict[str, Any] = {
 
 # Until the operator GUI has its own login page, Django admin's serves every role.
 LOGIN_URL = "admin:login"
+
+# --- Migrations: destination volumes, the VMA agent, the workflow ---------------------------
+OMA_VOLUMES: dict[str, Any] = {
+    # "local" (sparse files under the helper's dev volume root) or "cloudstack"
+    "BACKEND": os.environ.get("OMA_VOLUME_BACKEND", "local"),
+    "ROOT": os.environ.get("OMA_VOLUME_ROOT", str(_NBD_DIR / "volumes")),
+    "LOOP": env_bool("OMA_VOLUME_LOOP", False),
+    "CLOUDSTACK": {
+        "ENDPOINT": os.environ.get("OMA_CLOUDSTACK_ENDPOINT", ""),
+        "KEY": os.environ.get("OMA_CLOUDSTACK_KEY", ""),
+        "SECRET": os.environ.get("OMA_CLOUDSTACK_SECRET", ""),
+        "ZONE_ID": os.environ.get("OMA_CLOUDSTACK_ZONE_ID", ""),
+        "DISK_OFFERING_ID": os.environ.get("OMA_CLOUDSTACK_DISK_OFFERING_ID", ""),
+        "OMA_VM_ID": os.environ.get("OMA_CLOUDSTACK_OMA_VM_ID", ""),
+        "JOB_TIMEOUT": int(os.environ.get("OMA_CLOUDSTACK_JOB_TIMEOUT", "300")),
+    },
+}
+OMA_VMA: dict[str, Any] = {
+    "URL": os.environ.get("OMA_VMA_URL", "http://127.0.0.1:9780"),
+    "TOKEN": os.environ.get("OMA_VMA_TOKEN", "oma-demo-vma-token"),
+    "TIMEOUT": float(os.environ.get("OMA_VMA_TIMEOUT", "10")),
+    "RETRIES": int(os.environ.get("OMA_VMA_RETRIES", "3")),
+    # The NBD address the VMA copies to (production: its end of the TLS tunnel, 127.0.0.1:10808).
+    "NBD_HOST": os.environ.get("OMA_VMA_NBD_HOST", OMA_NBD["HOST"]),
+    "NBD_PORT": int(os.environ.get("OMA_VMA_NBD_PORT", str(OMA_NBD["PORT"]))),
+}
+OMA_WORKFLOW: dict[str, Any] = {
+    "MAX_ACTIVE_JOBS": int(os.environ.get("OMA_MAX_ACTIVE_JOBS", "25")),
+    "MAX_ATTACHED_VOLUMES": int(os.environ.get("OMA_MAX_ATTACHED_VOLUMES", "25")),
+    "POLL_INTERVAL": float(os.environ.get("OMA_PROGRESS_POLL_INTERVAL", "1.0")),
+    "HEARTBEAT_STALE_SECONDS": float(os.environ.get("OMA_HEARTBEAT_STALE_SECONDS", "60")),
+}

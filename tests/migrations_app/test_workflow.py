@@ -1,0 +1,178 @@
+"""The migration workflow end to end: local volumes, real NBD server, the VMA simulator copying real bytes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from exports.models import NbdServerState, VMExportMapping
+from migrations_app import actions
+from migrations_app.models import JobDisk, JobEvent, JobState, MigrationJob
+from migrations_app.vma_sim import Faults
+from migrations_app.workflow import run_job
+from tests.conftest import RunningServer
+from tests.migrations_app.test_vma_sim import TOKEN, Sim, sha
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Sim]:
+    s = Sim(tmp_path, size_mib=16)
+    yield s
+    s.close()
+
+
+def wire(settings: object, server: RunningServer, sim: Sim) -> None:
+    """Point the portal at this NBD server, volume root and VMA simulator."""
+    settings.OMA_VOLUMES = {"BACKEND": "local", "ROOT": str(server.layout.volume_root), "LOOP": False}  # type: ignore[attr-defined]
+    settings.OMA_VMA = {  # type: ignore[attr-defined]
+        "URL": sim.url,
+        "TOKEN": TOKEN,
+        "TIMEOUT": 5,
+        "RETRIES": 1,
+        "NBD_HOST": "127.0.0.1",
+        "NBD_PORT": server.layout.port,
+    }
+    settings.OMA_WORKFLOW = {  # type: ignore[attr-defined]
+        "MAX_ACTIVE_JOBS": 25,
+        "MAX_ATTACHED_VOLUMES": 25,
+        "POLL_INTERVAL": 0.05,
+        "HEARTBEAT_STALE_SECONDS": 60,
+    }
+    actions.sync_inventory(sim.client.inventory())
+
+
+def migrate(name: str, sim: Sim) -> MigrationJob:
+    job = actions.start_migration(vm_id=sim.vm(name).id, requested_by="tester")
+    run_job(job.pk, "test-runner")
+    job.refresh_from_db()
+    return job
+
+
+def assert_copied(job: MigrationJob, sim: Sim) -> None:
+    vm = sim.vm(job.vm.name)
+    for disk in JobDisk.objects.filter(job=job).select_related("source_disk"):
+        source = next(d for d in vm.disks if d.unit_number == disk.source_disk.unit_number)
+        # Volumes are whole GiB (as CloudStack's): compare the source's length.
+        assert sha(disk.device_path, source.capacity_bytes) == sha(source.image), f"disk {source.unit_number} differs"
+
+
+def test_job_completes_and_every_volume_matches_its_source(
+    nbdkit_server: RunningServer, sim: Sim, settings: object
+) -> None:
+    wire(settings, nbdkit_server, sim)
+    job = migrate("db-01", sim)
+    assert job.state == JobState.COMPLETED, job.error
+    assert_copied(job, sim)
+    disks = list(job.disks.all())
+    assert len(disks) == 2 and all(d.new_change_id and d.bytes_done == d.bytes_total for d in disks)
+    finished = JobEvent.objects.filter(job=job, kind="step.finished").values_list("step", flat=True)
+    assert list(finished) == ["provisioning", "attaching", "exporting", "replicating"]
+    assert all(e.duration_ms is not None for e in JobEvent.objects.filter(job=job, kind="step.finished"))
+
+
+def test_second_job_is_an_incremental_sync_on_the_same_volume_and_export(
+    nbd_server: RunningServer, sim: Sim, settings: object
+) -> None:
+    wire(settings, nbd_server, sim)
+    first = migrate("web-01", sim)
+    assert first.state == JobState.COMPLETED, first.error
+    reloads = NbdServerState.objects.get().reload_count if NbdServerState.objects.exists() else 0
+    second = migrate("web-01", sim)
+    assert second.state == JobState.COMPLETED, second.error
+    one, two = first.disks.get(), second.disks.get()
+    assert two.previous_change_id == one.new_change_id and two.new_change_id != one.new_change_id
+    assert two.volume_id == one.volume_id and two.mapping_id == one.mapping_id
+    assert two.bytes_total < one.bytes_total // 4, "an incremental sync copies only changed blocks"
+    after = NbdServerState.objects.get().reload_count if NbdServerState.objects.exists() else 0
+    assert after == reloads, "reusing the export must not reload the NBD server"
+    assert_copied(second, sim)
+
+
+def test_cancel_during_the_copy_keeps_volume_and_export(
+    nbdkit_server: RunningServer, tmp_path: Path, settings: object
+) -> None:
+    stalled = Sim(tmp_path, Faults(stall=True), size_mib=16)
+    try:
+        wire(settings, nbdkit_server, stalled)
+        job = actions.start_migration(vm_id=stalled.vm("web-01").id)
+        worker = threading.Thread(target=run_job, args=(job.pk, "test-runner"))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while MigrationJob.objects.get(pk=job.pk).state != JobState.REPLICATING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        actions.cancel_job(job_id=job.job_id, actor="tester")
+        worker.join(timeout=60)
+        job.refresh_from_db()
+        assert job.state == JobState.CANCELLED
+        disk = job.disks.get()
+        assert Path(disk.device_path).exists() and disk.mapping is not None
+        assert disk.mapping.status == VMExportMapping.Status.ACTIVE
+        assert stalled.sim.replications[f"{job.job_id}-1"].state == "cancelled"
+    finally:
+        stalled.close()
+
+
+def test_retry_after_a_fault_resumes_at_the_failed_step_and_completes(
+    nbdkit_server: RunningServer, tmp_path: Path, settings: object
+) -> None:
+    faulty = Sim(tmp_path, Faults(fail_at_percent=30), size_mib=64)
+    try:
+        wire(settings, nbdkit_server, faulty)
+        job = migrate("web-01", faulty)
+        assert job.state == JobState.FAILED and job.current_step == JobState.REPLICATING
+        assert "injected failure at 30%" in job.error
+        faulty.sim.faults.fail_at_percent = None
+        actions.retry_job(job_id=job.job_id, actor="tester")
+        run_job(job.pk, "test-runner")
+        job.refresh_from_db()
+        assert job.state == JobState.COMPLETED and job.attempt == 2
+        assert JobEvent.objects.filter(job=job, kind="volume.ready").count() == 1, "no second volume"
+        assert_copied(job, faulty)
+    finally:
+        faulty.close()
+
+
+def test_unreachable_vma_fails_with_a_clear_reason(nbdkit_server: RunningServer, sim: Sim, settings: object) -> None:
+    wire(settings, nbdkit_server, sim)
+    sim.close()
+    job = migrate("web-01", sim)
+    assert job.state == JobState.FAILED and "VMA unreachable" in job.error
+    disk = job.disks.get()
+    assert disk.volume_id and Path(disk.device_path).exists(), "the volume is kept and accounted for"
+
+
+def test_refusals(nbdkit_server: RunningServer, sim: Sim, settings: object) -> None:
+    wire(settings, nbdkit_server, sim)
+    with pytest.raises(actions.MigrationError, match="not a VMware instance UUID"):
+        actions.start_migration(vm_id="web-01; drop table")
+    with pytest.raises(actions.MigrationError, match="no VM"):
+        actions.start_migration(vm_id="4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000")
+    job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    with pytest.raises(actions.MigrationError, match="already has an active job"):
+        actions.start_migration(vm_id=sim.vm("web-01").id)
+    with pytest.raises(actions.MigrationError, match="only a failed or cancelled job"):
+        actions.retry_job(job_id=job.job_id)
+    run_job(job.pk, "test-runner")
+    with pytest.raises(actions.MigrationError, match="only a pending or running job"):
+        actions.cancel_job(job_id=job.job_id)
+    with pytest.raises(actions.MigrationError, match="no job"):
+        actions.cancel_job(job_id="job-nope")
+
+
+def test_a_job_run_by_a_live_worker_is_not_taken_twice(
+    nbdkit_server: RunningServer, sim: Sim, settings: object
+) -> None:
+    wire(settings, nbdkit_server, sim)
+    job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    from django.utils import timezone
+
+    MigrationJob.objects.filter(pk=job.pk).update(runner="other-live-worker", heartbeat_at=timezone.now())
+    assert run_job(job.pk, "test-runner") is None
+    assert MigrationJob.objects.get(pk=job.pk).state == JobState.PENDING
