@@ -28,6 +28,7 @@ from exports.nbd_protocol import NbdConnection, NbdError
 
 BLOCK = 1 << 20
 NBDCOPY = shutil.which("nbdcopy") or "/usr/bin/nbdcopy"
+NBDKIT = shutil.which("nbdkit") or "/usr/bin/nbdkit"
 # Written part of each data block: the images stay mostly sparse, so they are quick to make.
 DATA_PER_BLOCK = 64 << 10
 DEMO_VMS = [("web-01", 1), ("db-01", 2), ("app-01", 3), ("file-01", 2)]
@@ -39,6 +40,8 @@ class Faults:
     fail_at_percent: int | None = None
     drop_at_percent: int | None = None
     stall: bool = False
+    rate_bits_per_second: int | None = None  # slow full copies down, as a WAN link would
+    gate: threading.Event | None = None  # copies wait until it is set (tests: hold a copy in flight)
 
 
 def block_bytes(seed: str, block: int, generation: int) -> bytes:
@@ -233,6 +236,10 @@ class Replication:
         copy.state = "copying"
         started = time.monotonic()
         try:
+            if self.faults.gate is not None:
+                copy.bytes_total = copy.disk.capacity_bytes
+                while not self.faults.gate.wait(0.05) and not self.cancel_requested.is_set():
+                    pass
             if self.faults.stall:
                 copy.bytes_total = copy.disk.capacity_bytes
                 self.cancel_requested.wait()
@@ -254,8 +261,13 @@ class Replication:
     def _copy_full(self, copy: DiskCopy, started: float) -> None:
         copy.bytes_total = copy.disk.capacity_bytes
         read_fd, write_fd = os.pipe()
-        proc = subprocess.Popen(  # noqa: S603 - fixed program; the URL was validated
-            [NBDCOPY, "--flush", f"--progress={write_fd}", str(copy.disk.image), copy.nbd_url],
+        source = [str(copy.disk.image)]
+        if self.faults.rate_bits_per_second:
+            # nbdkit's rate filter in front of the image: a slow source, like a VMware read over a WAN.
+            rate = f"rate={self.faults.rate_bits_per_second}"
+            source = ["--", "[", NBDKIT, "--filter=rate", "file", str(copy.disk.image), rate, "]"]
+        proc = subprocess.Popen(  # noqa: S603 - fixed programs; the URL was validated
+            [NBDCOPY, "--flush", f"--progress={write_fd}", *source, copy.nbd_url],
             pass_fds=(write_fd,),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -19,10 +19,11 @@ class Command(BaseCommand):
         parser.add_argument("--fail-at", type=int, help="fail every copy at this percentage")
         parser.add_argument("--drop-at", type=int, help="drop the NBD connection at this percentage")
         parser.add_argument("--stall", action="store_true", help="copies never progress")
+        parser.add_argument("--rate", type=int, help="limit each full copy to this many bits per second")
 
     def handle(self, *args: Any, **options: Any) -> None:
         vms = demo_inventory(Path(options["data_dir"]), size_mib=options["size_mib"])
-        faults = Faults(options["fail_at"], options["drop_at"], options["stall"])
+        faults = Faults(options["fail_at"], options["drop_at"], options["stall"], options["rate"])
         server = VmaSimulator(vms, options["token"], faults).serve(options["host"], options["port"])
         port = server.server_address[1]
         self.stdout.write(f"VMA simulator on http://{options['host']}:{port}/api/v1 with {len(vms)} demo VMs")
