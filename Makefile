@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nbdkit nbd-server libnbd-bin sudo
 # Browser tests (issue 4) add chromium here.
 
-.PHONY: demo test setup system-packages venv check lint clean bench
+.PHONY: demo demo-migrate demo-jobs test setup system-packages venv check lint clean bench
 
 # Python >= 3.12: PYTHON=... if given, else the newest pyenv 3.12+, else python3.1x on PATH.
 PYTHON ?= $(shell for p in $$(ls -d $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV) \
@@ -37,6 +37,15 @@ setup: system-packages venv
 demo: setup
 	$(PY) manage.py demo_env > var/demo.env
 	$(VENV)/bin/honcho -f Procfile -e var/demo.env start
+
+# Run while `make demo` is up: pull the simulator's inventory, start a migration, show the jobs.
+VM ?= web-01
+demo-migrate: venv
+	@test -f var/demo.env || { echo "start 'make demo' first"; exit 1; }
+	set -a; . var/demo.env; set +a; $(PY) manage.py discover_vms && $(PY) manage.py start_migration $(VM)
+
+demo-jobs: venv
+	@set -a; . var/demo.env; set +a; $(PY) manage.py jobs
 
 test: system-packages venv
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
