@@ -57,6 +57,7 @@ class SimDisk:
     path: str
     capacity_bytes: int
     image: Path
+    dense: bool = False  # every byte written (a full guest disk), not a mostly sparse one
     generation: int = 0
     changes: dict[int, list[int]] = field(default_factory=dict)
 
@@ -73,9 +74,10 @@ class SimDisk:
             return
         with open(self.image, "wb") as fh:
             fh.truncate(self.capacity_bytes)
-            for block in range(0, self.blocks, 4):
+            for block in range(0, self.blocks, 1 if self.dense else 4):
                 fh.seek(block * BLOCK)
-                fh.write(block_bytes(str(self.image.name), block, 0))
+                data = block_bytes(str(self.image.name), block, 0)
+                fh.write(data * (BLOCK // len(data)) if self.dense else data)
 
     def guest_writes(self) -> list[int]:
         """What a running guest changed since the last sync: a new generation of a few blocks."""
@@ -128,10 +130,13 @@ class SimVM:
         }
 
 
-def demo_inventory(data_dir: Path, size_mib: int = 64) -> list[SimVM]:
+def make_inventory(
+    data_dir: Path, specs: list[tuple[str, int]], size_mib: int = 64, dense: bool = False
+) -> list[SimVM]:
+    """VMs named and sized by ``specs`` ((name, disk count) pairs), with deterministic disk images."""
     data_dir.mkdir(parents=True, exist_ok=True)
     vms = []
-    for name, disk_count in DEMO_VMS:
+    for name, disk_count in specs:
         vm_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"oma-vma-sim/{name}"))
         disks = [
             SimDisk(
@@ -141,6 +146,7 @@ def demo_inventory(data_dir: Path, size_mib: int = 64) -> list[SimVM]:
                 path=f"[datastore1] {name}/{name}_{unit}.vmdk",
                 capacity_bytes=size_mib * BLOCK,
                 image=data_dir / f"{name}-disk{unit}.img",
+                dense=dense,
             )
             for unit in range(disk_count)
         ]
@@ -148,6 +154,10 @@ def demo_inventory(data_dir: Path, size_mib: int = 64) -> list[SimVM]:
             disk.make_image()
         vms.append(SimVM(vm_id, name, disks))
     return vms
+
+
+def demo_inventory(data_dir: Path, size_mib: int = 64) -> list[SimVM]:
+    return make_inventory(data_dir, DEMO_VMS, size_mib)
 
 
 @dataclass
@@ -191,6 +201,8 @@ class Replication:
         self.cancel_requested = threading.Event()
         self.state = "running"
         self.error = ""
+        self.started_at = time.time()
+        self.finished_at: float | None = None
         self.threads = [threading.Thread(target=self._run_disk, args=(c,), daemon=True) for c in copies]
 
     def start(self) -> None:
@@ -207,6 +219,7 @@ class Replication:
     def _finish(self) -> None:
         for thread in self.threads:
             thread.join()
+        self.finished_at = time.time()
         states = {c.state for c in self.copies}
         if "failed" in states:
             self.state = "failed"

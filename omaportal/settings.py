@@ -124,6 +124,8 @@ Q_CLUSTER = {
     "timeout": 3600,
     "retry": 3700,
     "catch_up": False,
+    # ORM broker: how often an idle worker looks for queued tasks (a job waits at most this long).
+    "poll": 0.1,
 }
 
 LOGGING = {

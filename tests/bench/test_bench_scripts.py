@@ -23,3 +23,16 @@ def test_export_storm_prints_its_json_line_last() -> None:
     assert set(result["baseline"]) >= {"reloads", "crashes", "listed"}
     assert result["exports"] == 4 and result["listed"] == 4 and result["errors"] == []
     assert result["reuse_reloads"] == 0
+
+
+def test_migration_e2e_prints_its_json_line_last() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "migration_e2e.py"), "--vms", "1", "--disks", "2", "--size-mib", "8"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("jobs", "completed", "sha256_mismatches", "reloads", "data_mb", "wall_s", "mb_s",
+                "bare_nbdcopy_mb_s", "ratio", "overhead_p95_ms"):  # fmt: skip
+        assert key in result, key
+    assert result["jobs"] == result["completed"] == 1 and result["sha256_mismatches"] == 0

@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Migration end to end: N VMs x D disks of S MiB through the whole stack (django-q2 cluster, local
+volumes, the NBD server through the helper, the VMA simulator copying with nbdcopy), then, in the same
+run, a bare nbdcopy of the same bytes into fresh exports with the same parallelism.
+
+    .venv/bin/python bench/migration_e2e.py --vms 3 --disks 2 --size-mib 256
+
+Last line: one JSON object (jobs, completed, sha256_mismatches, reloads, data_mb, wall_s, mb_s,
+bare_nbdcopy_mb_s, ratio, overhead_p95_ms). Overhead = a job's wall time minus the VMA's copy time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from export_storm import HELPER, helper, percentile, portal_env, scratch_postgres, worker_init  # noqa: E402
+
+from exports.devserver import free_port, write_layout  # noqa: E402
+
+TOKEN = "bench-vma-token"  # noqa: S105 - the simulator's, on loopback
+
+
+def sha(path: Path, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        remaining = length
+        while remaining:
+            chunk = fh.read(min(remaining, 8 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vms", type=int, default=3)
+    parser.add_argument("--disks", type=int, default=2)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--backend", choices=["nbdkit", "nbd-server"], default="nbdkit")
+    parser.add_argument("--workers", type=int, default=4, help="django-q2 workers")
+    parser.add_argument("--sparse", action="store_true", help="mostly sparse disks instead of fully written ones")
+    parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="oma-e2e-"))
+    drop = None
+    cluster = None
+    try:
+        database_url = None
+        if args.postgres:
+            database_url, drop = scratch_postgres(args.postgres)
+        layout = write_layout(root / "nbd", args.backend, "127.0.0.1", free_port())
+        env = portal_env(layout, root / "var", 2.0, database_url)
+        vma_port = free_port()
+        env.update(
+            {
+                "OMA_VOLUME_ROOT": str(layout.volume_root),
+                "OMA_VMA_URL": f"http://127.0.0.1:{vma_port}",
+                "OMA_VMA_TOKEN": TOKEN,
+                "OMA_VMA_NBD_PORT": str(layout.port),
+                "OMA_PROGRESS_POLL_INTERVAL": "0.1",
+                "OMA_Q_WORKERS": str(args.workers),
+            }
+        )
+        worker_init(env)
+        from django.core.management import call_command
+        from django.db import connections
+
+        call_command("migrate", verbosity=0)
+        from exports.models import NbdServerState
+        from migrations_app.actions import start_migration, sync_inventory
+        from migrations_app.models import JobDisk, JobEvent, JobState, MigrationJob
+        from migrations_app.vma_client import VmaClient
+        from migrations_app.vma_sim import VmaSimulator, make_inventory
+
+        if not helper(layout, "start")["ok"]:
+            raise SystemExit(f"cannot start {args.backend}")
+        specs = [(f"bench-vm-{n}", args.disks) for n in range(args.vms)]
+        vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
+        sim = VmaSimulator(vms, TOKEN)
+        server = sim.serve("127.0.0.1", vma_port)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        client = VmaClient(f"http://127.0.0.1:{vma_port}", TOKEN)
+        sync_inventory(client.inventory())
+        client.close()
+        connections.close_all()
+        cluster = subprocess.Popen(
+            [sys.executable, str(REPO / "manage.py"), "qcluster"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(3)  # let the cluster's workers start before the clock runs
+
+        t0 = time.perf_counter()
+        jobs = [start_migration(vm_id=vm.id, requested_by="bench") for vm in vms]
+        pending = {job.pk for job in jobs}
+        deadline = time.monotonic() + 1800
+        while pending and time.monotonic() < deadline:
+            finished = MigrationJob.objects.filter(
+                pk__in=pending, state__in=[JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED]
+            ).values_list("pk", flat=True)
+            pending -= set(finished)
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+
+        completed, mismatches, overheads = 0, 0, []
+        data_bytes = 0
+        by_name = {vm.name: vm for vm in vms}
+        for job in MigrationJob.objects.filter(pk__in=[j.pk for j in jobs]).select_related("vm"):
+            if job.state != JobState.COMPLETED:
+                continue
+            completed += 1
+            replication = sim.replications[f"{job.job_id}-{job.attempt}"]
+            copy_s = (replication.finished_at or replication.started_at) - replication.started_at
+            if job.finished_at is None:
+                continue
+            overheads.append(((job.finished_at - job.created_at).total_seconds() - copy_s) * 1000)
+            for disk in JobDisk.objects.filter(job=job).select_related("source_disk"):
+                source = by_name[job.vm.name].disks[disk.source_disk.unit_number]
+                data_bytes += source.capacity_bytes
+                if sha(Path(disk.device_path), source.capacity_bytes) != sha(source.image, source.capacity_bytes):
+                    mismatches += 1
+        pickups = [
+            (e.created_at - e.job.created_at).total_seconds() * 1000
+            for e in JobEvent.objects.filter(job__in=jobs, kind="job.started").select_related("job")
+        ]
+        tails = []
+        for job in MigrationJob.objects.filter(pk__in=[j.pk for j in jobs]):
+            ended = getattr(sim.replications.get(f"{job.job_id}-{job.attempt}"), "finished_at", None)
+            if job.finished_at and ended:
+                tails.append((job.finished_at.timestamp() - ended) * 1000)
+        steps: dict[str, list[float]] = {}
+        for event in JobEvent.objects.filter(job__in=jobs, kind="step.finished"):
+            steps.setdefault(event.step, []).append(event.duration_ms or 0)
+        state = NbdServerState.objects.first()
+        reloads = state.reload_count if state else 0
+
+        # Bare nbdcopy: the same images into fresh exports, all disks in parallel as the simulator copies.
+        targets = []
+        sim_disks = [sim_disk for vm in vms for sim_disk in vm.disks]
+        for n, sim_disk in enumerate(sim_disks):
+            name = f"migration-vm-00000000-0000-4000-8000-{n:012x}-disk0"
+            volume = layout.volume_root / f"bare-{n}.img"
+            with open(volume, "wb") as fh:
+                fh.truncate(sim_disk.capacity_bytes)
+            if not helper(layout, "link", name, str(volume))["ok"]:
+                raise SystemExit("cannot link a bare-copy export")
+            targets.append((sim_disk.image, f"nbd://127.0.0.1:{layout.port}/{name}"))
+        if args.backend == "nbd-server":
+            helper(layout, "reload")
+            time.sleep(1)
+        t1 = time.perf_counter()
+        with ThreadPoolExecutor(len(targets)) as pool:
+            codes = list(
+                pool.map(
+                    lambda t: subprocess.run(["nbdcopy", "--flush", str(t[0]), t[1]], check=False).returncode, targets
+                )
+            )
+        bare_wall = time.perf_counter() - t1
+        if any(codes):
+            raise SystemExit(f"bare nbdcopy failed: {codes}")
+        bare_bytes = sum(d.capacity_bytes for vm in vms for d in vm.disks)
+
+        mb_s = data_bytes / 1e6 / wall if wall else 0.0
+        bare_mb_s = bare_bytes / 1e6 / bare_wall if bare_wall else 0.0
+        result: dict[str, Any] = {
+            "backend": args.backend,
+            "database": "postgresql" if database_url else "sqlite",
+            "jobs": len(jobs),
+            "completed": completed,
+            "sha256_mismatches": mismatches,
+            "reloads": reloads,
+            "data_mb": round(data_bytes / 1e6, 1),
+            "wall_s": round(wall, 2),
+            "mb_s": round(mb_s, 1),
+            "bare_nbdcopy_wall_s": round(bare_wall, 2),
+            "bare_nbdcopy_mb_s": round(bare_mb_s, 1),
+            "ratio": round(mb_s / bare_mb_s, 3) if bare_mb_s else None,
+            "overhead_p50_ms": percentile(overheads, 50),
+            "overhead_p95_ms": percentile(overheads, 95),
+            "step_p50_ms": {step: percentile(values, 50) for step, values in steps.items()},
+            "queue_pickup_p50_ms": percentile(pickups, 50),
+            "copy_end_to_job_end_p50_ms": percentile(tails, 50),
+        }
+        server.shutdown()
+        helper(layout, "stop")
+    finally:
+        if cluster is not None and cluster.poll() is None:
+            os.killpg(cluster.pid, 15)
+            try:
+                cluster.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(cluster.pid, 9)
+        if drop is not None:
+            from django.db import connections
+
+            connections.close_all()
+            drop()
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    _ = HELPER
+    main()
