@@ -59,6 +59,7 @@ lint: venv
 bench: setup
 	$(PY) bench/export_storm.py --backend nbdkit --vms 50 --disks 2 --workers 8
 	$(PY) bench/export_storm.py --backend nbd-server --vms 50 --disks 2 --workers 8
+	$(PY) bench/migration_e2e.py --vms 3 --disks 2 --size-mib 256
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

@@ -146,3 +146,46 @@ def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     record_job_event(job, "job.retried", step=job.current_step, message=f"attempt {job.attempt}", actor=actor)
     schedule_job(job)
     return job
+
+
+def cleanup_job(*, job_id: str, actor: str = "system") -> list[str]:
+    """Remove what a failed or cancelled job provisioned: its exports, and its volumes, except a volume
+    that also holds a completed migration of the VM (an incremental sync's volume): that one is kept.
+    Returns what was done, line by line."""
+    from exports.actions import ExportError, retire_export
+
+    from .backends import get_volume_backend
+    from .volumes import VolumeError
+
+    with transaction.atomic():
+        job = _job_for_update(job_id)
+        if job.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise MigrationError(f"{job.job_id} is {job.state}; only a failed or cancelled job can be cleaned up")
+        job.cleanup_requested = True
+        job.save(update_fields=["cleanup_requested"])
+    backend = get_volume_backend()
+    done: list[str] = []
+    for disk in job.disks.select_related("source_disk", "mapping"):
+        keeps_data = (
+            disk.volume_id
+            and JobDisk.objects.filter(volume_id=disk.volume_id, job__state=JobState.COMPLETED)
+            .exclude(job=job)
+            .exists()
+        )
+        if keeps_data:
+            done.append(f"disk {disk.source_disk.unit_number}: kept volume {disk.volume_id} (holds a completed sync)")
+            continue
+        try:
+            # The export goes first: never detach a volume an export still points at.
+            if disk.mapping is not None:
+                retire_export(vm_id=job.vm.vm_id, disk_unit=disk.source_disk.unit_number, actor=actor)
+                done.append(f"disk {disk.source_disk.unit_number}: retired export {disk.mapping.export_name}")
+            if disk.volume_id:
+                backend.detach_volume(disk.volume_id)
+                backend.delete_volume(disk.volume_id)
+                done.append(f"disk {disk.source_disk.unit_number}: deleted volume {disk.volume_id}")
+                JobDisk.objects.filter(pk=disk.pk).update(volume_id="", device_path="")
+        except (ExportError, VolumeError) as exc:
+            done.append(f"disk {disk.source_disk.unit_number}: not cleaned: {exc}")
+    record_job_event(job, "job.cleaned_up", message="; ".join(done), actor=actor)
+    return done
