@@ -56,6 +56,7 @@ SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._/+:@-]*")
 MAX_PATH = 255
 LOCK_TIMEOUT = 30.0
 START_TIMEOUT = 10.0
+PORT_WAIT = 5.0
 BACKENDS = ("nbdkit", "nbd-server")
 
 
@@ -626,10 +627,15 @@ def _start(config: Config, old_pid: int | None) -> MainProcess:
         unit = config.service.split(":", 1)[1]
         subprocess.run(["/bin/systemctl", "restart" if old_pid else "start", unit], check=True, timeout=60)
         return _wait_ready(config, old_pid)
-    if _port_taken(config):
-        raise HelperError(
-            EXIT_SERVER, "port_taken", f"{config.listen_address}:{config.port} is already taken by another process"
-        )
+    # Just after a stop or a kill the port may stay taken for a moment (an nbd-server child forked at
+    # that instant still holds the listening socket), so wait a little before calling it taken.
+    deadline = time.monotonic() + PORT_WAIT
+    while _port_taken(config):
+        if time.monotonic() > deadline:
+            raise HelperError(
+                EXIT_SERVER, "port_taken", f"{config.listen_address}:{config.port} is already taken by another process"
+            )
+        time.sleep(0.1)
     if config.backend == "nbd-server":
         check_confd(config)
     remove_durably(config.pidfile)

@@ -74,6 +74,15 @@ class Cluster:
             self.proc.wait(timeout=15)
         except ProcessLookupError:
             pass
+        # Workers of the cluster share its process group: wait until every one is gone, so none
+        # still holds a database session when the test database is dropped.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 @pytest.fixture
