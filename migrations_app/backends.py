@@ -40,6 +40,8 @@ def get_volume_backend() -> VolumeBackend:
             disk_offering_id=cs["DISK_OFFERING_ID"],
             oma_vm_id=cs["OMA_VM_ID"],
             job_timeout=int(cs["JOB_TIMEOUT"]),
+            poll_interval=float(cs.get("POLL_INTERVAL", 2.0)),
+            device_root=str(cs.get("DEVICE_ROOT", "/dev/disk/by-id")),
         )
     raise ValueError(f"OMA_VOLUMES BACKEND must be local or cloudstack, got {conf['BACKEND']!r}")
 

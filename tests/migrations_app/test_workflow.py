@@ -176,3 +176,45 @@ def test_a_job_run_by_a_live_worker_is_not_taken_twice(
     MigrationJob.objects.filter(pk=job.pk).update(runner="other-live-worker", heartbeat_at=timezone.now())
     assert run_job(job.pk, "test-runner") is None
     assert MigrationJob.objects.get(pk=job.pk).state == JobState.PENDING
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ({"job_failures": {"createVolume": (530, "Failed to create volume (fake)")}}, "createVolume failed (530)"),
+        ({"sync_failures": {"createVolume": (431, "Invalid disk offering")}}, "createVolume failed (431)"),
+        ({"stall": True}, "did not finish within 1s"),
+    ],
+)
+def test_cloudstack_errors_and_timeouts_fail_the_job_clearly(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, tmp_path: Path, fault: dict[str, object], message: str
+) -> None:
+    from tests.fake_cloudstack import FakeCloudStack
+
+    wire(settings, nbdkit_server, sim)
+    (tmp_path / "by-id").mkdir()
+    cloud = FakeCloudStack(tmp_path / "by-id").start()
+    try:
+        for key, value in fault.items():
+            setattr(cloud, key, value)
+        settings.OMA_VOLUMES = {  # type: ignore[attr-defined]
+            "BACKEND": "cloudstack",
+            "CLOUDSTACK": {
+                "ENDPOINT": cloud.endpoint,
+                "KEY": cloud.key,
+                "SECRET": cloud.secret,
+                "ZONE_ID": cloud.zone_id,
+                "DISK_OFFERING_ID": cloud.offering_id,
+                "OMA_VM_ID": cloud.oma_vm_id,
+                "JOB_TIMEOUT": 1,
+                "POLL_INTERVAL": 0.05,
+                "DEVICE_ROOT": str(tmp_path / "by-id"),
+            },
+        }
+        job = migrate("web-01", sim)
+        assert job.state == JobState.FAILED and job.current_step == JobState.PROVISIONING
+        assert message in job.error and job.error.startswith("provisioning:")
+        assert not job.disks.exclude(volume_id="").exists(), "no volume recorded, none leaked"
+        assert not VMExportMapping.objects.exists()
+    finally:
+        cloud.stop()
