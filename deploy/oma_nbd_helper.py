@@ -258,6 +258,13 @@ def _device_in_use(numbers: str) -> str | None:
     return None
 
 
+def _stat_existing(device: str, resolved: str) -> os.stat_result:
+    try:
+        return os.stat(resolved)
+    except OSError as exc:
+        raise refuse("device_missing", f"device {device!r} does not exist") from exc
+
+
 def validate_device(config: Config, device: str) -> str:
     check_text("device", device)
     if not device.startswith("/"):
@@ -267,10 +274,7 @@ def validate_device(config: Config, device: str) -> str:
         resolved = os.path.realpath(device)
         if not (device.startswith(str(config.dev_volume_root) + "/") and resolved.startswith(root + "/")):
             raise refuse("device_not_allowed", f"device {device!r} is outside the volume root {config.dev_volume_root}")
-        try:
-            st = os.stat(resolved)
-        except OSError as exc:
-            raise refuse("device_missing", f"device {device!r} does not exist") from exc
+        st = _stat_existing(device, resolved)
         if not stat.S_ISREG(st.st_mode):
             raise refuse("not_a_volume", f"device {device!r} is not a regular volume file (dev mode)")
         return device
@@ -280,10 +284,7 @@ def validate_device(config: Config, device: str) -> str:
     resolved = os.path.realpath(device)
     if not resolved.startswith("/dev/"):
         raise refuse("device_not_allowed", f"device {device!r} resolves to {resolved}, outside /dev")
-    try:
-        st = os.stat(resolved)
-    except OSError as exc:
-        raise refuse("device_missing", f"device {device!r} does not exist") from exc
+    st = _stat_existing(device, resolved)
     if not stat.S_ISBLK(st.st_mode):
         raise refuse("not_a_block_device", f"device {device!r} ({resolved}) is not a block device")
     numbers = _dev_numbers(st.st_rdev)
@@ -400,13 +401,18 @@ def _read_pidfile(config: Config) -> int | None:
     return int(text)
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name: [state, ppid, ...]; None if there is no such process."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    fields = _stat_fields(pid)
+    return (fields[0], int(fields[19])) if fields else None
 
 
 def verified_main(config: Config) -> tuple[MainProcess | None, str]:
@@ -439,11 +445,8 @@ def verified_main(config: Config) -> tuple[MainProcess | None, str]:
 
 
 def _ppid(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    return int(raw[raw.rindex(")") + 2 :].split()[1])
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
 
 
 def _exe_of(pid: int) -> str | None:
