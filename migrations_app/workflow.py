@@ -70,10 +70,20 @@ def beat(job: MigrationJob, runner: str) -> None:
         raise Cancelled(job.job_id)
 
 
-def _at_capacity(job: MigrationJob) -> bool:
-    limit = int(workflow_settings()["MAX_ACTIVE_JOBS"])
+def _capacity_problem(job: MigrationJob) -> str | None:
+    """Why the job must wait, or None. Limits: active jobs, and volumes attached to this OMA (a KVM
+    guest takes about 25 data disks; each migrated disk stays attached for its later syncs)."""
+    flow = workflow_settings()
     running = MigrationJob.objects.filter(state__in=STEPS).exclude(pk=job.pk).count()
-    return running >= limit
+    if running >= int(flow["MAX_ACTIVE_JOBS"]):
+        return f"{running} jobs are active, the maximum is {flow['MAX_ACTIVE_JOBS']}"
+    attached = set(JobDisk.objects.exclude(device_path="").exclude(volume_id="").values_list("volume_id", flat=True))
+    mine = list(job.disks.values_list("volume_id", flat=True))
+    needed = sum(1 for volume_id in mine if not volume_id or volume_id not in attached)
+    limit = int(flow["MAX_ATTACHED_VOLUMES"])
+    if needed and len(attached) + needed > limit:
+        return f"{len(attached)} volumes are attached and this job needs {needed} more; the maximum is {limit}"
+    return None
 
 
 def _move(job: MigrationJob, to: str, **kwargs: str) -> None:
@@ -90,8 +100,10 @@ def run_job(job_pk: int, runner: str) -> MigrationJob | None:
     job = claim(job_pk, runner)
     if job is None:
         return None
-    if job.state == JobState.PENDING and _at_capacity(job):
-        record_job_event(job, "job.queued", message="waiting: the maximum of active jobs is reached")
+    waiting = _capacity_problem(job) if job.state == JobState.PENDING else None
+    if waiting:
+        # Stays pending; the periodic recovery task offers it to a worker again.
+        record_job_event(job, "job.queued", message=f"waiting: {waiting}")
         MigrationJob.objects.filter(pk=job.pk).update(runner="")
         return job
     try:
