@@ -329,7 +329,14 @@ def scratch_postgres(url: str) -> tuple[str, Any]:
     name = f"oma_bench_{os.getpid()}"
     admin = psycopg.connect(url, autocommit=True)
     admin.execute(f'CREATE DATABASE "{name}"')
-    return url.rsplit("/", 1)[0] + f"/{name}", lambda: admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+    def drop() -> None:
+        from django.db import connections
+
+        connections.close_all()
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+    return url.rsplit("/", 1)[0] + f"/{name}", drop
 
 
 def main() -> None:
@@ -362,9 +369,6 @@ def main() -> None:
             result["baseline"] = baseline(args, root)
     finally:
         if drop is not None:
-            from django.db import connections
-
-            connections.close_all()
             drop()
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, sort_keys=True))

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from export_storm import HELPER, helper, percentile, portal_env, scratch_postgres, worker_init  # noqa: E402
+from export_storm import helper, percentile, portal_env, scratch_postgres, worker_init  # noqa: E402
 
 from exports.devserver import free_port, write_layout  # noqa: E402
 
@@ -212,14 +212,10 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(cluster.pid, 9)
         if drop is not None:
-            from django.db import connections
-
-            connections.close_all()
             drop()
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, sort_keys=True))
 
 
 if __name__ == "__main__":
-    _ = HELPER
     main()

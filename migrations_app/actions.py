@@ -12,9 +12,12 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from exports.actions import ExportError, retire_export
 from exports.models import normalize_vm_id
 
+from .backends import get_volume_backend
 from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobEvent, JobState, MigrationJob, SourceDisk, SourceVM
+from .volumes import VolumeError
 
 
 class MigrationError(Exception):
@@ -152,11 +155,6 @@ def cleanup_job(*, job_id: str, actor: str = "system") -> list[str]:
     """Remove what a failed or cancelled job provisioned: its exports, and its volumes, except a volume
     that also holds a completed migration of the VM (an incremental sync's volume): that one is kept.
     Returns what was done, line by line."""
-    from exports.actions import ExportError, retire_export
-
-    from .backends import get_volume_backend
-    from .volumes import VolumeError
-
     with transaction.atomic():
         job = _job_for_update(job_id)
         if job.state not in (JobState.FAILED, JobState.CANCELLED):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from migrations_app.models import JobDisk, JobState, MigrationJob
 from migrations_app.tasks import recover_stale_jobs
 from migrations_app.vma_sim import Faults
 from tests.conftest import REPO, RunningServer
+from tests.migrations_app.conftest import SimFactory
 from tests.migrations_app.test_vma_sim import TOKEN, Sim
 from tests.migrations_app.test_workflow import assert_copied, wire
 
@@ -86,10 +86,8 @@ class Cluster:
 
 
 @pytest.fixture
-def sim(tmp_path: Path) -> Iterator[Sim]:
-    s = Sim(tmp_path, size_mib=32)
-    yield s
-    s.close()
+def sim(make_sim: SimFactory) -> Sim:
+    return make_sim(size_mib=32)
 
 
 def wait_for(job: MigrationJob, states: set[str], timeout: float = 90, log: Path | None = None) -> MigrationJob:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -15,6 +14,9 @@ from exports import actions
 from migrations_app.vma_client import VmaClient, VmaError, VmaUnavailable
 from migrations_app.vma_sim import Faults, SimVM, VmaSimulator, demo_inventory
 from tests.conftest import RunningServer
+
+if TYPE_CHECKING:
+    from tests.migrations_app.conftest import SimFactory
 
 TOKEN = "sim-token-for-tests"
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -28,21 +30,18 @@ class Sim:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.client = VmaClient(self.url, TOKEN, timeout=5)
+        self.closed = False
 
     def vm(self, name: str) -> SimVM:
         return next(vm for vm in self.vms if vm.name == name)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.client.close()
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[Sim]:
-    s = Sim(tmp_path)
-    yield s
-    s.close()
 
 
 def export_disks(server: RunningServer, vm: SimVM) -> list[dict[str, Any]]:
@@ -137,16 +136,13 @@ def test_unknown_change_id_falls_back_to_a_full_copy(nbdkit_server: RunningServe
     assert done["disks"][0]["mode"] == "full" and sha(disks[0]["device"]) == sha(vm.disks[0].image)
 
 
-def test_cancel_stops_a_stalled_copy(nbdkit_server: RunningServer, tmp_path: Path) -> None:
-    s = Sim(tmp_path, Faults(stall=True))
-    try:
-        vm = s.vm("web-01")
-        s.client.start_replication("job-c", vm.id, export_disks(nbdkit_server, vm))
-        assert s.client.cancel("job-c")["state"] == "cancelling"
-        assert wait_done(s.client, "job-c")["state"] == "cancelled"
-        assert s.client.cancel("job-c")["state"] == "cancelled"  # idempotent
-    finally:
-        s.close()
+def test_cancel_stops_a_stalled_copy(nbdkit_server: RunningServer, make_sim: SimFactory) -> None:
+    s = make_sim(Faults(stall=True))
+    vm = s.vm("web-01")
+    s.client.start_replication("job-c", vm.id, export_disks(nbdkit_server, vm))
+    assert s.client.cancel("job-c")["state"] == "cancelling"
+    assert wait_done(s.client, "job-c")["state"] == "cancelled"
+    assert s.client.cancel("job-c")["state"] == "cancelled"  # idempotent
 
 
 @pytest.mark.parametrize(
@@ -154,16 +150,13 @@ def test_cancel_stops_a_stalled_copy(nbdkit_server: RunningServer, tmp_path: Pat
     [(Faults(fail_at_percent=30), "injected failure at 30%"), (Faults(drop_at_percent=50), "dropped at 50%")],
 )
 def test_injected_faults_fail_the_replication(
-    nbdkit_server: RunningServer, tmp_path: Path, faults: Faults, message: str
+    nbdkit_server: RunningServer, make_sim: SimFactory, faults: Faults, message: str
 ) -> None:
-    s = Sim(tmp_path, faults, size_mib=64)
-    try:
-        vm = s.vm("web-01")
-        s.client.start_replication("job-f", vm.id, export_disks(nbdkit_server, vm))
-        done = wait_done(s.client, "job-f")
-        assert done["state"] == "failed" and message in done["error"]
-    finally:
-        s.close()
+    s = make_sim(faults, size_mib=64)
+    vm = s.vm("web-01")
+    s.client.start_replication("job-f", vm.id, export_disks(nbdkit_server, vm))
+    done = wait_done(s.client, "job-f")
+    assert done["state"] == "failed" and message in done["error"]
 
 
 @pytest.mark.parametrize(

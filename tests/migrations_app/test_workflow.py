@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,10 @@ from migrations_app.models import JobDisk, JobEvent, JobState, MigrationJob
 from migrations_app.vma_sim import Faults
 from migrations_app.workflow import run_job
 from tests.conftest import RunningServer
+from tests.migrations_app.conftest import SimFactory
 from tests.migrations_app.test_vma_sim import TOKEN, Sim, sha
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[Sim]:
-    s = Sim(tmp_path, size_mib=16)
-    yield s
-    s.close()
 
 
 def wire(settings: object, server: RunningServer, sim: Sim) -> None:
@@ -95,48 +88,42 @@ def test_second_job_is_an_incremental_sync_on_the_same_volume_and_export(
 
 
 def test_cancel_during_the_copy_keeps_volume_and_export(
-    nbdkit_server: RunningServer, tmp_path: Path, settings: object
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
-    stalled = Sim(tmp_path, Faults(stall=True), size_mib=16)
-    try:
-        wire(settings, nbdkit_server, stalled)
-        job = actions.start_migration(vm_id=stalled.vm("web-01").id)
-        worker = threading.Thread(target=run_job, args=(job.pk, "test-runner"))
-        worker.start()
-        deadline = time.monotonic() + 30
-        while MigrationJob.objects.get(pk=job.pk).state != JobState.REPLICATING and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
-        actions.cancel_job(job_id=job.job_id, actor="tester")
-        worker.join(timeout=60)
-        job.refresh_from_db()
-        assert job.state == JobState.CANCELLED
-        disk = job.disks.get()
-        assert Path(disk.device_path).exists() and disk.mapping is not None
-        assert disk.mapping.status == VMExportMapping.Status.ACTIVE
-        assert stalled.sim.replications[f"{job.job_id}-1"].state == "cancelled"
-    finally:
-        stalled.close()
+    stalled = make_sim(Faults(stall=True), size_mib=16)
+    wire(settings, nbdkit_server, stalled)
+    job = actions.start_migration(vm_id=stalled.vm("web-01").id)
+    worker = threading.Thread(target=run_job, args=(job.pk, "test-runner"))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while MigrationJob.objects.get(pk=job.pk).state != JobState.REPLICATING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    actions.cancel_job(job_id=job.job_id, actor="tester")
+    worker.join(timeout=60)
+    job.refresh_from_db()
+    assert job.state == JobState.CANCELLED
+    disk = job.disks.get()
+    assert Path(disk.device_path).exists() and disk.mapping is not None
+    assert disk.mapping.status == VMExportMapping.Status.ACTIVE
+    assert stalled.sim.replications[f"{job.job_id}-1"].state == "cancelled"
 
 
 def test_retry_after_a_fault_resumes_at_the_failed_step_and_completes(
-    nbdkit_server: RunningServer, tmp_path: Path, settings: object
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
-    faulty = Sim(tmp_path, Faults(fail_at_percent=30), size_mib=64)
-    try:
-        wire(settings, nbdkit_server, faulty)
-        job = migrate("web-01", faulty)
-        assert job.state == JobState.FAILED and job.current_step == JobState.REPLICATING
-        assert "injected failure at 30%" in job.error
-        faulty.sim.faults.fail_at_percent = None
-        actions.retry_job(job_id=job.job_id, actor="tester")
-        run_job(job.pk, "test-runner")
-        job.refresh_from_db()
-        assert job.state == JobState.COMPLETED and job.attempt == 2
-        assert JobEvent.objects.filter(job=job, kind="volume.ready").count() == 1, "no second volume"
-        assert_copied(job, faulty)
-    finally:
-        faulty.close()
+    faulty = make_sim(Faults(fail_at_percent=30), size_mib=64)
+    wire(settings, nbdkit_server, faulty)
+    job = migrate("web-01", faulty)
+    assert job.state == JobState.FAILED and job.current_step == JobState.REPLICATING
+    assert "injected failure at 30%" in job.error
+    faulty.sim.faults.fail_at_percent = None
+    actions.retry_job(job_id=job.job_id, actor="tester")
+    run_job(job.pk, "test-runner")
+    job.refresh_from_db()
+    assert job.state == JobState.COMPLETED and job.attempt == 2
+    assert JobEvent.objects.filter(job=job, kind="volume.ready").count() == 1, "no second volume"
+    assert_copied(job, faulty)
 
 
 def test_unreachable_vma_fails_with_a_clear_reason(nbdkit_server: RunningServer, sim: Sim, settings: object) -> None:
