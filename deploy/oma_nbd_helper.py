@@ -491,32 +491,48 @@ def require_main(config: Config) -> MainProcess:
 # --- verbs ---------------------------------------------------------------------------------
 
 
-def verb_link(config: Config, name: str, device: str) -> dict[str, object]:
-    validate_name(name)
-    validate_device(config, device)
-    link = config.export_root / name
+def verb_link(config: Config, *pairs: str) -> dict[str, object]:
+    """Link one or more NAME DEVICE pairs (a VM's disks in one call). Every pair is validated, and
+    names and devices checked for repeats, before anything is written: a refusal changes nothing."""
+    names, devices = list(pairs[0::2]), list(pairs[1::2])
+    for name, device in zip(names, devices, strict=True):
+        validate_name(name)
+        validate_device(config, device)
+    if len(set(names)) != len(names) or len(set(devices)) != len(devices):
+        raise refuse("duplicate", "a name or a device appears twice in one link request")
     with locked(config):
+        for name in names:
+            link = config.export_root / name
+            if link.exists() and not link.is_symlink():
+                raise refuse("not_a_link", f"{link} exists and is not a link")
+        links = [_link_one(config, name, device) for name, device in zip(names, devices, strict=True)]
+    # The first pair's fields stay at the top level, as they were when link took one pair.
+    return {**links[0], "links": links}
+
+
+def _link_one(config: Config, name: str, device: str) -> dict[str, object]:
+    link = config.export_root / name
+    try:
+        current: str | None = os.readlink(link)
+    except FileNotFoundError:
+        current = None
+    except OSError as exc:
+        raise refuse("not_a_link", f"{link} exists and is not a link") from exc
+    link_changed = current != device
+    if link_changed:
+        atomic_symlink(device, link)
+    conf_changed = False
+    conf_mtime = None
+    if config.backend == "nbd-server" and config.confd is not None:
+        conf = config.confd / f"{name}.conf"
+        text = conf_text(config, name)
         try:
-            current = os.readlink(link)
+            conf_changed = conf.read_text(encoding="ascii") != text
         except FileNotFoundError:
-            current = None
-        except OSError as exc:
-            raise refuse("not_a_link", f"{link} exists and is not a link") from exc
-        link_changed = current != device
-        if link_changed:
-            atomic_symlink(device, link)
-        conf_changed = False
-        conf_mtime = None
-        if config.backend == "nbd-server" and config.confd is not None:
-            conf = config.confd / f"{name}.conf"
-            text = conf_text(config, name)
-            try:
-                conf_changed = conf.read_text(encoding="ascii") != text
-            except FileNotFoundError:
-                conf_changed = True
-            if conf_changed:
-                atomic_write(conf, text)
-            conf_mtime = os.stat(conf).st_mtime
+            conf_changed = True
+        if conf_changed:
+            atomic_write(conf, text)
+        conf_mtime = os.stat(conf).st_mtime
     return {
         "conf_mtime": conf_mtime,
         "name": name,
@@ -722,7 +738,11 @@ def verb_stop(config: Config) -> dict[str, object]:
     return {"stopped": True, "pid": main.pid}
 
 
-USAGE = "usage: oma-nbd-helper {link NAME DEVICE | unlink NAME | reload | status | start | restart | stop}"
+MAX_LINK_PAIRS = 64
+USAGE = (
+    "usage: oma-nbd-helper {link NAME DEVICE [NAME DEVICE ...] | unlink NAME "
+    "| reload | status | start | restart | stop}"
+)
 VERBS = {
     "link": (2, verb_link),
     "unlink": (1, verb_unlink),
@@ -742,7 +762,12 @@ def emit(payload: dict[str, object]) -> None:
 def main(argv: list[str]) -> int:
     verb = argv[0] if argv else ""
     try:
-        if verb not in VERBS or len(argv) - 1 != VERBS[verb][0]:
+        arity = VERBS[verb][0] if verb in VERBS else -1
+        count = len(argv) - 1
+        # link takes one or more NAME DEVICE pairs (at most MAX_LINK_PAIRS); every other verb a fixed count.
+        if arity < 0 or (
+            (count != arity) if verb != "link" else (count < 2 or count % 2 or count > 2 * MAX_LINK_PAIRS)
+        ):
             raise HelperError(EXIT_USAGE, "usage", USAGE)
         config = load_config()
         result = VERBS[verb][1](config, *argv[1:])  # type: ignore[operator]

@@ -164,23 +164,31 @@ def ensure_exports(requests: list[ExportRequest], *, actor: str = "system") -> l
     results: list[VMExportMapping | None] = []
     to_serve: list[VMExportMapping] = []
     written_at = 0.0
+    fresh: list[tuple[ExportRequest, str]] = []
     for req, name in checked:
         reused = _reuse(backend, served, req, name)
-        if reused is not None:
-            results.append(reused)
-            continue
+        results.append(reused)
+        if reused is None:
+            fresh.append((req, name))
+    if fresh:
         try:
-            mapping, when = _write_export(backend, req.vm_id, req.vm_name, req.disk_unit, req.device, name, actor)
+            to_serve, written_at = _write_exports(backend, fresh, actor)
         except IntegrityError as exc:
             # Lost a race with another request for the same device (the unique constraint decided).
-            conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
-            raise conflict or ExportConflict(str(exc)) from exc
-        results.append(None)
-        to_serve.append(mapping)
-        written_at = max(written_at, when)
+            for req, _ in fresh:
+                conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
+                if conflict is not None:
+                    raise conflict from exc
+            raise ExportConflict(str(exc)) from exc
     # Outside any transaction: a reload may wait for its spacing, and must not hold row locks.
-    made = iter(_make_served(backend, to_serve, written_at, actor) if to_serve else [])
-    return [mapping if mapping is not None else next(made) for mapping in results]
+    made = {
+        (m.vm_id, m.disk_unit_number): m
+        for m in (_make_served(backend, to_serve, written_at, actor) if to_serve else [])
+    }
+    return [
+        mapping if mapping is not None else made[(req.vm_id, req.disk_unit)]
+        for mapping, (req, _) in zip(results, checked, strict=True)
+    ]
 
 
 class _ServedNames:
@@ -227,54 +235,72 @@ def _device_conflict(vm_id: str, disk_unit: int, device: str) -> ExportConflict 
     return ExportConflict(f"device {device} is already exported as {other.export_name} ({other.vm_name})")
 
 
-def _write_export(
-    backend: NbdBackend, vm_id: str, vm_name: str, disk_unit: int, device: str, name: str, actor: str
-) -> tuple[VMExportMapping, float]:
-    conflict = _device_conflict(vm_id, disk_unit, device)
-    if conflict is not None:
-        raise conflict
+def _write_exports(
+    backend: NbdBackend, requests: list[tuple[ExportRequest, str]], actor: str
+) -> tuple[list[VMExportMapping], float]:
+    """Rows and links for the disks that are not served as asked: every row is locked (in disk order,
+    so two callers cannot deadlock), then one helper call links them all, then the rows are saved.
+    Holding the row locks across the helper call keeps link and row in agreement under races."""
+    for req, _ in requests:
+        conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
+        if conflict is not None:
+            raise conflict
     with transaction.atomic():
-        mapping, created = VMExportMapping.objects.select_for_update().get_or_create(
-            vm_id=vm_id,
-            disk_unit_number=disk_unit,
-            defaults={"vm_name": vm_name, "export_name": name, "device_path": device, "status": Status.PENDING},
-        )
-        previous_device = None if created else mapping.device_path
-        previous_status = mapping.status
-        written = False
+        rows = []
+        for req, name in sorted(requests, key=lambda r: (r[0].vm_id, r[0].disk_unit)):
+            mapping, created = VMExportMapping.objects.select_for_update().get_or_create(
+                vm_id=req.vm_id,
+                disk_unit_number=req.disk_unit,
+                defaults={
+                    "vm_name": req.vm_name,
+                    "export_name": name,
+                    "device_path": req.device,
+                    "status": Status.PENDING,
+                },
+            )
+            needs_link = created or backend.needs_reload or backend.link_target(name) != req.device
+            rows.append((req, name, mapping, created, mapping.device_path, mapping.status, needs_link))
         written_at = time.time()
-        if created or backend.needs_reload or backend.link_target(name) != device:
+        results: dict[str, dict[str, Any]] = {}
+        pairs = [(name, req.device) for req, name, *_, needs_link in rows if needs_link]
+        if pairs:
             try:
-                result = backend.publish(name, device)
+                results = {r["name"]: r for r in backend.publish_many(pairs)}
             except HelperFailed as exc:
                 if exc.refused:
                     raise ExportRefused(exc.message) from exc
                 raise ExportError(str(exc)) from exc
-            written = bool(result.get("link_changed") or result.get("conf_changed"))
             # When its conf file was written decides whether a reload since then already covers it.
-            written_at = float(result.get("conf_mtime") or time.time())
-        mapping.vm_name = vm_name
-        mapping.device_path = device
-        if mapping.status != Status.ACTIVE or written:
-            mapping.status = Status.PENDING
-        mapping.status_detail = ""
-        mapping.save()
-        if created:
-            kind = "export.created"
-        elif previous_device != device:
-            kind = "export.retargeted"
-        elif previous_status == Status.RETIRED:
-            kind = "export.reactivated"
-        else:
-            kind = "export.relinked" if written else "export.rechecked"
-        record_event(
-            kind,
-            mapping=mapping,
-            message=f"{name} -> {device}",
-            data={"device": device, "previous_device": previous_device, "written": written},
-            actor=actor,
-        )
-    return mapping, written_at
+            written_at = max(float(r.get("conf_mtime") or written_at) for r in results.values())
+        mappings = []
+        for req, name, mapping, created, old_device, previous_status, _ in rows:
+            previous_device: str | None = old_device
+            result = results.get(name, {})
+            written = bool(result.get("link_changed") or result.get("conf_changed"))
+            mapping.vm_name = req.vm_name
+            mapping.device_path = req.device
+            if mapping.status != Status.ACTIVE or written:
+                mapping.status = Status.PENDING
+            mapping.status_detail = ""
+            mapping.save()
+            if created:
+                kind = "export.created"
+                previous_device = None
+            elif previous_device != req.device:
+                kind = "export.retargeted"
+            elif previous_status == Status.RETIRED:
+                kind = "export.reactivated"
+            else:
+                kind = "export.relinked" if written else "export.rechecked"
+            record_event(
+                kind,
+                mapping=mapping,
+                message=f"{name} -> {req.device}",
+                data={"device": req.device, "previous_device": previous_device, "written": written},
+                actor=actor,
+            )
+            mappings.append(mapping)
+    return mappings, written_at
 
 
 def _make_served(

@@ -65,6 +65,7 @@ class NbdBackend(Protocol):
     port: int
 
     def publish(self, export_name: str, device: str) -> dict[str, Any]: ...
+    def publish_many(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]: ...
     def withdraw(self, export_name: str) -> dict[str, Any]: ...
     def link_target(self, export_name: str) -> str | None: ...
     def served_names(self) -> set[str]: ...
@@ -93,7 +94,13 @@ class _BaseBackend:
         self.state_dir = Path(state_dir)
 
     def publish(self, export_name: str, device: str) -> dict[str, Any]:
-        return self.helper.run("link", export_name, device)
+        return self.publish_many([(export_name, device)])[0]
+
+    def publish_many(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Link several (name, device) pairs in one helper call: all validated before any is written."""
+        result = self.helper.run("link", *(part for pair in pairs for part in pair))
+        links: list[dict[str, Any]] = result.get("links") or [result]
+        return links
 
     def withdraw(self, export_name: str) -> dict[str, Any]:
         return self.helper.run("unlink", export_name)

@@ -17,7 +17,7 @@ from exports.models import normalize_vm_id
 
 from .backends import get_volume_backend
 from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobEvent, JobState, MigrationJob, SourceDisk, SourceVM
-from .volumes import VolumeError
+from .volumes import VolumeError, volume_name_for
 
 
 class MigrationError(Exception):
@@ -163,25 +163,36 @@ def cleanup_job(*, job_id: str, actor: str = "system") -> list[str]:
         job.save(update_fields=["cleanup_requested"])
     backend = get_volume_backend()
     done: list[str] = []
+    unrecorded: dict[str, str] | None = None
     for disk in job.disks.select_related("source_disk", "mapping"):
+        volume_id = disk.volume_id
+        if not volume_id:
+            # A create that timed out here may still have finished in the cloud: find it by its name.
+            if unrecorded is None:
+                try:
+                    unrecorded = {v.name: v.id for v in backend.list_volumes()}
+                except VolumeError as exc:
+                    done.append(f"could not list volumes: {exc}")
+                    unrecorded = {}
+            volume_id = unrecorded.get(volume_name_for(job.vm.vm_id, disk.source_disk.unit_number), "")
+            if volume_id:
+                done.append(f"disk {disk.source_disk.unit_number}: found volume {volume_id}, created after a timeout")
         keeps_data = (
-            disk.volume_id
-            and JobDisk.objects.filter(volume_id=disk.volume_id, job__state=JobState.COMPLETED)
-            .exclude(job=job)
-            .exists()
+            volume_id
+            and JobDisk.objects.filter(volume_id=volume_id, job__state=JobState.COMPLETED).exclude(job=job).exists()
         )
         if keeps_data:
-            done.append(f"disk {disk.source_disk.unit_number}: kept volume {disk.volume_id} (holds a completed sync)")
+            done.append(f"disk {disk.source_disk.unit_number}: kept volume {volume_id} (holds a completed sync)")
             continue
         try:
             # The export goes first: never detach a volume an export still points at.
             if disk.mapping is not None:
                 retire_export(vm_id=job.vm.vm_id, disk_unit=disk.source_disk.unit_number, actor=actor)
                 done.append(f"disk {disk.source_disk.unit_number}: retired export {disk.mapping.export_name}")
-            if disk.volume_id:
-                backend.detach_volume(disk.volume_id)
-                backend.delete_volume(disk.volume_id)
-                done.append(f"disk {disk.source_disk.unit_number}: deleted volume {disk.volume_id}")
+            if volume_id:
+                backend.detach_volume(volume_id)
+                backend.delete_volume(volume_id)
+                done.append(f"disk {disk.source_disk.unit_number}: deleted volume {volume_id}")
                 JobDisk.objects.filter(pk=disk.pk).update(volume_id="", device_path="")
         except (ExportError, VolumeError) as exc:
             done.append(f"disk {disk.source_disk.unit_number}: not cleaned: {exc}")

@@ -49,6 +49,12 @@ class VolumeBackend(Protocol):
     def list_volumes(self) -> list[Volume]: ...
 
 
+def volume_name_for(vm_id: str, unit_number: int) -> str:
+    """The volume's name: one per VM disk, so a retry (or a cleanup) finds a volume whose create
+    timed out on our side but finished on the cloud's."""
+    return f"oma-{vm_id}-disk{unit_number}"
+
+
 def round_up_gib(size_bytes: int) -> int:
     """CloudStack sizes volumes in whole GiB; local volumes follow, so both behave alike."""
     if size_bytes <= 0:

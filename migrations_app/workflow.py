@@ -22,7 +22,7 @@ from .actions import record_job_event
 from .backends import get_vma_client, get_volume_backend, vma_settings, workflow_settings
 from .models import STEPS, JobDisk, JobState, MigrationJob
 from .vma_client import VmaClient, VmaError, VmaUnavailable
-from .volumes import VolumeError
+from .volumes import VolumeError, volume_name_for
 
 log = logging.getLogger(__name__)
 # Consecutive failed progress polls before the VMA counts as gone.
@@ -153,7 +153,7 @@ def provision(job: MigrationJob, runner: str) -> None:
     for disk in _disks(job):
         if disk.volume_id and backend.get_volume(disk.volume_id) is not None:
             continue
-        name = f"oma-{job.vm.vm_id}-disk{disk.source_disk.unit_number}"
+        name = volume_name_for(job.vm.vm_id, disk.source_disk.unit_number)
         volume = backend.create_volume(name, disk.source_disk.capacity_bytes)
         JobDisk.objects.filter(pk=disk.pk).update(volume_id=volume.id)
         record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({volume.id})")

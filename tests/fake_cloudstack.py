@@ -107,6 +107,13 @@ class FakeCloudStack:
         body.update(jobstatus=status, jobresultcode=code, jobresulttype="object", jobresult=result)
         return 200, {key: body}
 
+    def finish_jobs(self) -> None:
+        """The cloud finishes every job still pending, as it does after a caller gave up waiting."""
+        with self.lock:
+            for job in self.jobs.values():
+                if "result" not in job:
+                    job["result"] = (1, 0, job["work"]())
+
     def api_listVolumes(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
         found = [
             v

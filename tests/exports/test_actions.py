@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -244,7 +245,25 @@ def test_a_vms_disks_together_share_one_reload(nbdserver_server: RunningServer) 
     assert [m.export_name for m in mappings] == [f"migration-vm-{VM}-disk{d}" for d in range(3)]
     assert all(m.status == VMExportMapping.Status.ACTIVE for m in mappings)
     assert reloads() == 1
+    assert nbdserver_server.helper_calls().count("link") == 1
     assert {m.export_name for m in mappings} <= set(list_exports("127.0.0.1", nbdserver_server.layout.port))
+
+
+def test_a_batch_answers_in_request_order(nbd_server: RunningServer) -> None:
+    requests = [actions.ExportRequest(VM, "web-01", d, nbd_server.volume(f"d{d}.img")) for d in (2, 0, 1)]
+    mappings = actions.ensure_exports(requests)
+    assert [(m.disk_unit_number, m.device_path) for m in mappings] == [(r.disk_unit, r.device) for r in requests]
+    assert nbd_server.helper_calls().count("link") == 1
+
+
+def test_a_batch_the_helper_refuses_leaves_no_row_and_no_link(nbd_server: RunningServer, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.img"
+    outside.write_bytes(b"x" * 4096)
+    good = actions.ExportRequest(VM, "web-01", 0, nbd_server.volume("d0.img"))
+    with pytest.raises(actions.ExportRefused):
+        actions.ensure_exports([good, actions.ExportRequest(VM, "web-01", 1, str(outside))])
+    assert not VMExportMapping.objects.exists()
+    assert not any(nbd_server.layout.export_root.iterdir()) and not any(nbd_server.layout.confd.iterdir())
 
 
 def test_a_batch_with_one_bad_disk_changes_nothing(nbd_server: RunningServer) -> None:

@@ -166,9 +166,39 @@ def test_nul_byte_is_refused_in_process(layout: DevServerLayout, monkeypatch: py
     assert snapshot(layout) == before
 
 
+def test_link_takes_a_vms_disks_in_one_call(layout: DevServerLayout) -> None:
+    volumes = [layout.volume_root / f"v{n}.img" for n in range(3)]
+    for volume in volumes:
+        volume.write_bytes(b"x")
+    names = [f"migration-vm-{VM}-disk{n}" for n in range(3)]
+    args = [part for name, volume in zip(names, volumes, strict=True) for part in (name, str(volume))]
+    links: list[dict[str, object]] = result_of(run_helper(layout, "link", *args))["links"]  # type: ignore[assignment]
+    assert [link["name"] for link in links] == names
+    assert all(link["link_changed"] for link in links)
+    for name, volume in zip(names, volumes, strict=True):
+        assert os.readlink(layout.export_root / name) == str(volume)
+
+
+def test_one_hostile_pair_refuses_the_whole_link_call(layout: DevServerLayout) -> None:
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(b"x")
+    other = f"migration-vm-{VM}-disk1"
+    before = snapshot(layout)
+    for pairs in (
+        [NAME, str(volume), other, "/etc/shadow"],
+        [NAME, str(volume), "../etc", str(volume)],
+        [NAME, str(volume), NAME, str(volume)],
+        [NAME, str(volume), other, str(volume)],
+    ):
+        proc = run_helper(layout, "link", *pairs)
+        assert proc.returncode == 3, result_of(proc)
+        assert snapshot(layout) == before, pairs
+
+
 def test_usage_errors_exit_2() -> None:
-    proc = subprocess.run(["python3", str(HELPER), "link", NAME], capture_output=True, text=True, check=False)
-    assert proc.returncode == 2 and result_of(proc)["error"] == "usage"
+    for args in (["link", NAME], ["link", NAME, "/x", NAME], ["link", *(["n", "/d"] * 65)], ["status", "x"]):
+        proc = subprocess.run(["python3", str(HELPER), *args], capture_output=True, text=True, check=False)
+        assert proc.returncode == 2 and result_of(proc)["error"] == "usage", args
     proc = subprocess.run(["python3", str(HELPER), "format-disk"], capture_output=True, text=True, check=False)
     assert proc.returncode == 2
 

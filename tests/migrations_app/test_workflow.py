@@ -203,6 +203,14 @@ def test_cloudstack_errors_and_timeouts_fail_the_job_clearly(
         assert message in job.error and job.error.startswith("provisioning:")
         assert not job.disks.exclude(volume_id="").exists(), "no volume recorded, none leaked"
         assert not VMExportMapping.objects.exists()
+        # The cloud finishes what it was asked (a timed-out create still makes its volume): cleanup finds
+        # the volume by its name and deletes it, so nothing is left behind.
+        cloud.finish_jobs()
+        made = list(cloud.volumes)
+        assert made or not fault.get("stall"), "a timed-out create finishes later"
+        lines = actions.cleanup_job(job_id=job.job_id, actor="tester")
+        assert not cloud.volumes, lines
+        assert all(f"deleted volume {volume_id}" in "; ".join(lines) for volume_id in made)
     finally:
         cloud.stop()
 
