@@ -2,8 +2,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nbdkit nbd-server libnbd-bin sudo
-# Browser tests (issue 4) add chromium here.
+APT_PACKAGES := nbdkit nbd-server libnbd-bin sudo chromium
+# chromium: the browser tests drive Debian's /usr/bin/chromium through Playwright (no browser download).
 
 .PHONY: demo demo-migrate demo-jobs test setup system-packages venv check lint clean bench
 

@@ -17,6 +17,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from omaportal.web.live import announce
+
 from .backends import get_backend, nbd_settings
 from .helper_client import HelperFailed
 from .models import (
@@ -60,6 +62,7 @@ def record_event(
     data: dict[str, Any] | None = None,
     actor: str = "system",
 ) -> ExportEvent:
+    announce("nbd")
     return ExportEvent.objects.create(
         mapping=mapping,
         export_name=export_name or (mapping.export_name if mapping else ""),
@@ -108,6 +111,7 @@ def record_serve_report(report: ServeReport, backend: NbdBackend, actor: str = "
         except HelperFailed:
             pass
     NbdServerState.objects.filter(pk=state.pk).update(**updates)
+    announce("nbd")
     if report.reloads:
         record_event("server.reload", message=f"{report.reloads} reload(s)", data={"reloads": report.reloads})
     for kind, message in report.incidents:
@@ -441,6 +445,7 @@ def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCh
         warnings=warnings,
         **updates,
     )
+    announce("nbd")
     return ServerCheck(
         backend=backend.name,
         version=version,

@@ -1,29 +1,63 @@
-"""A read-only overview of the NBD server and the export mappings (the live dashboard comes later)."""
+"""Export mappings and the NBD server page, plus the unauthenticated health check."""
 
 from __future__ import annotations
 
-from django.contrib.auth.decorators import login_required
+from typing import Any
+
+from django.core.paginator import Paginator
 from django.db import connection
+from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from omaportal.web.roles import viewer_required
+
 from .models import ExportEvent, NbdServerState, VMExportMapping
+
+MAPPINGS_PER_PAGE = 50
+
+
+def nbd_context() -> dict[str, Any]:
+    return {
+        "nbd": NbdServerState.objects.first(),
+        "status_counts": dict(
+            VMExportMapping.objects.values_list("status").annotate(n=Count("pk")).values_list("status", "n")
+        ),
+        # Reloads, restarts, crashes, repairs and lost exports: the server's own history.
+        "server_events": ExportEvent.objects.filter(Q(kind__startswith="server.") | Q(kind="exports.lost")).order_by(
+            "-id"
+        )[:30],
+        "export_events": ExportEvent.objects.exclude(kind__startswith="server.").order_by("-id")[:30],
+    }
 
 
 @require_GET
-@login_required
-def overview(request: HttpRequest) -> HttpResponse:
-    return render(
-        request,
-        "exports/overview.html",
-        {
-            "servers": NbdServerState.objects.all(),
-            "mappings": VMExportMapping.objects.order_by("-updated_at")[:50],
-            "mapping_count": VMExportMapping.objects.count(),
-            "events": ExportEvent.objects.all()[:20],
-        },
+@viewer_required
+def mapping_list(request: HttpRequest) -> HttpResponse:
+    mappings = VMExportMapping.objects.order_by("vm_name", "disk_unit_number")
+    query = request.GET.get("q", "").strip()
+    if query:
+        mappings = mappings.filter(
+            Q(vm_name__icontains=query) | Q(vm_id__startswith=query.lower()) | Q(export_name__icontains=query)
+        )
+    status = request.GET.get("status", "")
+    if status in VMExportMapping.Status.values:
+        mappings = mappings.filter(status=status)
+    else:
+        status = ""
+    page = Paginator(mappings, MAPPINGS_PER_PAGE).get_page(request.GET.get("page"))
+    context = {"page": page, "q": query, "status": status, "statuses": VMExportMapping.Status.choices}
+    template = (
+        "exports/mapping_list.html#mapping-table" if getattr(request, "htmx", False) else "exports/mapping_list.html"
     )
+    return render(request, template, context)
+
+
+@require_GET
+@viewer_required
+def nbd_server(request: HttpRequest) -> HttpResponse:
+    return render(request, "exports/nbd_server.html", nbd_context())
 
 
 @require_GET

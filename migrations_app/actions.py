@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from exports.actions import ExportError, retire_export
 from exports.models import normalize_vm_id
+from omaportal.web.live import announce
 
 from .backends import get_volume_backend
 from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobEvent, JobState, MigrationJob, SourceDisk, SourceVM
@@ -34,6 +35,7 @@ def record_job_event(
     duration_ms: int | None = None,
     actor: str = "system",
 ) -> JobEvent:
+    announce("job", job.pk)
     return JobEvent.objects.create(
         job=job, kind=kind, step=step, message=message, data=data or {}, duration_ms=duration_ms, actor=actor
     )
@@ -73,6 +75,7 @@ def sync_inventory(vms: list[dict[str, Any]]) -> int:
                     "capacity_bytes": int(disk["capacity_bytes"]),
                 },
             )
+    announce("inventory")
     return len(vms)
 
 

@@ -104,6 +104,8 @@ class MigrationJob(models.Model):
     runner = models.CharField(max_length=64, blank=True)
     cleanup_requested = models.BooleanField(default=False)
     error = models.TextField(blank=True)
+    # Recent total throughput samples (bytes/s), newest last: the dashboard's sparkline.
+    throughput_samples = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -111,6 +113,7 @@ class MigrationJob(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["vm", "-created_at"])]
+        permissions = [("operate_migrations", "Can start, cancel and retry migrations")]
 
     def __str__(self) -> str:
         return self.job_id

@@ -8,6 +8,8 @@ import socket
 
 from django_q.tasks import async_task
 
+from omaportal.web.relay import prune_live_updates
+
 from .workflow import run_job, stale_jobs
 
 
@@ -18,7 +20,9 @@ def run_job_task(job_pk: int) -> str:
 
 
 def recover_stale_jobs() -> int:
-    """Periodic: re-queue every active job whose worker stopped beating; the job resumes at its step."""
+    """Periodic: re-queue every active job whose worker stopped beating; the job resumes at its step.
+    Also drops live-update outbox rows old enough to have been relayed."""
+    prune_live_updates()
     jobs = stale_jobs()
     for job in jobs:
         async_task("migrations_app.tasks.run_job_task", job.pk, task_name=f"recover-{job.job_id}")

@@ -11,12 +11,14 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from exports.actions import ExportError, ExportRequest, ensure_exports
+from omaportal.web.live import announce
 
 from .actions import record_job_event
 from .backends import get_vma_client, get_volume_backend, vma_settings, workflow_settings
@@ -222,22 +224,7 @@ def replicate(job: MigrationJob, runner: str) -> None:
             # copy must not flood the database, nor the live view behind it.
             if final or now - last_write >= PROGRESS_WRITE_INTERVAL:
                 last_write = now
-                for item in state["disks"]:
-                    disk = disks[item["unit_number"]]
-                    values = (
-                        item["bytes_done"],
-                        item["bytes_total"] or disk.bytes_total,
-                        item["throughput_bps"],
-                        item.get("change_id", ""),
-                    )
-                    if written.get(item["unit_number"]) != values:
-                        written[item["unit_number"]] = values
-                        JobDisk.objects.filter(pk=disk.pk).update(
-                            bytes_done=values[0],
-                            bytes_total=values[1],
-                            throughput_bps=values[2],
-                            new_change_id=values[3],
-                        )
+                _write_progress(job, disks, state["disks"], written)
             if state["state"] == "completed":
                 return
             if state["state"] in ("failed", "cancelled"):
@@ -245,6 +232,42 @@ def replicate(job: MigrationJob, runner: str) -> None:
             time.sleep(float(flow["POLL_INTERVAL"]))
     finally:
         vma.close()
+
+
+SPARKLINE_SAMPLES = 40
+
+
+def _write_progress(
+    job: MigrationJob,
+    disks: dict[int, JobDisk],
+    reported: list[dict[str, Any]],
+    written: dict[int, tuple[int, int, int, str]],
+) -> None:
+    """Per-disk progress, one throughput sample for the sparkline and a live update, in one
+    transaction (one write lock on SQLite); nothing at all when the VMA reports no change."""
+    changes = {}
+    for item in reported:
+        disk = disks[item["unit_number"]]
+        values = (
+            item["bytes_done"],
+            item["bytes_total"] or disk.bytes_total,
+            item["throughput_bps"],
+            item.get("change_id", ""),
+        )
+        if written.get(item["unit_number"]) != values:
+            changes[disk.pk] = values
+            written[item["unit_number"]] = values
+    if not changes:
+        return
+    with transaction.atomic():
+        for pk, (done, total, rate, change_id) in changes.items():
+            JobDisk.objects.filter(pk=pk).update(
+                bytes_done=done, bytes_total=total, throughput_bps=rate, new_change_id=change_id
+            )
+        samples = MigrationJob.objects.filter(pk=job.pk).values_list("throughput_samples", flat=True).first() or []
+        rate = sum(int(item.get("throughput_bps") or 0) for item in reported)
+        MigrationJob.objects.filter(pk=job.pk).update(throughput_samples=[*samples, rate][-SPARKLINE_SAMPLES:])
+        announce("job", job.pk)
 
 
 def _wait_stopped(vma: VmaClient, replication_id: str, job: MigrationJob, runner: str) -> None:

@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "channels",
     "django_q",
+    "omaportal.web",
     "exports",
     "migrations_app",
 ]
@@ -162,7 +163,12 @@ OMA_NBD: dict[str, Any] = {
 }
 
 # Until the operator GUI has its own login page, Django admin's serves every role.
-LOGIN_URL = "admin:login"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
 
 # --- Migrations: destination volumes, the VMA agent, the workflow ---------------------------
 OMA_VOLUMES: dict[str, Any] = {

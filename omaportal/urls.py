@@ -1,10 +1,24 @@
 from django.contrib import admin
+from django.contrib.auth.views import LogoutView
 from django.urls import path
 
-from exports import views
+from exports import views as export_views
+from migrations_app import views as migration_views
+from omaportal.web.auth import OmaLoginView
 
 urlpatterns = [
-    path("", views.overview, name="overview"),
-    path("healthz", views.healthz, name="healthz"),
+    path("", migration_views.dashboard, name="dashboard"),
+    path("vms/", migration_views.inventory, name="inventory"),
+    path("vms/migrate/", migration_views.migrate_vms, name="migrate-vms"),
+    path("vms/refresh/", migration_views.refresh_inventory, name="refresh-inventory"),
+    path("jobs/", migration_views.job_list, name="job-list"),
+    path("jobs/<str:job_id>/", migration_views.job_detail, name="job-detail"),
+    path("jobs/<str:job_id>/cancel/", migration_views.job_cancel, name="job-cancel"),
+    path("jobs/<str:job_id>/retry/", migration_views.job_retry, name="job-retry"),
+    path("exports/", export_views.mapping_list, name="mapping-list"),
+    path("nbd/", export_views.nbd_server, name="nbd-server"),
+    path("healthz", export_views.healthz, name="healthz"),
+    path("login/", OmaLoginView.as_view(), name="login"),
+    path("logout/", LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
 ]

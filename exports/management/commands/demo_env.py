@@ -4,10 +4,12 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 
 from exports.backends import nbd_settings
 from exports.devserver import free_port
+from omaportal.web.roles import ADMIN, setup_roles
 
 
 class Command(BaseCommand):
@@ -31,6 +33,8 @@ class Command(BaseCommand):
             password_file.write_text(password + "\n")
             password_file.chmod(0o600)
         password = password_file.read_text().strip()
+        setup_roles()
+        user_model.objects.get(username="admin").groups.add(Group.objects.get(name=ADMIN))
         self.stdout.write(
             f"OMA_WEB_PORT={web}\nOMA_NBD_PORT={nbd}\nOMA_VMA_PORT={vma}\n"
             f"OMA_VMA_URL=http://127.0.0.1:{vma}\nOMA_VMA_TOKEN={token}\nOMA_VMA_NBD_PORT={nbd}\n"
@@ -41,6 +45,9 @@ class Command(BaseCommand):
             f"  Admin:       http://127.0.0.1:{web}/admin/\n"
             f"  NBD server:  nbd://127.0.0.1:{nbd}/  (backend {nbd_settings()['BACKEND']}; try: nbdinfo --list nbd://127.0.0.1:{nbd})\n"
             f"  VMA (simulator): http://127.0.0.1:{vma}/api/v1  (4 demo VMs, real bytes)\n"
-            "  Migrate a demo VM from another terminal:  make demo-migrate VM=web-01   (progress: make demo-jobs)\n"
+            "  Migrate a demo VM: VMs -> Refresh from the VMA -> tick the VMs -> Migrate;\n"
+            "  or from another terminal:  make demo-migrate VM=web-01   (progress: make demo-jobs)\n"
+            "  More users: manage.py setup_roles --user NAME --role viewer|operator|admin\n"
+            "              (the password comes from $OMA_ADMIN_PASSWORD)\n"
             "  Stop with Ctrl-C.\n\n"
         )

@@ -1,0 +1,211 @@
+"""The live-update relay: one per web process. It tails the outbox (``LiveUpdate`` rows written by any
+process: django-q2 workers, management commands, other web processes), renders the changed
+fragments once per role, and sends them to the Channels groups whose pages show them.
+
+Waking up: PostgreSQL LISTEN (the writers' NOTIFY arrives at their commit), with a one-second poll as
+a safety net; SQLite polls every 50 ms (an indexed ``id > last`` query). Whatever arrived while a
+render ran is coalesced into the next one, so a burst of progress costs one render per tick, not one
+per write: the socket cannot be flooded however fast a copy runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.db import close_old_connections, connections
+from django.template.loader import render_to_string
+from django.utils import timezone
+
+from .live import NOTIFY_CHANNEL
+from .models import LiveUpdate
+
+log = logging.getLogger(__name__)
+SQLITE_POLL = 0.05
+PG_SAFETY_POLL = 1.0
+KEEP_UPDATES = timedelta(minutes=10)
+ROLES = ("operator", "viewer")
+
+
+def groups_for(page: str, role: str, job_pk: int | None = None) -> list[str]:
+    """The Channels groups a page joins: fragments are rendered once per group, per change."""
+    if page == "job" and job_pk is not None:
+        return [f"job-{job_pk}-{role}"]
+    if page in ("dashboard", "jobs", "nbd"):
+        return [f"{page}-{role}"]
+    return []
+
+
+@dataclass
+class Changes:
+    last_id: int
+    jobs: set[int] = field(default_factory=set)
+    nbd: bool = False
+    inventory: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs or self.nbd or self.inventory)
+
+
+def read_changes(last_id: int) -> Changes:
+    changes = Changes(last_id)
+    for pk, topic, job_pk in LiveUpdate.objects.filter(id__gt=last_id).values_list("id", "topic", "job_pk"):
+        changes.last_id = max(changes.last_id, pk)
+        if topic == LiveUpdate.Topic.JOB and job_pk is not None:
+            changes.jobs.add(job_pk)
+        elif topic == LiveUpdate.Topic.NBD:
+            changes.nbd = True
+        else:
+            changes.inventory = True
+    return changes
+
+
+def render_fragments(group: str, changes: Changes | None) -> str:
+    """The HTML for one group: every fragment on its page (changes None: a snapshot), or only the ones
+    the changes touch. Each top-level element carries the id htmx swaps out of band."""
+    from exports.views import nbd_context
+    from migrations_app.models import MigrationJob
+    from migrations_app.views import _with_disks, dashboard_context, job_context, job_rows
+
+    page, _, role = group.rpartition("-")
+    operator = role == "operator"
+    parts: list[str] = []
+    if page == "dashboard":
+        if changes is None or changes.jobs or changes.nbd:
+            context = dashboard_context(operator)
+            names = ["summary", "active-jobs", "recent-jobs", "recent-events", "nbd-card"]
+            if changes is not None and not changes.nbd:
+                names.remove("nbd-card")
+            parts += [render_to_string(f"migrations_app/dashboard.html#{name}", context) for name in names]
+    elif page == "jobs":
+        if changes is not None and changes.jobs:
+            rows = job_rows(MigrationJob.objects.filter(pk__in=changes.jobs))
+            parts += [
+                render_to_string(
+                    "migrations_app/job_list.html#job-row", {"job": job, "can_operate": operator, "oob": True}
+                )
+                for job in rows
+            ]
+    elif page == "nbd":
+        if changes is None or changes.nbd:
+            parts.append(render_to_string("exports/nbd_server.html#nbd-live", nbd_context()))
+    elif page.startswith("job-"):
+        job_pk = int(page.removeprefix("job-"))
+        if changes is None or job_pk in changes.jobs:
+            job = _with_disks(MigrationJob.objects.filter(pk=job_pk)).first()
+            if job is not None:
+                parts.append(render_to_string("migrations_app/job_detail.html#job-live", job_context(job, operator)))
+    return "".join(parts)
+
+
+def _render_all(groups: list[str], changes: Changes | None) -> dict[str, str]:
+    try:
+        return {group: html for group in groups if (html := render_fragments(group, changes))}
+    finally:
+        close_old_connections()
+
+
+def prune_live_updates() -> int:
+    """Outbox rows older than ten minutes have been relayed; periodic cleanup drops them."""
+    deleted, _ = LiveUpdate.objects.filter(created_at__lt=timezone.now() - KEEP_UPDATES).delete()
+    return deleted
+
+
+class Relay:
+    def __init__(self) -> None:
+        self.watchers: Counter[str] = Counter()
+        self.task: asyncio.Task[None] | None = None
+        self.last_id = 0
+        self.sent = 0
+
+    def watch(self, group: str) -> None:
+        self.watchers[group] += 1
+
+    def unwatch(self, group: str) -> None:
+        self.watchers[group] -= 1
+        if self.watchers[group] <= 0:
+            del self.watchers[group]
+
+    async def ensure_started(self) -> None:
+        if self.task is None or self.task.done():
+            self.last_id = await database_sync_to_async(self._max_id)()
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    @staticmethod
+    def _max_id() -> int:
+        return LiveUpdate.objects.order_by("-id").values_list("id", flat=True).first() or 0
+
+    async def snapshot(self, group: str) -> str:
+        rendered = await sync_to_async(_render_all, thread_sensitive=True)([group], None)
+        return rendered.get(group, "")
+
+    async def _run(self) -> None:
+        listener = await _PgListener.open() if connections["default"].vendor == "postgresql" else None
+        try:
+            while True:
+                if listener is not None:
+                    await listener.wait(PG_SAFETY_POLL)
+                else:
+                    await asyncio.sleep(SQLITE_POLL)
+                try:
+                    await self._tick()
+                except Exception:  # a bad render must not stop live updates for everyone
+                    log.exception("live relay tick failed")
+                    await asyncio.sleep(1)
+        finally:
+            if listener is not None:
+                await listener.close()
+
+    async def _tick(self) -> None:
+        changes = await database_sync_to_async(read_changes)(self.last_id)
+        self.last_id = changes.last_id
+        if not changes or not self.watchers:
+            return
+        rendered = await sync_to_async(_render_all, thread_sensitive=True)(list(self.watchers), changes)
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        for group, html in rendered.items():
+            await layer.group_send(group, {"type": "live.html", "html": html})
+            self.sent += 1
+
+
+class _PgListener:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def open(cls) -> _PgListener | None:
+        import psycopg
+
+        params = connections["default"].get_connection_params()
+        keys = ("dbname", "user", "password", "host", "port", "sslmode", "sslrootcert", "sslcert", "sslkey")
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                autocommit=True, **{k: v for k, v in params.items() if k in keys and v}
+            )
+            await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except psycopg.Error:
+            log.warning("LISTEN failed; the live relay polls once a second instead", exc_info=True)
+            return None
+        return cls(conn)
+
+    async def wait(self, timeout: float) -> None:
+        # Returns at the first notification (or after the timeout); the tick reads every row since.
+        async for _ in self.conn.notifies(timeout=timeout, stop_after=1):
+            pass
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.conn.close()
+
+
+relay = Relay()

@@ -1,0 +1,129 @@
+"""The pages show what the rows say, filter and paginate, answer htmx with only their table, and
+run a constant number of queries however many rows there are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from exports.models import NbdServerState, VMExportMapping
+from migrations_app.models import JobState, MigrationJob
+from omaportal.web.templatetags.oma_format import bytes_human, eta, rate_human
+from tests.web.conftest import make_jobs
+
+
+def test_dashboard_shows_active_jobs_with_progress_and_the_nbd_card(
+    operator: Client, nbd_state: NbdServerState
+) -> None:
+    active = make_jobs(2, state=JobState.REPLICATING)
+    make_jobs(1, state=JobState.FAILED)
+    html = operator.get(reverse("dashboard")).content.decode()
+    for job in active:
+        assert f'id="job-card-{job.pk}"' in html and job.vm.name in html
+    assert "50%" in html and "100 MB/s" in html  # two disks at 50 MB/s each
+    assert "1.32.5" in html and "4</span> of 4 served" in html
+    assert 'ws-connect="/ws/live/?page=dashboard"' in html
+    assert "<polyline" in html  # the throughput sparkline
+
+
+def test_dashboard_empty_state_says_what_to_do(operator: Client, viewer: Client) -> None:
+    assert "Pick VMs in the" in operator.get(reverse("dashboard")).content.decode()
+    assert "When an operator starts a migration" in viewer.get(reverse("dashboard")).content.decode()
+
+
+def test_job_list_filters_by_state_and_vm(viewer: Client) -> None:
+    done = make_jobs(3, state=JobState.COMPLETED)
+    failed = make_jobs(2, state=JobState.FAILED)
+    html = viewer.get(reverse("job-list"), {"state": "failed"}).content.decode()
+    assert all(j.job_id in html for j in failed) and not any(j.job_id in html for j in done)
+    html = viewer.get(reverse("job-list"), {"vm": done[0].vm.name}).content.decode()
+    assert done[0].job_id in html and failed[0].job_id not in html
+    assert "match these filters" in viewer.get(reverse("job-list"), {"vm": "no-such-vm"}).content.decode()
+
+
+def test_job_list_paginates_and_answers_htmx_with_the_table_only(viewer: Client) -> None:
+    make_jobs(30)
+    page2 = viewer.get(reverse("job-list"), {"page": 2}, headers={"HX-Request": "true"}).content.decode()
+    assert page2.lstrip().startswith('<div id="job-table">') and "<html" not in page2
+    assert "Page 2 of 2" in page2 and page2.count('<tr id="job-row-') == 5
+
+
+def test_job_detail_shows_timeline_disks_and_events(viewer: Client) -> None:
+    job = make_jobs(1, state=JobState.REPLICATING)[0]
+    html = viewer.get(reverse("job-detail", args=[job.job_id])).content.decode()
+    assert "Provisioning volumes" in html and "Replicating" in html
+    assert 'class="step running"' in html
+    assert "job.created" in html and "step.started" in html
+    for disk in job.disks.all():
+        assert disk.mapping.export_name in html  # type: ignore[union-attr]
+    assert viewer.get(reverse("job-detail", args=["job-nope"])).status_code == 404
+
+
+def test_inventory_shows_disks_with_their_exports_and_last_job(operator: Client) -> None:
+    job = make_jobs(1)[0]
+    html = operator.get(reverse("inventory")).content.decode()
+    assert job.vm.name in html and job.job_id in html
+    assert VMExportMapping.objects.filter(vm_id=job.vm.vm_id).first().export_name in html  # type: ignore[union-attr]
+    assert operator.get(reverse("inventory"), {"q": "zzz"}).content.decode().count("No VM matches") == 1
+
+
+def test_migrate_selected_vms_starts_jobs_for_the_operator(
+    operator: Client, django_capture_on_commit_callbacks: Any
+) -> None:
+    vm = make_jobs(1)[0].vm
+    with django_capture_on_commit_callbacks() as queued:
+        response = operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id]})
+    assert response.status_code == 302 and response["Location"] == reverse("dashboard")
+    job = MigrationJob.objects.filter(vm=vm, state=JobState.PENDING).get()
+    assert job.requested_by.startswith("operator-")
+    assert len(queued) == 1, "the job is handed to a worker when the request commits"
+    # A second start while one is active is refused with a message, not a second job.
+    operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id]})
+    assert MigrationJob.objects.filter(vm=vm, state=JobState.PENDING).count() == 1
+
+
+def test_mapping_list_filters(viewer: Client) -> None:
+    jobs = make_jobs(2)
+    VMExportMapping.objects.filter(vm_id=jobs[0].vm.vm_id).update(status=VMExportMapping.Status.RETIRED)
+    html = viewer.get(reverse("mapping-list"), {"status": "retired"}).content.decode()
+    assert jobs[0].vm.name in html and jobs[1].vm.name not in html
+
+
+def test_nbd_page_shows_counters_and_warnings(viewer: Client, nbd_state: NbdServerState) -> None:
+    NbdServerState.objects.update(crashes_detected=2, warnings=["nbd-server 3.24 corrupts its memory on reload"])
+    html = viewer.get(reverse("nbd-server")).content.decode()
+    assert "crashes detected" in html and "corrupts its memory" in html
+
+
+def queries(client: Client, url: str, **params: str) -> int:
+    with CaptureQueriesContext(connection) as ctx:
+        response = client.get(url, params)
+    assert response.status_code == 200
+    return len(ctx.captured_queries)
+
+
+@pytest.mark.parametrize(
+    ("page", "state"),
+    [("dashboard", JobState.REPLICATING), ("job-list", JobState.COMPLETED), ("mapping-list", JobState.COMPLETED)],
+)
+def test_query_count_is_constant_as_rows_grow(
+    operator: Client, nbd_state: NbdServerState, page: str, state: str, django_assert_max_num_queries: object
+) -> None:
+    make_jobs(10, state=state)
+    few = queries(operator, reverse(page))
+    make_jobs(40, state=state)
+    assert queries(operator, reverse(page)) == few
+    with django_assert_max_num_queries(12):  # type: ignore[operator]
+        operator.get(reverse(page))
+
+
+def test_human_units() -> None:
+    assert bytes_human(3 << 30) == "3.0 GiB" and bytes_human(512) == "512 B"
+    assert rate_human(125_000_000) == "125 MB/s" and rate_human(0) == "\u2013"
+    assert eta({"done": 0, "total": 120_000_000, "rate": 1_000_000}) == "2 min left"
+    assert eta({"done": 5, "total": 10, "rate": 0}) == "estimating…"
