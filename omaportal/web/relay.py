@@ -31,6 +31,9 @@ from .models import LiveUpdate
 log = logging.getLogger(__name__)
 SQLITE_POLL = 0.05
 PG_SAFETY_POLL = 1.0
+# At most this often a group gets a message, however fast changes arrive (PostgreSQL wakes the relay on
+# every NOTIFY): a fast copy cannot flood the sockets, and whatever came in meanwhile is coalesced.
+MIN_SEND_INTERVAL = 0.05
 KEEP_UPDATES = timedelta(minutes=10)
 ROLES = ("operator", "viewer")
 
@@ -149,14 +152,17 @@ class Relay:
 
     async def _run(self) -> None:
         listener = await _PgListener.open() if connections["default"].vendor == "postgresql" else None
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if listener is not None:
                     await listener.wait(PG_SAFETY_POLL)
                 else:
                     await asyncio.sleep(SQLITE_POLL)
+                started = loop.time()
                 try:
-                    await self._tick()
+                    if await self._tick():
+                        await asyncio.sleep(max(0.0, started + MIN_SEND_INTERVAL - loop.time()))
                 except Exception:  # a bad render must not stop live updates for everyone
                     log.exception("live relay tick failed")
                     await asyncio.sleep(1)
@@ -164,18 +170,20 @@ class Relay:
             if listener is not None:
                 await listener.close()
 
-    async def _tick(self) -> None:
+    async def _tick(self) -> bool:
+        """Relay what changed since the last tick; True if anything was sent."""
         changes = await database_sync_to_async(read_changes)(self.last_id)
         self.last_id = changes.last_id
         if not changes or not self.watchers:
-            return
+            return False
         rendered = await sync_to_async(_render_all, thread_sensitive=True)(list(self.watchers), changes)
         layer = get_channel_layer()
         if layer is None:
-            return
+            return False
         for group, html in rendered.items():
             await layer.group_send(group, {"type": "live.html", "html": html})
             self.sent += 1
+        return bool(rendered)
 
 
 class _PgListener:

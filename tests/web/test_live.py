@@ -1,0 +1,190 @@
+"""The live websocket: login and origin checks, a snapshot on every connect, and changes written by
+another process reaching the browser through the outbox and the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import User
+from django.db import connection, connections
+from django.test import Client
+
+from migrations_app.models import JobState, MigrationJob
+from omaportal.asgi import application
+from omaportal.web.relay import MIN_SEND_INTERVAL, relay
+from tests.web.conftest import UserFactory, make_jobs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _close_relay_connections() -> Iterator[None]:
+    """The relay renders in asgiref's shared sync thread, whose connection is persistent (CONN_MAX_AGE);
+    close it after each test so the test database can be dropped."""
+    yield
+    asyncio.run(sync_to_async(connections.close_all, thread_sensitive=True)())
+
+
+def headers_for(user: User | None, origin: str = "http://127.0.0.1") -> list[tuple[bytes, bytes]]:
+    headers = [(b"origin", origin.encode()), (b"host", b"127.0.0.1")]
+    if user is not None:
+        client = Client()
+        client.force_login(user)
+        headers.append((b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()))
+    return headers
+
+
+async def connect(path: str, headers: list[tuple[bytes, bytes]]) -> tuple[WebsocketCommunicator, bool, Any]:
+    communicator = WebsocketCommunicator(application, path, headers=headers)
+    connected, detail = await communicator.connect(timeout=10)
+    return communicator, connected, detail
+
+
+async def receive_until(communicator: WebsocketCommunicator, needle: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no message containing {needle!r} within {timeout}s")
+        message = await communicator.receive_from(timeout=left)
+        if needle in message:
+            return message
+
+
+def test_anonymous_sockets_are_closed(db: None) -> None:
+    async def run() -> None:
+        communicator, connected, code = await connect("/ws/live/?page=dashboard", headers_for(None))
+        assert not connected and code == 4403
+        await communicator.disconnect()
+
+    asyncio.run(run())
+
+
+def test_a_user_without_a_role_is_closed(make_user: UserFactory) -> None:
+    headers = headers_for(make_user("none"))
+
+    async def run() -> None:
+        communicator, connected, code = await connect("/ws/live/?page=dashboard", headers)
+        assert not connected and code == 4403
+        await communicator.disconnect()
+
+    asyncio.run(run())
+
+
+def test_a_foreign_origin_is_refused(make_user: UserFactory) -> None:
+    headers = headers_for(make_user("operator"), origin="https://evil.example")
+
+    async def run() -> None:
+        communicator, connected, _ = await connect("/ws/live/?page=dashboard", headers)
+        assert not connected
+        await communicator.disconnect()
+
+    asyncio.run(run())
+
+
+def test_every_connect_starts_with_a_snapshot_rendered_for_the_role(make_user: UserFactory) -> None:
+    job = make_jobs(1, state=JobState.REPLICATING)[0]
+    viewer, operator = headers_for(make_user("viewer")), headers_for(make_user("operator"))
+
+    async def run() -> None:
+        for headers, sees_cancel in ((viewer, False), (operator, True)):
+            communicator, connected, _ = await connect("/ws/live/?page=dashboard", headers)
+            assert connected
+            snapshot = await communicator.receive_from(timeout=10)
+            assert 'id="summary"' in snapshot and f'id="job-card-{job.pk}"' in snapshot
+            assert ("Cancel</button>" in snapshot) is sees_cancel
+            await communicator.disconnect()
+        # A job page's snapshot is that job's detail.
+        communicator, connected, _ = await connect(f"/ws/live/?page=job&job={job.job_id}", viewer)
+        assert connected
+        assert f'id="job-live-{job.pk}"' in await communicator.receive_from(timeout=10)
+        await communicator.disconnect()
+
+    asyncio.run(run())
+
+
+WRITER = """
+import sys
+from migrations_app.models import JobDisk, MigrationJob
+from migrations_app.workflow import _write_progress
+job = MigrationJob.objects.get(pk=int(sys.argv[1]))
+disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
+reported = [
+    {"unit_number": u, "bytes_done": int(sys.argv[2]), "bytes_total": d.bytes_total, "throughput_bps": 7_000_000}
+    for u, d in disks.items()
+]
+_write_progress(job, disks, reported, {})
+"""
+
+
+def test_progress_written_by_another_process_reaches_the_socket(make_user: UserFactory) -> None:
+    job = make_jobs(1, state=JobState.REPLICATING, disks=1)[0]
+    marker = 123_456_789
+    headers = headers_for(make_user("viewer"))
+
+    async def run() -> None:
+        communicator, connected, _ = await connect(f"/ws/live/?page=job&job={job.job_id}", headers)
+        assert connected
+        await communicator.receive_from(timeout=10)  # the snapshot
+        env = {**os.environ, "OMA_DB_NAME": str(connection.settings_dict["NAME"])}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(REPO / "manage.py"),
+            "shell",
+            "-c",
+            WRITER.replace("sys.argv[1]", str(job.pk)).replace("sys.argv[2]", str(marker)),
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        update = await receive_until(communicator, f'data-done="{marker}"')
+        assert f'id="job-live-{job.pk}"' in update and "7.0 MB/s" in update
+        await communicator.disconnect()
+
+    asyncio.run(run())
+    assert MigrationJob.objects.get(pk=job.pk).throughput_samples[-1] == 7_000_000
+
+
+def test_a_burst_of_changes_is_coalesced(make_user: UserFactory) -> None:
+    """Many progress writes between two relay ticks become one message per group, not one each."""
+    from omaportal.web.live import announce
+
+    job = make_jobs(1, state=JobState.REPLICATING, disks=1)[0]
+    headers = headers_for(make_user("viewer"))
+
+    async def run() -> None:
+        communicator, connected, _ = await connect("/ws/live/?page=dashboard", headers)
+        assert connected
+        await communicator.receive_from(timeout=10)
+        sent_before = relay.sent
+
+        def burst() -> float:
+            started = time.monotonic()
+            try:
+                for _ in range(200):
+                    announce("job", job.pk)
+            finally:
+                connections.close_all()
+            return time.monotonic() - started
+
+        took = await asyncio.to_thread(burst)
+        await receive_until(communicator, f'id="job-card-{job.pk}"')
+        await asyncio.sleep(0.5)
+        # One message per group per MIN_SEND_INTERVAL at most, plus the tail after the burst.
+        allowed = took / MIN_SEND_INTERVAL + 3
+        assert relay.sent - sent_before <= allowed, f"200 writes in {took:.2f}s became {relay.sent - sent_before}"
+        await communicator.disconnect()
+
+    asyncio.run(run())
