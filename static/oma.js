@@ -2,6 +2,23 @@
 // is reconnecting (the extension retries with backoff and the server sends a fresh snapshot), and when
 // the session ended (close code 4403: log in again).
 (function () {
+  // Fragments pushed over the websocket are rendered once for every viewer, so their forms carry no
+  // CSRF token: add this page's token to any POST form that lacks one, just before it is submitted.
+  document.addEventListener("submit", function (evt) {
+    var form = evt.target;
+    if (!form || (form.method || "").toLowerCase() !== "post") return;
+    var meta = document.querySelector("meta[name=csrf-token]");
+    var field = form.querySelector("input[name=csrfmiddlewaretoken]");
+    if (!meta || (field && field.value)) return;
+    if (!field) {
+      field = document.createElement("input");
+      field.type = "hidden";
+      field.name = "csrfmiddlewaretoken";
+      form.appendChild(field);
+    }
+    field.value = meta.content;
+  }, true);
+
   function badge() { return document.getElementById("live-state"); }
   document.addEventListener("htmx:wsOpen", function () {
     var el = badge(); if (!el) return;

@@ -101,11 +101,12 @@ def test_changelist_search_and_filter(nbdkit_server: RunningServer, admin_client
     assert NAME0 in admin_client_logged_in.get(url, {"status__exact": "active"}).content.decode()
 
 
-def test_overview_requires_login_and_shows_mappings(
+def test_pages_require_login_and_show_mappings_and_server_state(
     nbdkit_server: RunningServer, admin_client_logged_in: Client
 ) -> None:
-    assert Client().get("/").status_code == 302
+    assert Client().get("/exports/").status_code == 302
     actions.ensure_export(vm_id=VM, vm_name="web-01", disk_unit=0, device=nbdkit_server.volume("a.img"))
     actions.check_nbd_server()
-    html = admin_client_logged_in.get("/").content.decode()
-    assert NAME0 in html and "Exports served 1 of 1" in html
+    assert NAME0 in admin_client_logged_in.get("/exports/").content.decode()
+    html = admin_client_logged_in.get("/nbd/").content.decode()
+    assert "1 / 1" in html and "exports served / expected" in html and "nbdkit" in html
