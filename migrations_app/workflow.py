@@ -267,7 +267,7 @@ def _write_progress(
         samples = MigrationJob.objects.filter(pk=job.pk).values_list("throughput_samples", flat=True).first() or []
         rate = sum(int(item.get("throughput_bps") or 0) for item in reported)
         MigrationJob.objects.filter(pk=job.pk).update(throughput_samples=[*samples, rate][-SPARKLINE_SAMPLES:])
-        announce("job", job.pk)
+        announce("progress", job.pk)
 
 
 def _wait_stopped(vma: VmaClient, replication_id: str, job: MigrationJob, runner: str) -> None:

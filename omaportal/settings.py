@@ -76,7 +76,8 @@ TEMPLATES = [
 ]
 WSGI_APPLICATION = "omaportal.wsgi.application"
 ASGI_APPLICATION = "omaportal.asgi.application"
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# No CHANNEL_LAYERS: each web process runs its own live relay over the database outbox and writes to
+# its own sockets (omaportal/web/relay.py), so nothing crosses processes through a channel layer.
 
 # DATABASE_URL selects PostgreSQL (psycopg 3); without it SQLite in WAL mode under var/.
 if os.environ.get("DATABASE_URL"):
@@ -95,6 +96,8 @@ else:
             },
             # A file, not :memory:, so tests with threads and subprocesses share one database.
             "TEST": {"NAME": str(VAR_DIR / "test-oma.sqlite3")},
+            # Reuse connections (the live relay reads every 50 ms; a new SQLite connection runs its PRAGMAs).
+            "CONN_MAX_AGE": 60,
         }
     }
 # Lets a worker process started by a test (or a second instance) use one named database.

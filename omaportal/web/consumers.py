@@ -1,5 +1,6 @@
-"""The one websocket: authenticate, join the page's group, send a fresh snapshot, then forward the
-fragments the relay renders. A reconnect is a new connect, so it always starts from a snapshot."""
+"""The one websocket: authenticate, subscribe to the page's group in this process's relay, send a fresh
+snapshot, then receive the fragments the relay renders. A reconnect is a new connect, so it always
+starts from a snapshot."""
 
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         await self.accept()
         # Join first, then snapshot: a change in between is sent after the snapshot, never lost.
         for group in groups_for(page, role, job_pk):
-            await self.channel_layer.group_add(group, self.channel_name)
-            relay.watch(group)
+            relay.watch(group, self)
             self.groups_joined.append(group)
         await relay.ensure_started()
         for group in self.groups_joined:
@@ -51,11 +51,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         for group in getattr(self, "groups_joined", []):
-            await self.channel_layer.group_discard(group, self.channel_name)
-            relay.unwatch(group)
+            relay.unwatch(group, self)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """The browser only listens; anything it sends is ignored."""
-
-    async def live_html(self, event: dict[str, Any]) -> None:
-        await self.send(text_data=event["html"])

@@ -9,7 +9,8 @@ from django.db import models
 
 class LiveUpdate(models.Model):
     class Topic(models.TextChoices):
-        JOB = "job", "Migration job"
+        JOB = "job", "Migration job (state, steps, events)"
+        PROGRESS = "progress", "Copy progress of a job"
         NBD = "nbd", "NBD server and exports"
         INVENTORY = "inventory", "VM inventory"
 

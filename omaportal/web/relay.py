@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.db import close_old_connections, connections
 from django.template.loader import render_to_string
 from django.utils import timezone
@@ -50,12 +49,17 @@ def groups_for(page: str, role: str, job_pk: int | None = None) -> list[str]:
 @dataclass
 class Changes:
     last_id: int
-    jobs: set[int] = field(default_factory=set)
+    jobs: set[int] = field(default_factory=set)  # state, step or event: the lists around them change too
+    progress: set[int] = field(default_factory=set)  # only bytes and rates: only the job's own fragments
     nbd: bool = False
     inventory: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.jobs or self.nbd or self.inventory)
+        return bool(self.jobs or self.progress or self.nbd or self.inventory)
+
+    @property
+    def touched_jobs(self) -> set[int]:
+        return self.jobs | self.progress
 
 
 def read_changes(last_id: int) -> Changes:
@@ -64,6 +68,8 @@ def read_changes(last_id: int) -> Changes:
         changes.last_id = max(changes.last_id, pk)
         if topic == LiveUpdate.Topic.JOB and job_pk is not None:
             changes.jobs.add(job_pk)
+        elif topic == LiveUpdate.Topic.PROGRESS and job_pk is not None:
+            changes.progress.add(job_pk)
         elif topic == LiveUpdate.Topic.NBD:
             changes.nbd = True
         else:
@@ -76,7 +82,7 @@ def render_fragments(group: str, changes: Changes | None) -> str:
     the changes touch. Each top-level element carries the id htmx swaps out of band."""
     from exports.views import nbd_context
     from migrations_app.models import MigrationJob
-    from migrations_app.views import _with_disks, dashboard_context, job_context, job_rows
+    from migrations_app.views import _progress, _with_disks, dashboard_context, job_context, job_rows
 
     page, _, role = group.rpartition("-")
     operator = role == "operator"
@@ -88,9 +94,17 @@ def render_fragments(group: str, changes: Changes | None) -> str:
             if changes is not None and not changes.nbd:
                 names.remove("nbd-card")
             parts += [render_to_string(f"migrations_app/dashboard.html#{name}", context) for name in names]
+        elif changes.progress:
+            # Progress alone: only the moving jobs' cards, not the lists around them.
+            jobs = list(_with_disks(MigrationJob.objects.filter(pk__in=changes.progress)))
+            _progress(jobs)
+            parts += [
+                render_to_string("migrations_app/dashboard.html#job-card", {"job": job, "can_operate": operator})
+                for job in jobs
+            ]
     elif page == "jobs":
-        if changes is not None and changes.jobs:
-            rows = job_rows(MigrationJob.objects.filter(pk__in=changes.jobs))
+        if changes is not None and changes.touched_jobs:
+            rows = job_rows(MigrationJob.objects.filter(pk__in=changes.touched_jobs))
             parts += [
                 render_to_string(
                     "migrations_app/job_list.html#job-row", {"job": job, "can_operate": operator, "oob": True}
@@ -102,10 +116,18 @@ def render_fragments(group: str, changes: Changes | None) -> str:
             parts.append(render_to_string("exports/nbd_server.html#nbd-live", nbd_context()))
     elif page.startswith("job-"):
         job_pk = int(page.removeprefix("job-"))
-        if changes is None or job_pk in changes.jobs:
+        job = None
+        if changes is None or job_pk in changes.touched_jobs:
             job = _with_disks(MigrationJob.objects.filter(pk=job_pk)).first()
-            if job is not None:
-                parts.append(render_to_string("migrations_app/job_detail.html#job-live", job_context(job, operator)))
+        if job is not None and (changes is None or job_pk in changes.jobs):
+            parts.append(render_to_string("migrations_app/job_detail.html#job-live", job_context(job, operator)))
+        elif job is not None:
+            _progress([job])
+            context = {"job": job, "disks": list(job.disks.all()), "can_operate": operator}
+            parts += [
+                render_to_string(f"migrations_app/job_detail.html#{name}", context)
+                for name in ("job-progress", "job-disks")
+            ]
     return "".join(parts)
 
 
@@ -122,19 +144,29 @@ def prune_live_updates() -> int:
     return deleted
 
 
+class Subscriber(Protocol):
+    async def send(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
+    ) -> None: ...
+
+
 class Relay:
+    """Fans fragments out to this process's sockets directly. Every process runs its own relay over
+    the shared outbox, so no channel layer is needed between processes; skipping the in-memory layer's
+    per-socket queues roughly halves the cost of a send, which is what bounds 50 watching browsers."""
+
     def __init__(self) -> None:
-        self.watchers: Counter[str] = Counter()
+        self.watchers: dict[str, set[Subscriber]] = defaultdict(set)
         self.task: asyncio.Task[None] | None = None
         self.last_id = 0
         self.sent = 0
 
-    def watch(self, group: str) -> None:
-        self.watchers[group] += 1
+    def watch(self, group: str, subscriber: Subscriber) -> None:
+        self.watchers[group].add(subscriber)
 
-    def unwatch(self, group: str) -> None:
-        self.watchers[group] -= 1
-        if self.watchers[group] <= 0:
+    def unwatch(self, group: str, subscriber: Subscriber) -> None:
+        self.watchers[group].discard(subscriber)
+        if not self.watchers[group]:
             del self.watchers[group]
 
     async def ensure_started(self) -> None:
@@ -177,11 +209,12 @@ class Relay:
         if not changes or not self.watchers:
             return False
         rendered = await sync_to_async(_render_all, thread_sensitive=True)(list(self.watchers), changes)
-        layer = get_channel_layer()
-        if layer is None:
-            return False
         for group, html in rendered.items():
-            await layer.group_send(group, {"type": "live.html", "html": html})
+            for subscriber in list(self.watchers.get(group, ())):
+                try:
+                    await subscriber.send(text_data=html)
+                except Exception:  # a socket that went away mid-send must not stop the others
+                    log.debug("live send failed", exc_info=True)
             self.sent += 1
         return bool(rendered)
 

@@ -150,7 +150,8 @@ def test_progress_written_by_another_process_reaches_the_socket(make_user: UserF
         _, stderr = await proc.communicate()
         assert proc.returncode == 0, stderr.decode()
         update = await receive_until(communicator, f'data-done="{marker}"')
-        assert f'id="job-live-{job.pk}"' in update and "7.0 MB/s" in update
+        assert f'id="job-progress-{job.pk}"' in update and "7.0 MB/s" in update
+        assert f'id="job-live-{job.pk}"' not in update, "progress alone re-renders only the moving parts"
         await communicator.disconnect()
 
     asyncio.run(run())
