@@ -36,3 +36,27 @@ def test_migration_e2e_prints_its_json_line_last() -> None:
                 "bare_nbdcopy_mb_s", "ratio", "overhead_p95_ms"):  # fmt: skip
         assert key in result, key
     assert result["jobs"] == result["completed"] == 1 and result["sha256_mismatches"] == 0
+
+
+def run_bench(*args: str) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_live_latency_prints_its_json_line_last() -> None:
+    result = run_bench(str(REPO / "bench" / "live_latency.py"), "--clients", "3", "--events", "5")
+    for key in ("clients", "events", "delivered", "p50_ms", "p95_ms", "max_ms", "database"):
+        assert key in result, key
+    assert result["clients"] == 3 and result["events"] == 5
+    assert result["delivered"] == 15, "every event reaches every client at this gentle rate"
+
+
+def test_page_scale_prints_its_json_line_last() -> None:
+    result = run_bench(str(REPO / "bench" / "page_scale.py"), "--jobs", "40", "--mappings", "80", "--repeat", "2")
+    pages = result["pages"]
+    assert isinstance(pages, dict) and {"dashboard", "jobs", "mappings", "inventory", "nbd"} <= set(pages)
+    for page in pages.values():
+        assert {"p95_ms", "queries", "queries_at_10"} <= set(page)
+    assert result["constant_queries"] is True
