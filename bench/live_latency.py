@@ -99,7 +99,7 @@ async def client(
     async with websockets.connect(
         f"ws://127.0.0.1:{port}/ws/live/?page=dashboard", additional_headers=headers, max_size=None
     ) as ws:
-        await ws.recv()  # the snapshot
+        await asyncio.wait_for(ws.recv(), 30)  # the snapshot (a refused socket closes instead)
         ready.set()
         while not stop.is_set():
             try:
@@ -146,13 +146,15 @@ def main() -> None:
     drop = None
     daphne = None
     try:
+        # Never the caller's DATABASE_URL (CI sets one): SQLite under the scratch folder, or a scratch
+        # PostgreSQL database made for this run and dropped after it.
+        os.environ.pop("DATABASE_URL", None)
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "omaportal.settings",
             "OMA_VAR_DIR": str(root),
             "OMA_LOG_LEVEL": "WARNING",
         }
-        env.pop("DATABASE_URL", None)
         if args.postgres:
             database_url, drop = scratch_postgres(args.postgres)
             env["DATABASE_URL"] = database_url

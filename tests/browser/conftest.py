@@ -40,12 +40,16 @@ class Portal:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**env, "DJANGO_DEBUG": "1"}
         self.log = log
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "omaportal.asgi:application"],
             cwd=REPO,
-            env={**env, "DJANGO_DEBUG": "1"},
-            stdout=log.open("ab"),
+            env=self.env,
+            stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -57,7 +61,7 @@ class Portal:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"daphne did not start:\n{log.read_text()[-2000:]}")
+        raise RuntimeError(f"daphne did not start:\n{self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         try:

@@ -110,3 +110,23 @@ def test_viewer_sees_no_actions_and_a_forged_post_is_refused(
     assert response.status == 403
     job.refresh_from_db()
     assert job.state != JobState.CANCELLING and job.state != JobState.CANCELLED
+
+
+def test_the_page_reconnects_after_a_portal_restart_and_shows_the_truth(
+    stack: tuple[Portal, Sim], page: Page, make_user: UserFactory
+) -> None:
+    portal, sim = stack
+    from migrations_app import actions
+
+    log_in(page, portal, make_user, "viewer")
+    expect(page.locator("#live-state")).to_have_text("● live")
+    page.evaluate("window.__sameDocument = true")
+    portal.stop()
+    expect(page.locator("#live-state")).to_have_text("○ reconnecting…")
+    # While the portal is down, a job starts (from another process: the CLI, another portal).
+    job = actions.start_migration(vm_id=sim.vm("file-01").id, requested_by="cli")
+    portal.start()
+    # The extension reconnects by itself and the new connection's snapshot shows the job.
+    expect(page.locator("#live-state")).to_have_text("● live", timeout=40_000)
+    expect(page.locator(f"#job-card-{job.pk}")).to_be_visible()
+    assert page.evaluate("window.__sameDocument") is True
