@@ -7,6 +7,7 @@ the request comes from htmx (filters and pagination swap the table, not the page
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from .backends import get_vma_client
 from .models import ACTIVE_STATES, STEPS, JobDisk, JobEvent, JobState, MigrationJob, SourceVM
 from .vma_client import VmaError
 
+log = logging.getLogger(__name__)
 JOBS_PER_PAGE = 25
 VMS_PER_PAGE = 50
 RECENT_EVENTS = 12
@@ -178,6 +180,7 @@ def refresh_inventory(request: HttpRequest) -> HttpResponse:
     except VmaError as exc:
         messages.error(request, f"Could not read the inventory from the VMA: {exc}")
     else:
+        log.info("inventory refreshed from the VMA by %s: %d VMs", request.user.get_username(), count)
         messages.success(request, f"Inventory refreshed from the VMA: {count} VMs.")
     finally:
         client.close()
