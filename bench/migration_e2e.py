@@ -225,6 +225,7 @@ def main() -> None:
             "ratio": round(mb_s / bare_mb_s, 3) if bare_mb_s else None,
             "overhead_p50_ms": percentile(overheads, 50),
             "overhead_p95_ms": percentile(overheads, 95),
+            "overheads_ms": sorted(round(o) for o in overheads),
             "step_p50_ms": {step: percentile(values, 50) for step, values in steps.items()},
             "queue_pickup_p50_ms": percentile(pickups, 50),
             "copy_end_to_job_end_p50_ms": percentile(tails, 50),
