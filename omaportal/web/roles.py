@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, Concatenate
+from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import Group, Permission
@@ -53,27 +53,26 @@ def can_operate(user: Any) -> bool:
     return bool(user.is_authenticated and user.has_perm(OPERATE))
 
 
-def viewer_required[**P](view: Callable[Concatenate[HttpRequest, P], HttpResponse]) -> Callable[..., HttpResponse]:
-    """Login (redirect to the login page), then the viewer permission (403 without it)."""
-
-    @wraps(view)
-    @login_required
-    def wrapped(request: HttpRequest, *args: P.args, **kwargs: P.kwargs) -> HttpResponse:
-        if not can_view(request.user):
-            raise PermissionDenied("your account has no role yet; ask an admin")
-        return view(request, *args, **kwargs)
-
-    return wrapped
+type View = Callable[..., HttpResponse]
 
 
-def operator_required[**P](view: Callable[Concatenate[HttpRequest, P], HttpResponse]) -> Callable[..., HttpResponse]:
-    """Login, then the operator permission: 403 for viewers, whatever the form says."""
+def _requires(allowed: Callable[[Any], bool], refusal: str) -> Callable[[View], View]:
+    """Login first (a redirect to the login page), then ``allowed(user)`` or 403 with ``refusal``."""
 
-    @wraps(view)
-    @login_required
-    def wrapped(request: HttpRequest, *args: P.args, **kwargs: P.kwargs) -> HttpResponse:
-        if not can_operate(request.user):
-            raise PermissionDenied("only operators can start, cancel or retry migrations")
-        return view(request, *args, **kwargs)
+    def decorator(view: View) -> View:
+        @wraps(view)
+        @login_required
+        def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if not allowed(request.user):
+                raise PermissionDenied(refusal)
+            return view(request, *args, **kwargs)
 
-    return wrapped
+        return wrapped
+
+    return decorator
+
+
+# Every page and fragment: a viewer (or more).
+viewer_required = _requires(can_view, "your account has no role yet; ask an admin")
+# Start, cancel, retry, refresh: an operator, whatever the form says (buttons are not the guard).
+operator_required = _requires(can_operate, "only operators can start, cancel or retry migrations")
