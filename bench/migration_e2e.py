@@ -169,6 +169,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
 
         completed, mismatches, overheads = 0, 0, []
+        slowest: list[tuple[str, str, int]] = []
         data_bytes = 0
         by_name = {vm.name: vm for vm in vms}
         for job in MigrationJob.objects.filter(pk__in=[j.pk for j in jobs]).select_related("vm"):
@@ -180,6 +181,12 @@ def main() -> None:
             if job.finished_at is None:
                 continue
             overheads.append(((job.finished_at - job.created_at).total_seconds() - copy_s) * 1000)
+            if overheads[-1] == max(overheads):
+                # Where the slowest job's time went: each event, in ms since the job was created.
+                slowest = [
+                    (e.kind, e.step, round((e.created_at - job.created_at).total_seconds() * 1000))
+                    for e in job.events.order_by("id")
+                ] + [("copy", "", round(copy_s * 1000))]
             for disk in JobDisk.objects.filter(job=job).select_related("source_disk"):
                 source = by_name[job.vm.name].disks[disk.source_disk.unit_number]
                 data_bytes += source.capacity_bytes
@@ -226,6 +233,7 @@ def main() -> None:
             "overhead_p50_ms": percentile(overheads, 50),
             "overhead_p95_ms": percentile(overheads, 95),
             "overheads_ms": sorted(round(o) for o in overheads),
+            "slowest_job_timeline_ms": slowest,
             "step_p50_ms": {step: percentile(values, 50) for step, values in steps.items()},
             "queue_pickup_p50_ms": percentile(pickups, 50),
             "copy_end_to_job_end_p50_ms": percentile(tails, 50),

@@ -62,15 +62,16 @@ def record_event(
     data: dict[str, Any] | None = None,
     actor: str = "system",
 ) -> ExportEvent:
-    announce("nbd")
-    return ExportEvent.objects.create(
-        mapping=mapping,
-        export_name=export_name or (mapping.export_name if mapping else ""),
-        kind=kind,
-        message=message,
-        data=data or {},
-        actor=actor,
-    )
+    with transaction.atomic():
+        announce("nbd")
+        return ExportEvent.objects.create(
+            mapping=mapping,
+            export_name=export_name or (mapping.export_name if mapping else ""),
+            kind=kind,
+            message=message,
+            data=data or {},
+            actor=actor,
+        )
 
 
 def _server_state() -> NbdServerState:

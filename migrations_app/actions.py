@@ -35,10 +35,12 @@ def record_job_event(
     duration_ms: int | None = None,
     actor: str = "system",
 ) -> JobEvent:
-    announce("job", job.pk)
-    return JobEvent.objects.create(
-        job=job, kind=kind, step=step, message=message, data=data or {}, duration_ms=duration_ms, actor=actor
-    )
+    # One transaction for the event and its live update: one write lock on SQLite, not two.
+    with transaction.atomic():
+        announce("job", job.pk)
+        return JobEvent.objects.create(
+            job=job, kind=kind, step=step, message=message, data=data or {}, duration_ms=duration_ms, actor=actor
+        )
 
 
 def schedule_job(job: MigrationJob) -> None:

@@ -174,9 +174,12 @@ def export(job: MigrationJob, runner: str) -> None:
     disks = _disks(job)
     requests = [ExportRequest(job.vm.vm_id, job.vm.name, d.source_disk.unit_number, d.device_path) for d in disks]
     mappings = ensure_exports(requests, actor=job.job_id)
-    for disk, mapping in zip(disks, mappings, strict=True):
-        JobDisk.objects.filter(pk=disk.pk).update(mapping=mapping)
-    record_job_event(job, "exports.ready", step=JobState.EXPORTING, message=", ".join(m.export_name for m in mappings))
+    with transaction.atomic():
+        for disk, mapping in zip(disks, mappings, strict=True):
+            JobDisk.objects.filter(pk=disk.pk).update(mapping=mapping)
+        record_job_event(
+            job, "exports.ready", step=JobState.EXPORTING, message=", ".join(m.export_name for m in mappings)
+        )
 
 
 def replicate(job: MigrationJob, runner: str) -> None:
