@@ -44,10 +44,12 @@ def _progress(jobs: Iterable[MigrationJob]) -> None:
         done = sum(d.bytes_done for d in disks)
         total = sum(d.bytes_total for d in disks)
         rate = sum(d.throughput_bps for d in disks) if job.state == JobState.REPLICATING else 0
+        samples = [int(v) for v in job.throughput_samples or [] if v]
         job.progress = {  # type: ignore[attr-defined]
             "done": done,
             "total": total,
             "rate": rate,
+            "average_rate": sum(samples) // len(samples) if samples else 0,
             "percent": int(done * 100 / total) if total else 0,
         }
 

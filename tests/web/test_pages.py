@@ -127,3 +127,9 @@ def test_human_units() -> None:
     assert rate_human(125_000_000) == "125 MB/s" and rate_human(0) == "\u2013"
     assert eta({"done": 0, "total": 120_000_000, "rate": 1_000_000}) == "2 min left"
     assert eta({"done": 5, "total": 10, "rate": 0}) == "estimating…"
+
+
+def test_a_finished_job_shows_its_average_throughput(viewer: Client) -> None:
+    job = make_jobs(1, state=JobState.COMPLETED)[0]  # samples 100, 120 and 90 MB/s
+    html = viewer.get(reverse("job-detail", args=[job.job_id])).content.decode()
+    assert "103 MB/s on average" in html
