@@ -169,8 +169,8 @@ def main() -> None:
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,
+            # In this process's group: whoever kills the benchmark's group (a test timing out) kills it too.
             stderr=(root / "daphne.log").open("wb"),
-            start_new_session=True,
         )
         import httpx
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -39,9 +41,18 @@ def test_migration_e2e_prints_its_json_line_last() -> None:
 
 
 def run_bench(*args: str) -> dict[str, object]:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run a benchmark in its own process group; on a timeout the whole group goes (its daphne too)."""
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{args[0]} ran past 300 s: {stderr[-2000:]}") from None
+    assert proc.returncode == 0, stderr[-2000:]
+    result: dict[str, object] = json.loads(stdout.strip().splitlines()[-1])
     return result
 
 
