@@ -60,7 +60,7 @@ def write_events(job_pk: int, events: int, interval: float) -> None:
     print(json.dumps(sent))
 
 
-def prepare(database_url: str | None) -> tuple[int, str]:
+def prepare() -> tuple[int, str]:
     """Schema, a viewer with a session, and one replicating job; returns (job pk, session key)."""
     import django
 
@@ -159,7 +159,7 @@ def main() -> None:
             database_url, drop = scratch_postgres(args.postgres)
             env["DATABASE_URL"] = database_url
         os.environ.update(env)
-        job_pk, session_key = prepare(env.get("DATABASE_URL"))
+        job_pk, session_key = prepare()
         from django.db import connections
 
         connections.close_all()

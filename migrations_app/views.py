@@ -37,7 +37,7 @@ RECENT_JOBS = 8
 ACTIVE_ON_DASHBOARD = 50
 
 
-def _progress(jobs: Iterable[MigrationJob]) -> None:
+def attach_progress(jobs: Iterable[MigrationJob]) -> None:
     """Attach ``job.progress`` (done, total, rate, percent) from prefetched disks."""
     for job in jobs:
         disks = list(job.disks.all())
@@ -54,7 +54,7 @@ def _progress(jobs: Iterable[MigrationJob]) -> None:
         }
 
 
-def _with_disks(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
+def with_disks(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
     return queryset.select_related("vm").prefetch_related(
         Prefetch("disks", JobDisk.objects.select_related("source_disk", "mapping").order_by("source_disk__unit_number"))
     )
@@ -69,9 +69,9 @@ def dashboard_context(operator: bool) -> dict[str, Any]:
         failed=Count("pk", filter=Q(state=JobState.FAILED, finished_at__gte=day_ago)),
     )
     active_jobs = list(
-        _with_disks(MigrationJob.objects.filter(state__in=ACTIVE_STATES)).order_by("created_at")[:ACTIVE_ON_DASHBOARD]
+        with_disks(MigrationJob.objects.filter(state__in=ACTIVE_STATES)).order_by("created_at")[:ACTIVE_ON_DASHBOARD]
     )
-    _progress(active_jobs)
+    attach_progress(active_jobs)
     return {
         "counts": counts,
         "vm_count": SourceVM.objects.count(),
@@ -86,7 +86,7 @@ def dashboard_context(operator: bool) -> dict[str, Any]:
 
 
 def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
-    _progress([job])
+    attach_progress([job])
     events = list(job.events.order_by("-id")[:200])
     timeline = []
     for step in STEPS:
@@ -113,6 +113,12 @@ def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
             }
         )
     return {"job": job, "disks": list(job.disks.all()), "events": events, "timeline": timeline, "can_operate": operator}
+
+
+def job_progress_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
+    """What the job page's progress and disks fragments need: job_context without timeline and events."""
+    attach_progress([job])
+    return {"job": job, "disks": list(job.disks.all()), "can_operate": operator}
 
 
 def job_rows(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
@@ -221,7 +227,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 @viewer_required
 def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
-    job = get_object_or_404(_with_disks(MigrationJob.objects.all()), job_id=job_id)
+    job = get_object_or_404(with_disks(MigrationJob.objects.all()), job_id=job_id)
     return render(request, "migrations_app/job_detail.html", job_context(job, can_operate(request.user)))
 
 

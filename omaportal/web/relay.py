@@ -82,7 +82,14 @@ def render_fragments(group: str, changes: Changes | None) -> str:
     the changes touch. Each top-level element carries the id htmx swaps out of band."""
     from exports.views import nbd_context
     from migrations_app.models import MigrationJob
-    from migrations_app.views import _progress, _with_disks, dashboard_context, job_context, job_rows
+    from migrations_app.views import (
+        attach_progress,
+        dashboard_context,
+        job_context,
+        job_progress_context,
+        job_rows,
+        with_disks,
+    )
 
     page, _, role = group.rpartition("-")
     operator = role == "operator"
@@ -96,8 +103,8 @@ def render_fragments(group: str, changes: Changes | None) -> str:
             parts += [render_to_string(f"migrations_app/dashboard.html#{name}", context) for name in names]
         elif changes.progress:
             # Progress alone: only the moving jobs' cards, not the lists around them.
-            jobs = list(_with_disks(MigrationJob.objects.filter(pk__in=changes.progress)))
-            _progress(jobs)
+            jobs = list(with_disks(MigrationJob.objects.filter(pk__in=changes.progress)))
+            attach_progress(jobs)
             parts += [
                 render_to_string("migrations_app/dashboard.html#job-card", {"job": job, "can_operate": operator})
                 for job in jobs
@@ -106,9 +113,7 @@ def render_fragments(group: str, changes: Changes | None) -> str:
         if changes is not None and changes.touched_jobs:
             rows = job_rows(MigrationJob.objects.filter(pk__in=changes.touched_jobs))
             parts += [
-                render_to_string(
-                    "migrations_app/job_list.html#job-row", {"job": job, "can_operate": operator, "oob": True}
-                )
+                render_to_string("migrations_app/job_list.html#job-row", {"job": job, "can_operate": operator})
                 for job in rows
             ]
     elif page == "nbd":
@@ -118,12 +123,11 @@ def render_fragments(group: str, changes: Changes | None) -> str:
         job_pk = int(page.removeprefix("job-"))
         job = None
         if changes is None or job_pk in changes.touched_jobs:
-            job = _with_disks(MigrationJob.objects.filter(pk=job_pk)).first()
+            job = with_disks(MigrationJob.objects.filter(pk=job_pk)).first()
         if job is not None and (changes is None or job_pk in changes.jobs):
             parts.append(render_to_string("migrations_app/job_detail.html#job-live", job_context(job, operator)))
         elif job is not None:
-            _progress([job])
-            context = {"job": job, "disks": list(job.disks.all()), "can_operate": operator}
+            context = job_progress_context(job, operator)
             parts += [
                 render_to_string(f"migrations_app/job_detail.html#{name}", context)
                 for name in ("job-progress", "job-disks")
