@@ -28,6 +28,6 @@
     var el = badge(); if (!el) return;
     var code = evt.detail && evt.detail.event ? evt.detail.event.code : 0;
     el.hidden = false; el.className = "live-state off";
-    el.textContent = code === 4403 ? "signed out: reload to log in" : "○ reconnecting…";
+    el.textContent = code === 4403 ? "signed out: reload to log in" : code === 4404 ? "not live" : "○ reconnecting…";
   });
 })();

@@ -15,6 +15,7 @@ from .roles import can_operate, can_view
 
 # Application close codes (4000-4999): the page shows "signed out" instead of reconnecting forever.
 CLOSE_NOT_ALLOWED = 4403
+CLOSE_UNKNOWN_PAGE = 4404  # no such page, or no such job: nothing would ever be sent
 
 
 def _role_and_job(user: Any, job_id: str | None) -> tuple[str | None, int | None]:
@@ -38,9 +39,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if role is None:
             await self.close(code=CLOSE_NOT_ALLOWED)
             return
+        groups = groups_for(page, role, job_pk)
+        if not groups:
+            await self.close(code=CLOSE_UNKNOWN_PAGE)
+            return
         await self.accept()
         # Join first, then snapshot: a change in between is sent after the snapshot, never lost.
-        for group in groups_for(page, role, job_pk):
+        for group in groups:
             relay.watch(group, self)
             self.groups_joined.append(group)
         await relay.ensure_started()

@@ -82,6 +82,18 @@ def test_a_user_without_a_role_is_closed(make_user: UserFactory) -> None:
     asyncio.run(run())
 
 
+def test_an_unknown_page_or_job_is_closed_clearly(make_user: UserFactory) -> None:
+    headers = headers_for(make_user("viewer"))
+
+    async def run() -> None:
+        for path in ("/ws/live/?page=secrets", "/ws/live/?page=job&job=job-nope", "/ws/live/?page=job"):
+            communicator, connected, code = await connect(path, headers)
+            assert not connected and code == 4404, path
+            await communicator.disconnect()
+
+    asyncio.run(run())
+
+
 def test_a_foreign_origin_is_refused(make_user: UserFactory) -> None:
     headers = headers_for(make_user("operator"), origin="https://evil.example")
 
