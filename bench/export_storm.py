@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from exports.devserver import DevServerLayout, free_port, write_layout  # noqa: E402
+from devtools.devserver import DevServerLayout, free_port, write_layout  # noqa: E402
 from exports.nbd_protocol import NbdError, list_exports  # noqa: E402
 
 HELPER = [sys.executable, "-IS", str(REPO / "deploy" / "oma_nbd_helper.py")]

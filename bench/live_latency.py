@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from export_storm import percentile, scratch_postgres  # noqa: E402
 
-from exports.devserver import free_port  # noqa: E402
+from devtools.devserver import free_port  # noqa: E402
 
 DONE_RE = re.compile(r'data-done="(\d+)"')
 BASE = 10**12  # marker byte counts: BASE + n, so they cannot collide with anything else on the page

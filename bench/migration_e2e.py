@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from export_storm import helper, percentile, portal_env, scratch_postgres, worker_init  # noqa: E402
 
-from exports.devserver import DevServerLayout, free_port, write_layout  # noqa: E402
+from devtools.devserver import DevServerLayout, free_port, write_layout  # noqa: E402
 
 TOKEN = "bench-vma-token"  # noqa: S105 - the simulator's, on loopback
 
@@ -127,11 +127,11 @@ def main() -> None:
         from django.db import connections
 
         call_command("migrate", verbosity=0)
+        from devtools.vma_sim import VmaSimulator, make_inventory
         from exports.models import NbdServerState
         from migrations_app.actions import start_migration, sync_inventory
         from migrations_app.models import JobDisk, JobEvent, JobState, MigrationJob
         from migrations_app.vma_client import VmaClient
-        from migrations_app.vma_sim import VmaSimulator, make_inventory
 
         if not helper(layout, "start")["ok"]:
             raise SystemExit(f"cannot start {args.backend}")

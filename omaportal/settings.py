@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "omaportal.web",
     "exports",
     "migrations_app",
+    "devtools",
 ]
 
 MIDDLEWARE = [

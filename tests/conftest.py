@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from exports.devserver import DevServerLayout, free_port, write_layout
+from devtools.devserver import DevServerLayout, free_port, write_layout
 
 REPO = Path(__file__).resolve().parent.parent
 HELPER = REPO / "deploy" / "oma_nbd_helper.py"

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from exports.devserver import free_port
-from migrations_app.vma_sim import Faults
+from devtools.devserver import free_port
+from devtools.vma_sim import Faults
 from tests.conftest import REPO, RunningServer
 from tests.migrations_app.conftest import SimFactory, make_sim  # noqa: F401 - fixture used here
 from tests.migrations_app.test_qcluster import Cluster

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from exports.devserver import DevServerLayout, free_port, write_layout
+from devtools.devserver import DevServerLayout, free_port, write_layout
 from tests.conftest import HELPER, RunningServer, run_helper
 
 VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"

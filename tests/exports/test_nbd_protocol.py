@@ -82,7 +82,7 @@ def test_opening_an_unknown_export_is_an_error(nbd_server: RunningServer) -> Non
 
 
 def test_nothing_listening_is_unavailable() -> None:
-    from exports.devserver import free_port
+    from devtools.devserver import free_port
 
     with pytest.raises(NbdUnavailable):
         list_exports("127.0.0.1", free_port(), timeout=1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from migrations_app.vma_sim import Faults
+from devtools.vma_sim import Faults
 from tests.migrations_app.test_vma_sim import Sim
 
 SimFactory = Callable[..., Sim]

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 
+from devtools.vma_sim import Faults
 from exports import actions as export_actions
 from exports.models import VMExportMapping
 from migrations_app import actions
 from migrations_app.backends import get_volume_backend
 from migrations_app.models import JobState, MigrationJob
-from migrations_app.vma_sim import Faults
 from migrations_app.workflow import run_job
 from tests.conftest import RunningServer
 from tests.migrations_app.conftest import SimFactory

@@ -15,10 +15,10 @@ import pytest
 from django.conf import settings as django_settings
 from django.db import connection
 
+from devtools.vma_sim import Faults
 from migrations_app import actions
 from migrations_app.models import JobDisk, JobState, MigrationJob
 from migrations_app.tasks import recover_stale_jobs
-from migrations_app.vma_sim import Faults
 from tests.conftest import REPO, RunningServer
 from tests.migrations_app.conftest import SimFactory
 from tests.migrations_app.test_vma_sim import TOKEN, Sim

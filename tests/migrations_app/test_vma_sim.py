@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from devtools.vma_sim import Faults, SimVM, VmaSimulator, demo_inventory
 from exports import actions
 from migrations_app.vma_client import VmaClient, VmaError, VmaUnavailable
-from migrations_app.vma_sim import Faults, SimVM, VmaSimulator, demo_inventory
 from tests.conftest import RunningServer
 
 if TYPE_CHECKING:

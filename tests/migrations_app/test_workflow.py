@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.vma_sim import Faults
 from exports.models import NbdServerState, VMExportMapping
 from migrations_app import actions
 from migrations_app.models import JobDisk, JobEvent, JobState, MigrationJob
-from migrations_app.vma_sim import Faults
 from migrations_app.workflow import run_job
 from tests.conftest import RunningServer
 from tests.migrations_app.conftest import SimFactory

@@ -4,7 +4,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from migrations_app.vma_sim import Faults, VmaSimulator, demo_inventory
+from devtools.vma_sim import Faults, VmaSimulator, demo_inventory
 
 
 class Command(BaseCommand):

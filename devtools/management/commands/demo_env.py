@@ -7,8 +7,8 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 
+from devtools.devserver import free_port
 from exports.backends import nbd_settings
-from exports.devserver import free_port
 from omaportal.web.roles import ADMIN, setup_roles
 
 

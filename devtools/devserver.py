@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .nbd_servers import HEALTH_EXPORT
+from exports.nbd_servers import HEALTH_EXPORT
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from devtools.devserver import write_layout
 from exports import actions
 from exports.backends import get_backend, nbd_settings
-from exports.devserver import write_layout
 from exports.helper_client import HelperFailed
 
 
