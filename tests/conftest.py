@@ -1,130 +1,61 @@
-"""Shared fixtures: real nbdkit / nbd-server processes on free loopback ports, run through the real helper."""
+"""Fixtures shared by every test folder: real NBD servers, VMA simulators and users in each role.
+The code behind them is in tests/support/."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
-import subprocess
-import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
+from django.contrib.auth.models import Group, User
 
-from devtools.devserver import DevServerLayout, free_port, write_layout
-
-REPO = Path(__file__).resolve().parent.parent
-HELPER = REPO / "deploy" / "oma_nbd_helper.py"
-BACKENDS = ["nbdkit", "nbd-server"]
-
-
-class RunningServer:
-    """A started NBD server laid out under a temporary folder, plus the helper calls made so far."""
-
-    def __init__(self, layout: DevServerLayout, call_log: Path) -> None:
-        self.layout = layout
-        self.call_log = call_log
-
-    @property
-    def backend(self) -> str:
-        return self.layout.backend
-
-    def helper(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return run_helper(self.layout, *args, env=env)
-
-    def helper_calls(self) -> list[str]:
-        if not self.call_log.exists():
-            return []
-        return self.call_log.read_text().split()
-
-    def volume(self, name: str, size: int = 16 << 20, fill: bytes | None = None) -> str:
-        path = self.layout.volume_root / name
-        with open(path, "wb") as fh:
-            fh.truncate(size)
-            if fill:
-                fh.write(fill)
-        return str(path)
-
-    def main_pid(self) -> int:
-        return int(self.layout.pidfile.read_text().strip())
-
-    def snapshot(self) -> dict[str, str]:
-        """Every link and file under the export root and conf.d, plus the server and helper configs."""
-        found: dict[str, str] = {
-            str(path): path.read_text() for path in (self.layout.server_config, self.layout.helper_config)
-        }
-        for folder in (self.layout.export_root, self.layout.confd):
-            for entry in sorted(folder.iterdir()):
-                if entry.is_symlink():
-                    found[str(entry)] = "-> " + os.readlink(entry)
-                else:
-                    found[str(entry)] = entry.read_text(errors="replace")
-        return found
-
-
-def run_helper(
-    layout: DevServerLayout, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "OMA_NBD_HELPER_CONFIG": str(layout.helper_config), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-IS", str(HELPER), *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=60,
-        check=False,
-    )
-
-
-def _counting_helper(tmp_path: Path) -> tuple[list[str], Path]:
-    """The real helper behind a two-line wrapper that logs each verb, so tests can count helper calls."""
-    log = tmp_path / "helper-calls.log"
-    wrapper = tmp_path / "helper-wrapper.sh"
-    wrapper.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\nexec "{sys.executable}" -IS "{HELPER}" "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    return [str(wrapper)], log
-
-
-def _kill_layout_processes(layout: DevServerLayout) -> None:
-    marker = str(layout.root)
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if marker in cmdline and proc.pid != os.getpid():
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-
-
-def start_server(tmp_path: Path, backend: str) -> tuple[DevServerLayout, list[str], Path]:
-    layout = write_layout(tmp_path / "nbd", backend, "127.0.0.1", free_port())
-    command, log = _counting_helper(tmp_path)
-    result = run_helper(layout, "start")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return layout, command, log
-
-
-def _serve(tmp_path: Path, settings: object, backend: str) -> Iterator[RunningServer]:
-    layout, command, log = start_server(tmp_path, backend)
-    settings.OMA_NBD = layout.settings(command, min_reload_spacing=0.2)  # type: ignore[attr-defined]
-    try:
-        yield RunningServer(layout, log)
-    finally:
-        run_helper(layout, "stop")
-        _kill_layout_processes(layout)
+from devtools.vma_sim import Faults
+from omaportal.web.roles import setup_roles
+from tests.support.factories import PASSWORD, UserFactory
+from tests.support.nbd import BACKENDS, RunningServer, serve_nbd
+from tests.support.vma import Sim, SimFactory
 
 
 @pytest.fixture(params=BACKENDS)
 def nbd_server(request: pytest.FixtureRequest, tmp_path: Path, settings: object) -> Iterator[RunningServer]:
     """A real NBD server of each backend; settings.OMA_NBD points the portal at it."""
-    yield from _serve(tmp_path, settings, request.param)
+    yield from serve_nbd(tmp_path, settings, request.param)
 
 
 @pytest.fixture
 def nbdkit_server(tmp_path: Path, settings: object) -> Iterator[RunningServer]:
-    yield from _serve(tmp_path, settings, "nbdkit")
+    yield from serve_nbd(tmp_path, settings, "nbdkit")
 
 
 @pytest.fixture
 def nbdserver_server(tmp_path: Path, settings: object) -> Iterator[RunningServer]:
-    yield from _serve(tmp_path, settings, "nbd-server")
+    yield from serve_nbd(tmp_path, settings, "nbd-server")
+
+
+@pytest.fixture
+def make_sim(tmp_path: Path) -> Iterator[SimFactory]:
+    """make_sim(faults=None, size_mib=16) -> a served simulator; every one made is closed at teardown."""
+    made: list[Sim] = []
+
+    def make(faults: Faults | None = None, size_mib: int = 16) -> Sim:
+        sim = Sim(tmp_path / f"sim{len(made)}", faults, size_mib)
+        made.append(sim)
+        return sim
+
+    yield make
+    for sim in made:
+        sim.close()
+
+
+@pytest.fixture
+def make_user(db: None) -> UserFactory:
+    setup_roles()
+
+    def make(role: str) -> User:
+        user = User.objects.create_user(f"{role}-{uuid.uuid4().hex[:6]}", password=PASSWORD)
+        if role in ("viewer", "operator", "admin"):
+            user.groups.add(Group.objects.get(name=role))
+        return user
+
+    return make

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.support.nbd import REPO
 
 
 def test_export_storm_prints_its_json_line_last() -> None:

@@ -9,10 +9,10 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from migrations_app.models import JobState, MigrationJob
-from tests.browser.conftest import ARTIFACTS, Portal, log_in
-from tests.migrations_app.test_vma_sim import Sim
-from tests.migrations_app.test_workflow import assert_copied
-from tests.web.conftest import UserFactory
+from tests.support.browser import ARTIFACTS, Portal, log_in
+from tests.support.factories import UserFactory
+from tests.support.flows import assert_copied
+from tests.support.vma import Sim
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.exports.test_helper import load_helper_module
+from tests.support.nbd import REPO, load_helper_module
 
 DEPLOY = REPO / "deploy"
 

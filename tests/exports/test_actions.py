@@ -14,7 +14,7 @@ from django.db import connection
 from exports import actions
 from exports.models import ExportEvent, NbdServerState, VMExportMapping
 from exports.nbd_protocol import NbdConnection, list_exports
-from tests.conftest import RunningServer
+from tests.support.nbd import RunningServer
 
 VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
 NAME0 = f"migration-vm-{VM}-disk0"

@@ -11,7 +11,7 @@ from django.urls import reverse
 
 from exports import actions
 from exports.models import ExportEvent, VMExportMapping
-from tests.conftest import RunningServer
+from tests.support.nbd import RunningServer
 
 VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
 NAME0 = f"migration-vm-{VM}-disk0"

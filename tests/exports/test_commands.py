@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 
 from exports import actions
 from exports.models import VMExportMapping
-from tests.conftest import RunningServer
+from tests.support.nbd import RunningServer
 
 VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
 NAME0 = f"migration-vm-{VM}-disk0"

@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from devtools.devserver import DevServerLayout, free_port, write_layout
-from tests.conftest import HELPER, RunningServer, run_helper
+from tests.support.nbd import HELPER, RunningServer, load_helper_module, run_helper
 
 VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
 NAME = f"migration-vm-{VM}-disk0"
-
-
-def load_helper_module() -> Any:
-    spec = importlib.util.spec_from_file_location("oma_nbd_helper", HELPER)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def result_of(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:

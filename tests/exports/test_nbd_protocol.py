@@ -9,7 +9,7 @@ import pytest
 
 from exports.nbd_protocol import NbdConnection, NbdError, NbdUnavailable, export_info, list_exports
 from exports.nbd_servers import HEALTH_EXPORT
-from tests.conftest import RunningServer
+from tests.support.nbd import RunningServer
 
 NAME = "migration-vm-4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000-disk0"
 

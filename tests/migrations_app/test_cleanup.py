@@ -16,9 +16,9 @@ from migrations_app import actions
 from migrations_app.backends import get_volume_backend
 from migrations_app.models import JobState, MigrationJob
 from migrations_app.workflow import run_job
-from tests.conftest import RunningServer
-from tests.migrations_app.conftest import SimFactory
-from tests.migrations_app.test_workflow import migrate, wire
+from tests.support.flows import migrate, wire
+from tests.support.nbd import RunningServer
+from tests.support.vma import SimFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -10,7 +10,7 @@ import pytest
 
 from migrations_app.cloudstack import CloudStackVolumeBackend, by_id_serial
 from migrations_app.volumes import GIB, VolumeError
-from tests.fake_cloudstack import FakeCloudStack, cloudstack_signature
+from tests.support.fake_cloudstack import FakeCloudStack, cloudstack_signature
 
 
 @pytest.fixture

@@ -2,72 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from devtools.vma_sim import Faults, SimVM, VmaSimulator, demo_inventory
-from exports import actions
+from devtools.vma_sim import Faults
 from migrations_app.vma_client import VmaClient, VmaError, VmaUnavailable
-from tests.conftest import RunningServer
+from tests.support.nbd import RunningServer
+from tests.support.vma import TOKEN, Sim, export_disks, sha, wait_done
 
 if TYPE_CHECKING:
-    from tests.migrations_app.conftest import SimFactory
+    from tests.support.vma import SimFactory
 
-TOKEN = "sim-token-for-tests"
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-class Sim:
-    def __init__(self, tmp_path: Path, faults: Faults | None = None, size_mib: int = 16) -> None:
-        self.vms = demo_inventory(tmp_path / "vma", size_mib=size_mib)
-        self.sim = VmaSimulator(self.vms, TOKEN, faults)
-        self.server = self.sim.serve()
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.client = VmaClient(self.url, TOKEN, timeout=5)
-        self.closed = False
-
-    def vm(self, name: str) -> SimVM:
-        return next(vm for vm in self.vms if vm.name == name)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.client.close()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def export_disks(server: RunningServer, vm: SimVM) -> list[dict[str, Any]]:
-    """Volumes and exports for every disk of ``vm``; returns the replication's disk list."""
-    disks = []
-    for disk in vm.disks:
-        device = server.volume(f"{vm.name}-{disk.unit_number}.img", size=disk.capacity_bytes)
-        mapping = actions.ensure_export(vm_id=vm.id, vm_name=vm.name, disk_unit=disk.unit_number, device=device)
-        url = f"nbd://127.0.0.1:{server.layout.port}/{mapping.export_name}"
-        disks.append({"unit_number": disk.unit_number, "nbd_url": url, "previous_change_id": "", "device": device})
-    return disks
-
-
-def wait_done(client: VmaClient, replication_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = client.replication(replication_id)
-        if state["state"] not in ("running", "cancelling"):
-            return state
-        time.sleep(0.05)
-    raise AssertionError(f"replication {replication_id} still {state['state']}")
-
-
-def sha(path: str | Path, length: int | None = None) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read(length) if length else fh.read()).hexdigest()
 
 
 def test_health_and_inventory(sim: Sim) -> None:

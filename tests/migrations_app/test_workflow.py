@@ -11,48 +11,13 @@ import pytest
 from devtools.vma_sim import Faults
 from exports.models import NbdServerState, VMExportMapping
 from migrations_app import actions
-from migrations_app.models import JobDisk, JobEvent, JobState, MigrationJob
+from migrations_app.models import JobEvent, JobState, MigrationJob
 from migrations_app.workflow import run_job
-from tests.conftest import RunningServer
-from tests.migrations_app.conftest import SimFactory
-from tests.migrations_app.test_vma_sim import TOKEN, Sim, sha
+from tests.support.flows import assert_copied, migrate, wire
+from tests.support.nbd import RunningServer
+from tests.support.vma import Sim, SimFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wire(settings: object, server: RunningServer, sim: Sim) -> None:
-    """Point the portal at this NBD server, volume root and VMA simulator."""
-    settings.OMA_VOLUMES = {"BACKEND": "local", "ROOT": str(server.layout.volume_root), "LOOP": False}  # type: ignore[attr-defined]
-    settings.OMA_VMA = {  # type: ignore[attr-defined]
-        "URL": sim.url,
-        "TOKEN": TOKEN,
-        "TIMEOUT": 5,
-        "RETRIES": 1,
-        "NBD_HOST": "127.0.0.1",
-        "NBD_PORT": server.layout.port,
-    }
-    settings.OMA_WORKFLOW = {  # type: ignore[attr-defined]
-        "MAX_ACTIVE_JOBS": 25,
-        "MAX_ATTACHED_VOLUMES": 25,
-        "POLL_INTERVAL": 0.05,
-        "HEARTBEAT_STALE_SECONDS": 60,
-    }
-    actions.sync_inventory(sim.client.inventory())
-
-
-def migrate(name: str, sim: Sim) -> MigrationJob:
-    job = actions.start_migration(vm_id=sim.vm(name).id, requested_by="tester")
-    run_job(job.pk, "test-runner")
-    job.refresh_from_db()
-    return job
-
-
-def assert_copied(job: MigrationJob, sim: Sim) -> None:
-    vm = sim.vm(job.vm.name)
-    for disk in JobDisk.objects.filter(job=job).select_related("source_disk"):
-        source = next(d for d in vm.disks if d.unit_number == disk.source_disk.unit_number)
-        # Volumes are whole GiB (as CloudStack's): compare the source's length.
-        assert sha(disk.device_path, source.capacity_bytes) == sha(source.image), f"disk {source.unit_number} differs"
 
 
 def test_job_completes_and_every_volume_matches_its_source(
@@ -176,7 +141,7 @@ def test_a_job_run_by_a_live_worker_is_not_taken_twice(
 def test_cloudstack_errors_and_timeouts_fail_the_job_clearly(
     nbdkit_server: RunningServer, sim: Sim, settings: object, tmp_path: Path, fault: dict[str, object], message: str
 ) -> None:
-    from tests.fake_cloudstack import FakeCloudStack
+    from tests.support.fake_cloudstack import FakeCloudStack
 
     wire(settings, nbdkit_server, sim)
     (tmp_path / "by-id").mkdir()

@@ -22,7 +22,7 @@ from django.test import Client
 from migrations_app.models import JobState, MigrationJob
 from omaportal.asgi import application
 from omaportal.web.relay import MIN_SEND_INTERVAL, relay
-from tests.web.conftest import UserFactory, make_jobs
+from tests.support.factories import UserFactory, make_jobs
 
 pytestmark = pytest.mark.django_db(transaction=True)
 REPO = Path(__file__).resolve().parents[2]

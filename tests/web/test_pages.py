@@ -14,7 +14,7 @@ from django.urls import reverse
 from exports.models import NbdServerState, VMExportMapping
 from migrations_app.models import JobState, MigrationJob
 from omaportal.web.templatetags.oma_format import bytes_human, eta, rate_human
-from tests.web.conftest import make_jobs
+from tests.support.factories import make_jobs
 
 
 def test_dashboard_shows_active_jobs_with_progress_and_the_nbd_card(

@@ -15,7 +15,7 @@ from django.urls import reverse
 from migrations_app.models import JobState, MigrationJob
 from omaportal.web.auth import MAX_FAILURES_PER_USER
 from omaportal.web.roles import can_operate, can_view
-from tests.web.conftest import PASSWORD, UserFactory, client_as, make_jobs
+from tests.support.factories import PASSWORD, UserFactory, client_as, make_jobs
 
 PAGES = ["dashboard", "inventory", "job-list", "mapping-list", "nbd-server"]
 
