@@ -57,11 +57,11 @@ lint: venv
 	$(PY) manage.py makemigrations --check --dry-run
 
 bench: setup
-	$(PY) bench/export_storm.py --backend nbdkit --vms 50 --disks 2 --workers 8
-	$(PY) bench/export_storm.py --backend nbd-server --vms 50 --disks 2 --workers 8
-	$(PY) bench/migration_e2e.py --vms 3 --disks 2 --size-mib 256
-	$(PY) bench/live_latency.py --clients 50 --events 200
-	$(PY) bench/page_scale.py --jobs 10000 --mappings 20000
+	$(PY) -m bench.export_storm --backend nbdkit --vms 50 --disks 2 --workers 8
+	$(PY) -m bench.export_storm --backend nbd-server --vms 50 --disks 2 --workers 8
+	$(PY) -m bench.migration_e2e --vms 3 --disks 2 --size-mib 256
+	$(PY) -m bench.live_latency --clients 50 --events 200
+	$(PY) -m bench.page_scale --jobs 10000 --mappings 20000
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,7 @@ while nbdcopy keeps streaming into an existing export; then, in the same run, th
 Starts its own NBD server(s) on free loopback ports under a temporary folder and its own database
 (SQLite in that folder, or a scratch PostgreSQL database with --postgres). Last line: one JSON object.
 
-    .venv/bin/python bench/export_storm.py --backend nbdkit --vms 50 --disks 2 --workers 8
+    .venv/bin/python -m bench.export_storm --backend nbdkit --vms 50 --disks 2 --workers 8
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,13 +27,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.harness import helper, percentile, portal_env, scratch_postgres, worker_init
+from devtools.devserver import DevServerLayout, free_port, write_layout
+from exports.nbd_protocol import NbdError, list_exports
 
-from devtools.devserver import DevServerLayout, free_port, write_layout  # noqa: E402
-from exports.nbd_protocol import NbdError, list_exports  # noqa: E402
-
-HELPER = [sys.executable, "-IS", str(REPO / "deploy" / "oma_nbd_helper.py")]
 VOLUME_SIZE = 64 << 20
 STREAM_SIZE = 8 << 20
 STREAM_RATE = "32M"  # bits per second: each streamed copy takes a couple of seconds
@@ -42,49 +38,6 @@ STREAM_RATE = "32M"  # bits per second: each streamed copy takes a couple of sec
 
 def vm_id(n: int) -> str:
     return f"4210{n:04x}-0000-4000-8000-{n:012x}"
-
-
-def percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return round(ordered[index], 2)
-
-
-def helper(layout: DevServerLayout, *args: str) -> dict[str, Any]:
-    env = {**os.environ, "OMA_NBD_HELPER_CONFIG": str(layout.helper_config)}
-    proc = subprocess.run([*HELPER, *args], capture_output=True, text=True, env=env, check=False)
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
-
-
-def portal_env(layout: DevServerLayout, var_dir: Path, spacing: float, database_url: str | None) -> dict[str, str]:
-    env = {
-        "DJANGO_SETTINGS_MODULE": "omaportal.settings",
-        "OMA_VAR_DIR": str(var_dir),
-        "OMA_NBD_BACKEND": layout.backend,
-        "OMA_NBD_HOST": layout.host,
-        "OMA_NBD_PORT": str(layout.port),
-        "OMA_NBD_HELPER": " ".join(HELPER),
-        "OMA_NBD_HELPER_CONFIG": str(layout.helper_config),
-        "OMA_NBD_EXPORT_ROOT": str(layout.export_root),
-        "OMA_NBD_STATE_DIR": str(layout.state_dir),
-        "OMA_NBD_MIN_RELOAD_SPACING": str(spacing),
-        "OMA_LOG_LEVEL": "WARNING",
-    }
-    if database_url:
-        env["DATABASE_URL"] = database_url
-    else:
-        os.environ.pop("DATABASE_URL", None)
-    return env
-
-
-def worker_init(env: dict[str, str]) -> None:
-    os.environ.update(env)
-    import django
-
-    django.setup()
 
 
 def warm_up(_: int) -> None:
@@ -321,22 +274,6 @@ def baseline(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "transfer_connect_failures": streamer.connect_failures,
         "wall_s": round(wall, 2),
     }
-
-
-def scratch_postgres(url: str) -> tuple[str, Any]:
-    import psycopg
-
-    name = f"oma_bench_{os.getpid()}"
-    admin = psycopg.connect(url, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        from django.db import connections
-
-        connections.close_all()
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-    return url.rsplit("/", 1)[0] + f"/{name}", drop
 
 
 def main() -> None:

@@ -26,13 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from export_storm import percentile, scratch_postgres  # noqa: E402
-
-from devtools.devserver import free_port  # noqa: E402
+from bench.harness import REPO, percentile, scratch_postgres
+from devtools.devserver import free_port
 
 DONE_RE = re.compile(r'data-done="(\d+)"')
 BASE = 10**12  # marker byte counts: BASE + n, so they cannot collide with anything else on the page
@@ -121,7 +116,7 @@ async def run_clients(
     stop = asyncio.Event()
     tasks = [asyncio.create_task(client(port, session_key, seen[i], readies[i], stop)) for i in range(clients)]
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 60)
-    proc = await asyncio.create_subprocess_exec(*writer, env=env, stdout=subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(*writer, env=env, cwd=REPO, stdout=subprocess.PIPE)
     out, _ = await proc.communicate()
     sent = [tuple(item) for item in json.loads(out.decode().strip().splitlines()[-1])]
     await asyncio.sleep(2)  # the last events' delivery
@@ -185,7 +180,8 @@ def main() -> None:
                 time.sleep(0.2)
         writer = [
             sys.executable,
-            str(Path(__file__).resolve()),
+            "-m",
+            "bench.live_latency",
             "--writer",
             str(job_pk),
             str(args.events),

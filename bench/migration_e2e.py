@@ -3,7 +3,7 @@
 volumes, the NBD server through the helper, the VMA simulator copying with nbdcopy), then, in the same
 run, a bare nbdcopy of the same bytes into fresh exports with the same parallelism.
 
-    .venv/bin/python bench/migration_e2e.py --vms 3 --disks 2 --size-mib 256
+    .venv/bin/python -m bench.migration_e2e --vms 3 --disks 2 --size-mib 256
 
 Last line: one JSON object (jobs, completed, sha256_mismatches, reloads, data_mb, wall_s, mb_s,
 bare_nbdcopy_mb_s, ratio, overhead_p95_ms). Overhead = a job's wall time minus the VMA's copy time.
@@ -25,13 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from export_storm import helper, percentile, portal_env, scratch_postgres, worker_init  # noqa: E402
-
-from devtools.devserver import DevServerLayout, free_port, write_layout  # noqa: E402
+from bench.harness import REPO, helper, percentile, portal_env, scratch_postgres, worker_init
+from devtools.devserver import DevServerLayout, free_port, write_layout
 
 TOKEN = "bench-vma-token"  # noqa: S105 - the simulator's, on loopback
 

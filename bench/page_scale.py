@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -21,11 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from export_storm import percentile, scratch_postgres  # noqa: E402
+from bench.harness import percentile, scratch_postgres
 
 BATCH = 2000
 

@@ -13,9 +13,9 @@ from tests.support.nbd import REPO
 
 def test_export_storm_prints_its_json_line_last() -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "export_storm.py"), "--backend", "nbd-server",
+        [sys.executable, "-m", "bench.export_storm", "--backend", "nbd-server",
          "--vms", "2", "--disks", "2", "--workers", "2", "--min-reload-spacing", "0.2"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -29,8 +29,8 @@ def test_export_storm_prints_its_json_line_last() -> None:
 
 def test_migration_e2e_prints_its_json_line_last() -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "migration_e2e.py"), "--vms", "1", "--disks", "2", "--size-mib", "8"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, "-m", "bench.migration_e2e", "--vms", "1", "--disks", "2", "--size-mib", "8"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -43,7 +43,12 @@ def test_migration_e2e_prints_its_json_line_last() -> None:
 def run_bench(*args: str) -> dict[str, object]:
     """Run a benchmark in its own process group; on a timeout the whole group goes (its daphne too)."""
     proc = subprocess.Popen(
-        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=300)
@@ -57,7 +62,7 @@ def run_bench(*args: str) -> dict[str, object]:
 
 
 def test_live_latency_prints_its_json_line_last() -> None:
-    result = run_bench(str(REPO / "bench" / "live_latency.py"), "--clients", "3", "--events", "5")
+    result = run_bench("bench.live_latency", "--clients", "3", "--events", "5")
     for key in ("clients", "events", "delivered", "p50_ms", "p95_ms", "max_ms", "database"):
         assert key in result, key
     assert result["clients"] == 3 and result["events"] == 5
@@ -65,7 +70,7 @@ def test_live_latency_prints_its_json_line_last() -> None:
 
 
 def test_page_scale_prints_its_json_line_last() -> None:
-    result = run_bench(str(REPO / "bench" / "page_scale.py"), "--jobs", "40", "--mappings", "80", "--repeat", "2")
+    result = run_bench("bench.page_scale", "--jobs", "40", "--mappings", "80", "--repeat", "2")
     pages = result["pages"]
     assert isinstance(pages, dict) and {"dashboard", "jobs", "mappings", "inventory", "nbd"} <= set(pages)
     for page in pages.values():

@@ -1,0 +1,78 @@
+"""What the benchmarks share: percentiles, a scratch PostgreSQL database, the portal's environment for a
+dev NBD layout, and the helper run the way the portal runs it. Benchmarks run as modules from the
+repository root (``python -m bench.migration_e2e``), so they import this and the portal directly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from devtools.devserver import DevServerLayout
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+HELPER = [sys.executable, "-IS", str(REPO / "deploy" / "oma_nbd_helper.py")]
+
+
+def percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return round(ordered[index], 2)
+
+
+def helper(layout: DevServerLayout, *args: str) -> dict[str, Any]:
+    env = {**os.environ, "OMA_NBD_HELPER_CONFIG": str(layout.helper_config)}
+    proc = subprocess.run([*HELPER, *args], capture_output=True, text=True, env=env, check=False)
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def portal_env(layout: DevServerLayout, var_dir: Path, spacing: float, database_url: str | None) -> dict[str, str]:
+    env = {
+        "DJANGO_SETTINGS_MODULE": "omaportal.settings",
+        "OMA_VAR_DIR": str(var_dir),
+        "OMA_NBD_BACKEND": layout.backend,
+        "OMA_NBD_HOST": layout.host,
+        "OMA_NBD_PORT": str(layout.port),
+        "OMA_NBD_HELPER": " ".join(HELPER),
+        "OMA_NBD_HELPER_CONFIG": str(layout.helper_config),
+        "OMA_NBD_EXPORT_ROOT": str(layout.export_root),
+        "OMA_NBD_STATE_DIR": str(layout.state_dir),
+        "OMA_NBD_MIN_RELOAD_SPACING": str(spacing),
+        "OMA_LOG_LEVEL": "WARNING",
+    }
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    else:
+        os.environ.pop("DATABASE_URL", None)
+    return env
+
+
+def worker_init(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    import django
+
+    django.setup()
+
+
+def scratch_postgres(url: str) -> tuple[str, Any]:
+    import psycopg
+
+    name = f"oma_bench_{os.getpid()}"
+    admin = psycopg.connect(url, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        from django.db import connections
+
+        connections.close_all()
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+    return url.rsplit("/", 1)[0] + f"/{name}", drop
