@@ -17,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from omaportal.web.live import announce
+from live.outbox import announce
 
 from .backends import get_backend, nbd_settings
 from .helper_client import HelperFailed

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from exports.actions import ExportError, retire_export
 from exports.models import normalize_vm_id
-from omaportal.web.live import announce
+from live.outbox import announce
 
 from .backends import get_volume_backend
 from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobEvent, JobState, MigrationJob, SourceDisk, SourceVM

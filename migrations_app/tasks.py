@@ -8,7 +8,7 @@ import socket
 
 from django_q.tasks import async_task
 
-from omaportal.web.relay import prune_live_updates
+from live.relay import prune_live_updates
 
 from .workflow import run_job, stale_jobs
 

@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from exports.actions import ExportError, ExportRequest, ensure_exports
-from omaportal.web.live import announce
+from live.outbox import announce
 
 from .actions import record_job_event
 from .backends import get_vma_client, get_volume_backend, vma_settings, workflow_settings

@@ -15,7 +15,7 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from omaportal.web.consumers import LiveConsumer  # noqa: E402
+from live.consumers import LiveConsumer  # noqa: E402
 
 if settings.DEBUG:
     # The embedded appliance serves its own assets (no CDN, maybe offline); production uses the proxy.

@@ -44,6 +44,7 @@ INSTALLED_APPS = [
     "channels",
     "django_q",
     "omaportal.web",
+    "live",
     "exports",
     "migrations_app",
     "devtools",
@@ -78,7 +79,7 @@ TEMPLATES = [
 WSGI_APPLICATION = "omaportal.wsgi.application"
 ASGI_APPLICATION = "omaportal.asgi.application"
 # No CHANNEL_LAYERS: each web process runs its own live relay over the database outbox and writes to
-# its own sockets (omaportal/web/relay.py), so nothing crosses processes through a channel layer.
+# its own sockets (live/relay.py), so nothing crosses processes through a channel layer.
 
 # DATABASE_URL selects PostgreSQL (psycopg 3); without it SQLite in WAL mode under var/.
 if os.environ.get("DATABASE_URL"):

@@ -24,8 +24,8 @@ from django.db import close_old_connections, connections
 from django.template.loader import render_to_string
 from django.utils import timezone
 
-from .live import NOTIFY_CHANNEL
 from .models import LiveUpdate
+from .outbox import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 SQLITE_POLL = 0.05

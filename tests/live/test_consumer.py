@@ -19,9 +19,9 @@ from django.contrib.auth.models import User
 from django.db import connection, connections
 from django.test import Client
 
+from live.relay import MIN_SEND_INTERVAL, relay
 from migrations_app.models import JobState, MigrationJob
 from omaportal.asgi import application
-from omaportal.web.relay import MIN_SEND_INTERVAL, relay
 from tests.support.factories import UserFactory, make_jobs
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -172,7 +172,7 @@ def test_progress_written_by_another_process_reaches_the_socket(make_user: UserF
 
 def test_a_burst_of_changes_is_coalesced(make_user: UserFactory) -> None:
     """Many progress writes between two relay ticks become one message per group, not one each."""
-    from omaportal.web.live import announce
+    from live.outbox import announce
 
     job = make_jobs(1, state=JobState.REPLICATING, disks=1)[0]
     headers = headers_for(make_user("viewer"))

@@ -10,8 +10,9 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from omaportal.web.roles import can_operate, can_view
+
 from .relay import groups_for, relay
-from .roles import can_operate, can_view
 
 # Application close codes (4000-4999): the page shows "signed out" instead of reconnecting forever.
 CLOSE_NOT_ALLOWED = 4403
