@@ -21,6 +21,7 @@ from live.outbox import announce
 
 from .backends import get_backend, nbd_settings
 from .helper_client import HelperFailed
+from .live import NBD
 from .models import (
     ExportEvent,
     NbdServerState,
@@ -63,7 +64,7 @@ def record_event(
     actor: str = "system",
 ) -> ExportEvent:
     with transaction.atomic():
-        announce("nbd")
+        announce(NBD)
         return ExportEvent.objects.create(
             mapping=mapping,
             export_name=export_name or (mapping.export_name if mapping else ""),
@@ -112,7 +113,7 @@ def record_serve_report(report: ServeReport, backend: NbdBackend, actor: str = "
         except HelperFailed:
             pass
     NbdServerState.objects.filter(pk=state.pk).update(**updates)
-    announce("nbd")
+    announce(NBD)
     if report.reloads:
         record_event("server.reload", message=f"{report.reloads} reload(s)", data={"reloads": report.reloads})
     for kind, message in report.incidents:
@@ -446,7 +447,7 @@ def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCh
         warnings=warnings,
         **updates,
     )
-    announce("nbd")
+    announce(NBD)
     return ServerCheck(
         backend=backend.name,
         version=version,

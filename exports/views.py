@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.core.paginator import Paginator
 from django.db import connection
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from omaportal.web.roles import viewer_required
 
-from .models import ExportEvent, NbdServerState, VMExportMapping
+from .models import NbdServerState, VMExportMapping
+from .pages import nbd_context
 
 MAPPINGS_PER_PAGE = 50
-
-
-def nbd_context() -> dict[str, Any]:
-    return {
-        "nbd": NbdServerState.objects.first(),
-        "status_counts": dict(
-            VMExportMapping.objects.values_list("status").annotate(n=Count("pk")).values_list("status", "n")
-        ),
-        # Reloads, restarts, crashes, repairs and lost exports: the server's own history.
-        "server_events": ExportEvent.objects.filter(Q(kind__startswith="server.") | Q(kind="exports.lost")).order_by(
-            "-id"
-        )[:30],
-        "export_events": ExportEvent.objects.exclude(kind__startswith="server.").order_by("-id")[:30],
-    }
 
 
 @require_GET

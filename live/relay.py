@@ -1,6 +1,6 @@
 """The live-update relay: one per web process. It tails the outbox (``LiveUpdate`` rows written by any
-process: django-q2 workers, management commands, other web processes), renders the changed
-fragments once per role, and sends them to the Channels groups whose pages show them.
+process: django-q2 workers, management commands, other web processes), renders each watched group's
+fragments once through the page registry, and writes them to this process's sockets in that group.
 
 Waking up: PostgreSQL LISTEN (the writers' NOTIFY arrives at their commit), with a one-second poll as
 a safety net; SQLite polls every 50 ms (an indexed ``id > last`` query). Whatever arrived while a
@@ -14,18 +14,15 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.db import close_old_connections, connections
-from django.template.loader import render_to_string
-from django.utils import timezone
 
 from .models import LiveUpdate
 from .outbox import NOTIFY_CHANNEL
+from .registry import Changes, Group, render_group
 
 log = logging.getLogger(__name__)
 SQLITE_POLL = 0.05
@@ -33,119 +30,21 @@ PG_SAFETY_POLL = 1.0
 # At most this often a group gets a message, however fast changes arrive (PostgreSQL wakes the relay on
 # every NOTIFY): a fast copy cannot flood the sockets, and whatever came in meanwhile is coalesced.
 MIN_SEND_INTERVAL = 0.05
-KEEP_UPDATES = timedelta(minutes=10)
-ROLES = ("operator", "viewer")
-
-
-def groups_for(page: str, role: str, job_pk: int | None = None) -> list[str]:
-    """The Channels groups a page joins: fragments are rendered once per group, per change."""
-    if page == "job" and job_pk is not None:
-        return [f"job-{job_pk}-{role}"]
-    if page in ("dashboard", "jobs", "nbd"):
-        return [f"{page}-{role}"]
-    return []
-
-
-@dataclass
-class Changes:
-    last_id: int
-    jobs: set[int] = field(default_factory=set)  # state, step or event: the lists around them change too
-    progress: set[int] = field(default_factory=set)  # only bytes and rates: only the job's own fragments
-    nbd: bool = False
-    inventory: bool = False
-
-    def __bool__(self) -> bool:
-        return bool(self.jobs or self.progress or self.nbd or self.inventory)
-
-    @property
-    def touched_jobs(self) -> set[int]:
-        return self.jobs | self.progress
 
 
 def read_changes(last_id: int) -> Changes:
     changes = Changes(last_id)
-    for pk, topic, job_pk in LiveUpdate.objects.filter(id__gt=last_id).values_list("id", "topic", "job_pk"):
+    for pk, topic, key in LiveUpdate.objects.filter(id__gt=last_id).values_list("id", "topic", "key"):
         changes.last_id = max(changes.last_id, pk)
-        if topic == LiveUpdate.Topic.JOB and job_pk is not None:
-            changes.jobs.add(job_pk)
-        elif topic == LiveUpdate.Topic.PROGRESS and job_pk is not None:
-            changes.progress.add(job_pk)
-        elif topic == LiveUpdate.Topic.NBD:
-            changes.nbd = True
-        else:
-            changes.inventory = True
+        changes.add(topic, key)
     return changes
 
 
-def render_fragments(group: str, changes: Changes | None) -> str:
-    """The HTML for one group: every fragment on its page (changes None: a snapshot), or only the ones
-    the changes touch. Each top-level element carries the id htmx swaps out of band."""
-    from exports.views import nbd_context
-    from migrations_app.models import MigrationJob
-    from migrations_app.views import (
-        attach_progress,
-        dashboard_context,
-        job_context,
-        job_progress_context,
-        job_rows,
-        with_disks,
-    )
-
-    page, _, role = group.rpartition("-")
-    operator = role == "operator"
-    parts: list[str] = []
-    if page == "dashboard":
-        if changes is None or changes.jobs or changes.nbd:
-            context = dashboard_context(operator)
-            names = ["summary", "active-jobs", "recent-jobs", "recent-events", "nbd-card"]
-            if changes is not None and not changes.nbd:
-                names.remove("nbd-card")
-            parts += [render_to_string(f"migrations_app/dashboard.html#{name}", context) for name in names]
-        elif changes.progress:
-            # Progress alone: only the moving jobs' cards, not the lists around them.
-            jobs = list(with_disks(MigrationJob.objects.filter(pk__in=changes.progress)))
-            attach_progress(jobs)
-            parts += [
-                render_to_string("migrations_app/dashboard.html#job-card", {"job": job, "can_operate": operator})
-                for job in jobs
-            ]
-    elif page == "jobs":
-        if changes is not None and changes.touched_jobs:
-            rows = job_rows(MigrationJob.objects.filter(pk__in=changes.touched_jobs))
-            parts += [
-                render_to_string("migrations_app/job_list.html#job-row", {"job": job, "can_operate": operator})
-                for job in rows
-            ]
-    elif page == "nbd":
-        if changes is None or changes.nbd:
-            parts.append(render_to_string("exports/nbd_server.html#nbd-live", nbd_context()))
-    elif page.startswith("job-"):
-        job_pk = int(page.removeprefix("job-"))
-        job = None
-        if changes is None or job_pk in changes.touched_jobs:
-            job = with_disks(MigrationJob.objects.filter(pk=job_pk)).first()
-        if job is not None and (changes is None or job_pk in changes.jobs):
-            parts.append(render_to_string("migrations_app/job_detail.html#job-live", job_context(job, operator)))
-        elif job is not None:
-            context = job_progress_context(job, operator)
-            parts += [
-                render_to_string(f"migrations_app/job_detail.html#{name}", context)
-                for name in ("job-progress", "job-disks")
-            ]
-    return "".join(parts)
-
-
-def _render_all(groups: list[str], changes: Changes | None) -> dict[str, str]:
+def _render_all(groups: list[Group], changes: Changes | None) -> dict[Group, str]:
     try:
-        return {group: html for group in groups if (html := render_fragments(group, changes))}
+        return {group: html for group in groups if (html := render_group(group, changes))}
     finally:
         close_old_connections()
-
-
-def prune_live_updates() -> int:
-    """Outbox rows older than ten minutes have been relayed; periodic cleanup drops them."""
-    deleted, _ = LiveUpdate.objects.filter(created_at__lt=timezone.now() - KEEP_UPDATES).delete()
-    return deleted
 
 
 class Subscriber(Protocol):
@@ -160,15 +59,15 @@ class Relay:
     per-socket queues roughly halves the cost of a send, which is what bounds 50 watching browsers."""
 
     def __init__(self) -> None:
-        self.watchers: dict[str, set[Subscriber]] = defaultdict(set)
+        self.watchers: dict[Group, set[Subscriber]] = defaultdict(set)
         self.task: asyncio.Task[None] | None = None
         self.last_id = 0
         self.sent = 0
 
-    def watch(self, group: str, subscriber: Subscriber) -> None:
+    def watch(self, group: Group, subscriber: Subscriber) -> None:
         self.watchers[group].add(subscriber)
 
-    def unwatch(self, group: str, subscriber: Subscriber) -> None:
+    def unwatch(self, group: Group, subscriber: Subscriber) -> None:
         self.watchers[group].discard(subscriber)
         if not self.watchers[group]:
             del self.watchers[group]
@@ -182,7 +81,7 @@ class Relay:
     def _max_id() -> int:
         return LiveUpdate.objects.order_by("-id").values_list("id", flat=True).first() or 0
 
-    async def snapshot(self, group: str) -> str:
+    async def snapshot(self, group: Group) -> str:
         rendered = await sync_to_async(_render_all, thread_sensitive=True)([group], None)
         return rendered.get(group, "")
 

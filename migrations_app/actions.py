@@ -17,6 +17,7 @@ from exports.models import normalize_vm_id
 from live.outbox import announce
 
 from .backends import get_volume_backend
+from .live import INVENTORY, JOB
 from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobEvent, JobState, MigrationJob, SourceDisk, SourceVM
 from .volumes import VolumeError, volume_name_for
 
@@ -37,7 +38,7 @@ def record_job_event(
 ) -> JobEvent:
     # One transaction for the event and its live update: one write lock on SQLite, not two.
     with transaction.atomic():
-        announce("job", job.pk)
+        announce(JOB, job.pk)
         return JobEvent.objects.create(
             job=job, kind=kind, step=step, message=message, data=data or {}, duration_ms=duration_ms, actor=actor
         )
@@ -77,7 +78,7 @@ def sync_inventory(vms: list[dict[str, Any]]) -> int:
                     "capacity_bytes": int(disk["capacity_bytes"]),
                 },
             )
-    announce("inventory")
+    announce(INVENTORY)
     return len(vms)
 
 

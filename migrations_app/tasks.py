@@ -8,7 +8,7 @@ import socket
 
 from django_q.tasks import async_task
 
-from live.relay import prune_live_updates
+from live.outbox import prune_live_updates
 
 from .workflow import run_job, stale_jobs
 

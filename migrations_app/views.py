@@ -8,125 +8,26 @@ the request comes from htmx (filters and pagination swap the table, not the page
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from datetime import timedelta
-from typing import Any
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
-from django.db.models.functions import Coalesce
+from django.db.models import OuterRef, Q, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from exports.models import NbdServerState, VMExportMapping
+from exports.models import VMExportMapping
 from omaportal.web.roles import can_operate, operator_required, viewer_required
 
 from .actions import MigrationError, cancel_job, retry_job, start_migration, sync_inventory
 from .backends import get_vma_client
-from .models import ACTIVE_STATES, STEPS, JobDisk, JobEvent, JobState, MigrationJob, SourceVM
+from .models import ACTIVE_STATES, JobState, MigrationJob, SourceVM
+from .pages import dashboard_context, job_context, job_rows, with_disks
 from .vma_client import VmaError
 
 log = logging.getLogger(__name__)
 JOBS_PER_PAGE = 25
 VMS_PER_PAGE = 50
-RECENT_EVENTS = 12
-RECENT_JOBS = 8
-ACTIVE_ON_DASHBOARD = 50
-
-
-def attach_progress(jobs: Iterable[MigrationJob]) -> None:
-    """Attach ``job.progress`` (done, total, rate, percent) from prefetched disks."""
-    for job in jobs:
-        disks = list(job.disks.all())
-        done = sum(d.bytes_done for d in disks)
-        total = sum(d.bytes_total for d in disks)
-        rate = sum(d.throughput_bps for d in disks) if job.state == JobState.REPLICATING else 0
-        samples = [int(v) for v in job.throughput_samples or [] if v]
-        job.progress = {  # type: ignore[attr-defined]
-            "done": done,
-            "total": total,
-            "rate": rate,
-            "average_rate": sum(samples) // len(samples) if samples else 0,
-            "percent": int(done * 100 / total) if total else 0,
-        }
-
-
-def with_disks(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
-    return queryset.select_related("vm").prefetch_related(
-        Prefetch("disks", JobDisk.objects.select_related("source_disk", "mapping").order_by("source_disk__unit_number"))
-    )
-
-
-def dashboard_context(operator: bool) -> dict[str, Any]:
-    day_ago = timezone.now() - timedelta(days=1)
-    counts = MigrationJob.objects.aggregate(
-        active=Count("pk", filter=Q(state__in=[*STEPS, JobState.CANCELLING])),
-        queued=Count("pk", filter=Q(state=JobState.PENDING)),
-        completed=Count("pk", filter=Q(state=JobState.COMPLETED, finished_at__gte=day_ago)),
-        failed=Count("pk", filter=Q(state=JobState.FAILED, finished_at__gte=day_ago)),
-    )
-    active_jobs = list(
-        with_disks(MigrationJob.objects.filter(state__in=ACTIVE_STATES)).order_by("created_at")[:ACTIVE_ON_DASHBOARD]
-    )
-    attach_progress(active_jobs)
-    return {
-        "counts": counts,
-        "vm_count": SourceVM.objects.count(),
-        "active_jobs": active_jobs,
-        "nbd": NbdServerState.objects.first(),
-        "recent_events": JobEvent.objects.select_related("job__vm").order_by("-id")[:RECENT_EVENTS],
-        "recent_jobs": job_rows(MigrationJob.objects.exclude(state__in=ACTIVE_STATES)).order_by("-finished_at", "-id")[
-            :RECENT_JOBS
-        ],
-        "can_operate": operator,
-    }
-
-
-def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
-    attach_progress([job])
-    events = list(job.events.order_by("-id")[:200])
-    timeline = []
-    for step in STEPS:
-        started = next((e for e in reversed(events) if e.kind == "step.started" and e.step == step), None)
-        finished = next((e for e in events if e.kind == "step.finished" and e.step == step), None)
-        failed = job.state == JobState.FAILED and job.current_step == step
-        if finished is not None and (
-            STEPS.index(step) < STEPS.index(JobState(job.current_step)) or job.state == JobState.COMPLETED
-        ):
-            status = "done"
-        elif failed:
-            status = "failed"
-        elif job.state == step:
-            status = "running"
-        else:
-            status = "waiting"
-        timeline.append(
-            {
-                "step": step,
-                "label": JobState(step).label,
-                "status": status,
-                "started_at": started.created_at if started else None,
-                "duration_ms": finished.duration_ms if finished and status == "done" else None,
-            }
-        )
-    return {"job": job, "disks": list(job.disks.all()), "events": events, "timeline": timeline, "can_operate": operator}
-
-
-def job_progress_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
-    """What the job page's progress and disks fragments need: job_context without timeline and events."""
-    attach_progress([job])
-    return {"job": job, "disks": list(job.disks.all()), "can_operate": operator}
-
-
-def job_rows(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
-    return queryset.select_related("vm").annotate(
-        done=Coalesce(Sum("disks__bytes_done"), 0),
-        total=Coalesce(Sum("disks__bytes_total"), 0),
-        disk_count=Count("disks"),
-    )
 
 
 @require_GET

@@ -22,6 +22,7 @@ from live.outbox import announce
 
 from .actions import record_job_event
 from .backends import get_vma_client, get_volume_backend, vma_settings, workflow_settings
+from .live import PROGRESS
 from .models import STEPS, JobDisk, JobState, MigrationJob
 from .vma_client import VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError, volume_name_for
@@ -270,7 +271,7 @@ def _write_progress(
         samples = MigrationJob.objects.filter(pk=job.pk).values_list("throughput_samples", flat=True).first() or []
         rate = sum(int(item.get("throughput_bps") or 0) for item in reported)
         MigrationJob.objects.filter(pk=job.pk).update(throughput_samples=[*samples, rate][-SPARKLINE_SAMPLES:])
-        announce("progress", job.pk)
+        announce(PROGRESS, job.pk)
 
 
 def _wait_stopped(vma: VmaClient, replication_id: str, job: MigrationJob, runner: str) -> None:

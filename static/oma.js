@@ -19,6 +19,24 @@
     field.value = meta.content;
   }, true);
 
+  // A live refresh of a table (the inventory's) must not drop the VMs the operator has ticked.
+  var ticked = null;
+  document.addEventListener("htmx:beforeSwap", function (evt) {
+    var target = evt.detail.target;
+    if (!target || !target.querySelectorAll) return;
+    ticked = Array.prototype.map.call(target.querySelectorAll("input[type=checkbox]:checked"), function (box) {
+      return box.name + "=" + box.value;
+    });
+  });
+  document.addEventListener("htmx:afterSwap", function (evt) {
+    if (!ticked || !ticked.length) { ticked = null; return; }
+    var keep = ticked; ticked = null;
+    var root = document.getElementById(evt.detail.target.id) || evt.detail.target;
+    Array.prototype.forEach.call(root.querySelectorAll("input[type=checkbox]"), function (box) {
+      if (keep.indexOf(box.name + "=" + box.value) >= 0 && !box.disabled) box.checked = true;
+    });
+  });
+
   function badge() { return document.getElementById("live-state"); }
   document.addEventListener("htmx:wsOpen", function () {
     var el = badge(); if (!el) return;

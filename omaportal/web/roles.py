@@ -53,6 +53,14 @@ def can_operate(user: Any) -> bool:
     return bool(user.is_authenticated and user.has_perm(OPERATE))
 
 
+def live_role(user: Any) -> str | None:
+    """The role a user watches a live page in (fragments differ only in the operator's buttons), or
+    None: no role, no socket."""
+    if not can_view(user):
+        return None
+    return OPERATOR if can_operate(user) else VIEWER
+
+
 type View = Callable[..., HttpResponse]
 
 

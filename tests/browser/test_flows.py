@@ -130,3 +130,23 @@ def test_the_page_reconnects_after_a_portal_restart_and_shows_the_truth(
     expect(page.locator("#live-state")).to_have_text("● live", timeout=40_000)
     expect(page.locator(f"#job-card-{job.pk}")).to_be_visible()
     assert page.evaluate("window.__sameDocument") is True
+
+
+def test_the_inventory_shows_a_vm_read_from_the_vma_meanwhile_and_keeps_the_ticks(
+    stack: tuple[Portal, Sim], page: Page, make_user: UserFactory
+) -> None:
+    portal, sim = stack
+    from migrations_app import actions
+
+    log_in(page, portal, make_user, "operator")
+    page.goto(f"{portal.url}/vms/")
+    expect(page.locator("#live-state")).to_have_text("● live")
+    page.check("input[aria-label='select web-01']")
+    page.evaluate("window.__sameDocument = true")
+    # Another operator (or discover_vms) reads the VMA's inventory, which now has one more VM.
+    inventory = sim.client.inventory()
+    extra = {**inventory[0], "id": "4210ffff-0000-4000-8000-00000000beef", "name": "new-vm-01"}
+    actions.sync_inventory([*inventory, extra])
+    expect(page.locator("text=new-vm-01")).to_be_visible(timeout=15_000)
+    expect(page.locator("input[aria-label='select web-01']")).to_be_checked()
+    assert page.evaluate("window.__sameDocument") is True

@@ -86,7 +86,7 @@ def test_an_unknown_page_or_job_is_closed_clearly(make_user: UserFactory) -> Non
     headers = headers_for(make_user("viewer"))
 
     async def run() -> None:
-        for path in ("/ws/live/?page=secrets", "/ws/live/?page=job&job=job-nope", "/ws/live/?page=job"):
+        for path in ("/ws/live/?page=secrets", "/ws/live/?page=job&key=job-nope", "/ws/live/?page=job"):
             communicator, connected, code = await connect(path, headers)
             assert not connected and code == 4404, path
             await communicator.disconnect()
@@ -118,7 +118,7 @@ def test_every_connect_starts_with_a_snapshot_rendered_for_the_role(make_user: U
             assert ("Cancel</button>" in snapshot) is sees_cancel
             await communicator.disconnect()
         # A job page's snapshot is that job's detail.
-        communicator, connected, _ = await connect(f"/ws/live/?page=job&job={job.job_id}", viewer)
+        communicator, connected, _ = await connect(f"/ws/live/?page=job&key={job.job_id}", viewer)
         assert connected
         assert f'id="job-live-{job.pk}"' in await communicator.receive_from(timeout=10)
         await communicator.disconnect()
@@ -146,7 +146,7 @@ def test_progress_written_by_another_process_reaches_the_socket(make_user: UserF
     headers = headers_for(make_user("viewer"))
 
     async def run() -> None:
-        communicator, connected, _ = await connect(f"/ws/live/?page=job&job={job.job_id}", headers)
+        communicator, connected, _ = await connect(f"/ws/live/?page=job&key={job.job_id}", headers)
         assert connected
         await communicator.receive_from(timeout=10)  # the snapshot
         env = {**os.environ, "OMA_DB_NAME": str(connection.settings_dict["NAME"])}

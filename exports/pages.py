@@ -1,0 +1,23 @@
+"""What the NBD server page shows, for the view and for the live page in ``live.py``. Reads only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Count, Q
+
+from .models import ExportEvent, NbdServerState, VMExportMapping
+
+
+def nbd_context() -> dict[str, Any]:
+    return {
+        "nbd": NbdServerState.objects.first(),
+        "status_counts": dict(
+            VMExportMapping.objects.values_list("status").annotate(n=Count("pk")).values_list("status", "n")
+        ),
+        # Reloads, restarts, crashes, repairs and lost exports: the server's own history.
+        "server_events": ExportEvent.objects.filter(Q(kind__startswith="server.") | Q(kind="exports.lost")).order_by(
+            "-id"
+        )[:30],
+        "export_events": ExportEvent.objects.exclude(kind__startswith="server.").order_by("-id")[:30],
+    }
