@@ -122,7 +122,8 @@ def storm(args: argparse.Namespace, root: Path, database_url: str | None) -> dic
     from django.db import connections
 
     call_command("migrate", verbosity=0)
-    from exports.actions import check_nbd_server, ensure_export
+    from exports.actions import ensure_export
+    from exports.health import check_nbd_server
 
     started = helper(layout, "start")
     if not started["ok"]:

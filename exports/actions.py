@@ -1,4 +1,5 @@
-"""Every write that matters to exports: ensure, retire, observe the server, reconcile.
+"""Every write that matters to an export: ensure (create, reuse, retarget) and retire, with the audit
+recorders at the bottom. Server health is in ``health.py``, reconciliation in ``reconcile.py``.
 
 Views, admin actions, management commands and workflow steps call these; none saves a mapping
 itself, and nothing but the privileged helper touches a link or a conf file.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -52,72 +53,6 @@ class ExportConflict(ExportError):
 
 class ExportUnavailable(ExportError):
     """The mapping and link are written but the server does not serve the export (yet)."""
-
-
-def record_event(
-    kind: str,
-    *,
-    mapping: VMExportMapping | None = None,
-    export_name: str = "",
-    message: str = "",
-    data: dict[str, Any] | None = None,
-    actor: str = "system",
-) -> ExportEvent:
-    with transaction.atomic():
-        announce(NBD)
-        return ExportEvent.objects.create(
-            mapping=mapping,
-            export_name=export_name or (mapping.export_name if mapping else ""),
-            kind=kind,
-            message=message,
-            data=data or {},
-            actor=actor,
-        )
-
-
-def _server_state() -> NbdServerState:
-    conf = nbd_settings()
-    state, _ = NbdServerState.objects.get_or_create(
-        node=conf["NODE"],
-        defaults={"backend": conf["BACKEND"], "address": f"{conf['HOST']}:{conf['PORT']}"},
-    )
-    return state
-
-
-def _epoch(value: float | None) -> dt.datetime | None:
-    return dt.datetime.fromtimestamp(value, tz=dt.UTC) if value else None
-
-
-def record_serve_report(report: ServeReport, backend: NbdBackend, actor: str = "system") -> None:
-    """Count reloads and incidents on the server state row, with an event for each incident."""
-    if not (report.reloads or report.crashes or report.restarts or report.lost):
-        return
-    state = _server_state()
-    now = timezone.now()
-    updates: dict[str, Any] = {
-        "reload_count": F("reload_count") + report.reloads,
-        "crashes_detected": F("crashes_detected") + report.crashes,
-        "restarts_detected": F("restarts_detected") + report.restarts,
-        "lost_exports_detected": F("lost_exports_detected") + len(report.lost),
-        "repairs": F("repairs") + report.repairs,
-    }
-    if report.reloads:
-        updates["last_reload_at"] = now
-    if report.crashes or report.restarts:
-        # Our own repair restarted the main process: remember the new one, so the next check
-        # does not count this restart a second time.
-        try:
-            status = backend.helper_status()
-            updates["main_pid"] = status.get("pid")
-            updates["main_started_at"] = _epoch(status.get("started_at"))
-        except HelperFailed:
-            pass
-    NbdServerState.objects.filter(pk=state.pk).update(**updates)
-    announce(NBD)
-    if report.reloads:
-        record_event("server.reload", message=f"{report.reloads} reload(s)", data={"reloads": report.reloads})
-    for kind, message in report.incidents:
-        record_event(kind, message=message, data={"lost": report.lost, "restarts": report.restarts}, actor=actor)
 
 
 def _validated(vm_id: str, disk_unit: int, device: str) -> tuple[str, str]:
@@ -368,203 +303,70 @@ def retire_export(*, vm_id: str, disk_unit: int, actor: str = "system") -> VMExp
     return mapping
 
 
-@dataclass
-class ServerCheck:
-    backend: str
-    version: str
-    address: str
-    health: str
-    pid: int | None
-    started_at: float | None
-    expected: list[str]
-    served: list[str]
-    missing: list[str]
-    unknown_served: list[str]
-    warnings: list[str]
-    incidents: list[str] = field(default_factory=list)
+# --- Audit: every export change and server incident leaves a row (and tells the NBD page) ---
 
 
-def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCheck:
-    """Observe the server through the helper (verified PID) and the NBD protocol (served names),
-    compare with the database, record what changed; with ``repair``, start a dead server and make
-    missing exports served again."""
-    backend = get_backend()
-    state = _server_state()
-    incidents: list[str] = []
-    status = backend.helper_status()
-    if not status.get("verified") and repair:
-        report = ServeReport()
-        backend.ensure_running(report)
-        record_serve_report(report, backend, actor)
-        incidents += report.notes
-        status = backend.helper_status()
-        state.refresh_from_db()
-    expected = set(
-        VMExportMapping.objects.filter(status__in=[Status.ACTIVE, Status.PENDING]).values_list("export_name", flat=True)
-    )
-    try:
-        served = backend.served_names()
-    except NbdError:
-        served = set()
-    missing = expected - served
-    if missing and repair and status.get("verified"):
-        try:
-            report = backend.make_served(missing, time.time(), float(nbd_settings()["SERVE_TIMEOUT"]))
-            record_serve_report(report, backend, actor)
-            incidents += report.notes
-        except (ExportNotServed, HelperFailed) as exc:
-            incidents.append(str(exc))
-        served = backend.served_names()
-        missing = expected - served
-    pid, started = status.get("pid"), _epoch(status.get("started_at"))
-    updates: dict[str, Any] = {}
-    if state.main_pid and pid and (pid != state.main_pid or started != state.main_started_at):
-        incidents.append(f"main process changed from pid {state.main_pid} to {pid} (restarted outside the portal)")
-        updates["restarts_detected"] = F("restarts_detected") + 1
-        record_event("server.restart", message=incidents[-1], data={"old_pid": state.main_pid, "pid": pid})
-    if state.main_pid and not status.get("verified") and state.health != NbdServerState.Health.DOWN:
-        incidents.append(f"main process {state.main_pid} is gone: {status.get('why')}")
-        updates["crashes_detected"] = F("crashes_detected") + 1
-        record_event("server.crash", message=incidents[-1])
-    warnings = backend.warnings()
-    if not status.get("verified"):
-        health = NbdServerState.Health.DOWN
-    elif missing:
-        health = NbdServerState.Health.DEGRADED
-    else:
-        health = NbdServerState.Health.OK
-    version = backend.version()
-    NbdServerState.objects.filter(pk=state.pk).update(
-        backend=backend.name,
-        version=version,
-        address=f"{backend.host}:{backend.port}",
-        health=health,
-        main_pid=pid if status.get("verified") else state.main_pid,
-        main_started_at=started if status.get("verified") else state.main_started_at,
-        exports_expected=len(expected),
-        exports_served=len(expected & served),
-        last_check_at=timezone.now(),
-        warnings=warnings,
-        **updates,
-    )
-    announce(NBD)
-    return ServerCheck(
-        backend=backend.name,
-        version=version,
-        address=f"{backend.host}:{backend.port}",
-        health=str(health),
-        pid=pid,
-        started_at=status.get("started_at"),
-        expected=sorted(expected),
-        served=sorted(served),
-        missing=sorted(missing),
-        unknown_served=sorted(served - expected),
-        warnings=warnings,
-        incidents=incidents,
-    )
-
-
-@dataclass
-class ReconcileReport:
-    """Database vs links/conf files vs what the server really serves."""
-
-    missing_link: list[str] = field(default_factory=list)
-    wrong_link: list[str] = field(default_factory=list)
-    missing_conf: list[str] = field(default_factory=list)
-    not_served: list[str] = field(default_factory=list)
-    retired_but_linked: list[str] = field(default_factory=list)
-    orphaned: list[str] = field(default_factory=list)
-    served_unknown: list[str] = field(default_factory=list)
-    conflicting: list[str] = field(default_factory=list)
-    fixed: list[str] = field(default_factory=list)
-    unfixed: list[str] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        problems = (
-            self.missing_link,
-            self.wrong_link,
-            self.missing_conf,
-            self.not_served,
-            self.retired_but_linked,
-            self.orphaned,
-            self.served_unknown,
-            self.conflicting,
+def record_event(
+    kind: str,
+    *,
+    mapping: VMExportMapping | None = None,
+    export_name: str = "",
+    message: str = "",
+    data: dict[str, Any] | None = None,
+    actor: str = "system",
+) -> ExportEvent:
+    with transaction.atomic():
+        announce(NBD)
+        return ExportEvent.objects.create(
+            mapping=mapping,
+            export_name=export_name or (mapping.export_name if mapping else ""),
+            kind=kind,
+            message=message,
+            data=data or {},
+            actor=actor,
         )
-        return not any(problems)
 
 
-def reconcile_exports(*, fix: bool = False, actor: str = "system") -> ReconcileReport:
-    """Find every disagreement between the database, the links/conf files and the served names.
+def server_state() -> NbdServerState:
+    conf = nbd_settings()
+    state, _ = NbdServerState.objects.get_or_create(
+        node=conf["NODE"],
+        defaults={"backend": conf["BACKEND"], "address": f"{conf['HOST']}:{conf['PORT']}"},
+    )
+    return state
 
-    With ``fix``: live mappings get their link/conf rewritten and are made served (the database is
-    the truth), links of retired mappings are removed. Links and served names that no mapping
-    accounts for, and two names on one device, are only reported: a person decides.
-    """
-    backend = get_backend()
-    report = ReconcileReport()
-    status = backend.helper_status()
-    links: dict[str, str] = status["links"]
-    confs = set(status["confs"])
-    try:
-        served = backend.served_names()
-    except NbdError:
-        served = set()
-    rows = {m.export_name: m for m in VMExportMapping.objects.all()}
-    live = {name: m for name, m in rows.items() if m.status != Status.RETIRED}
-    broken: list[VMExportMapping] = []
-    for name, mapping in live.items():
-        bad = False
-        if name not in links:
-            report.missing_link.append(name)
-            bad = True
-        elif links[name] != mapping.device_path:
-            report.wrong_link.append(f"{name}: link -> {links[name]}, database -> {mapping.device_path}")
-            bad = True
-        if backend.needs_reload and name not in confs:
-            report.missing_conf.append(name)
-            bad = True
-        if name not in served:
-            report.not_served.append(name)
-            bad = True
-        if bad:
-            broken.append(mapping)
-    retired = [n for n in set(links) | confs if n in rows and n not in live]
-    report.retired_but_linked = sorted(retired)
-    report.orphaned = sorted(n for n in set(links) | confs if n not in rows)
-    report.served_unknown = sorted(served - set(live))
-    by_target: dict[str, list[str]] = {}
-    for name, target in links.items():
-        by_target.setdefault(target, []).append(name)
-    report.conflicting = sorted(f"{t}: {', '.join(sorted(ns))}" for t, ns in by_target.items() if len(ns) > 1)
 
-    if fix:
-        for mapping in broken:
-            try:
-                ensure_export(
-                    vm_id=mapping.vm_id,
-                    vm_name=mapping.vm_name,
-                    disk_unit=mapping.disk_unit_number,
-                    device=mapping.device_path,
-                    actor=actor,
-                )
-                report.fixed.append(f"republished {mapping.export_name}")
-            except ExportError as exc:
-                report.unfixed.append(f"{mapping.export_name}: {exc}")
-        for name in retired:
-            try:
-                backend.withdraw(name)
-                record_event(
-                    "export.withdrawn", mapping=rows[name], message="reconcile removed a retired link", actor=actor
-                )
-                report.fixed.append(f"removed link of retired {name}")
-            except HelperFailed as exc:
-                report.unfixed.append(f"{name}: {exc}")
-        for name in report.orphaned:
-            report.unfixed.append(f"{name}: no mapping accounts for it; check and remove it by hand")
-        for name in report.served_unknown:
-            if name not in links:
-                report.unfixed.append(f"{name}: served but unknown; it goes away at the next server restart")
-        for line in report.conflicting:
-            report.unfixed.append(f"two exports on one device: {line}")
-    return report
+def from_epoch(value: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(value, tz=dt.UTC) if value else None
+
+
+def record_serve_report(report: ServeReport, backend: NbdBackend, actor: str = "system") -> None:
+    """Count reloads and incidents on the server state row, with an event for each incident."""
+    if not (report.reloads or report.crashes or report.restarts or report.lost):
+        return
+    state = server_state()
+    now = timezone.now()
+    updates: dict[str, Any] = {
+        "reload_count": F("reload_count") + report.reloads,
+        "crashes_detected": F("crashes_detected") + report.crashes,
+        "restarts_detected": F("restarts_detected") + report.restarts,
+        "lost_exports_detected": F("lost_exports_detected") + len(report.lost),
+        "repairs": F("repairs") + report.repairs,
+    }
+    if report.reloads:
+        updates["last_reload_at"] = now
+    if report.crashes or report.restarts:
+        # Our own repair restarted the main process: remember the new one, so the next check
+        # does not count this restart a second time.
+        try:
+            status = backend.helper_status()
+            updates["main_pid"] = status.get("pid")
+            updates["main_started_at"] = from_epoch(status.get("started_at"))
+        except HelperFailed:
+            pass
+    NbdServerState.objects.filter(pk=state.pk).update(**updates)
+    announce(NBD)
+    if report.reloads:
+        record_event("server.reload", message=f"{report.reloads} reload(s)", data={"reloads": report.reloads})
+    for kind, message in report.incidents:
+        record_event(kind, message=message, data={"lost": report.lost, "restarts": report.restarts}, actor=actor)

@@ -1,4 +1,4 @@
-"""ensure_export / retire_export / check_nbd_server against real NBD servers through the real helper."""
+"""ensure_export and retire_export against real NBD servers through the real helper."""
 
 from __future__ import annotations
 
@@ -208,35 +208,6 @@ def test_crashed_nbd_server_is_detected_and_repaired_on_next_export(nbdserver_se
     assert state.crashes_detected >= 1 and state.repairs >= 1
     assert nbdserver_server.main_pid() != old_pid
     assert ExportEvent.objects.filter(kind="server.crash").exists()
-
-
-def test_check_detects_a_restart_made_outside_the_portal(nbd_server: RunningServer) -> None:
-    ensure(nbd_server, nbd_server.volume("a.img"))
-    actions.check_nbd_server()
-    assert nbd_server.helper("restart").returncode == 0
-    check = actions.check_nbd_server()
-    assert any("restarted outside the portal" in i for i in check.incidents)
-    assert NbdServerState.objects.get().restarts_detected == 1
-    assert check.missing == [] and check.health == "ok"
-
-
-def test_check_with_repair_starts_a_dead_server(nbd_server: RunningServer) -> None:
-    ensure(nbd_server, nbd_server.volume("a.img"))
-    actions.check_nbd_server()
-    os.kill(nbd_server.main_pid(), signal.SIGKILL)
-    time.sleep(0.2)
-    down = actions.check_nbd_server()
-    assert down.health == "down"
-    repaired = actions.check_nbd_server(repair=True)
-    assert repaired.health == "ok" and repaired.missing == []
-    assert NbdServerState.objects.get().crashes_detected >= 1
-
-
-def test_nbd_server_version_warning_is_plain(nbdserver_server: RunningServer) -> None:
-    check = actions.check_nbd_server()
-    if check.version != "3.24":
-        pytest.skip(f"nbd-server {check.version} is not the known-bad 3.24")
-    assert any("corrupts its memory on reload" in w and "nbdkit" in w for w in check.warnings)
 
 
 def test_a_vms_disks_together_share_one_reload(nbdserver_server: RunningServer) -> None:

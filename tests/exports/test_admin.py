@@ -10,6 +10,7 @@ from django.test import Client
 from django.urls import reverse
 
 from exports import actions
+from exports.health import check_nbd_server
 from exports.models import ExportEvent, VMExportMapping
 from tests.support.nbd import RunningServer
 
@@ -106,7 +107,7 @@ def test_pages_require_login_and_show_mappings_and_server_state(
 ) -> None:
     assert Client().get("/exports/").status_code == 302
     actions.ensure_export(vm_id=VM, vm_name="web-01", disk_unit=0, device=nbdkit_server.volume("a.img"))
-    actions.check_nbd_server()
+    check_nbd_server()
     assert NAME0 in admin_client_logged_in.get("/exports/").content.decode()
     html = admin_client_logged_in.get("/nbd/").content.decode()
     assert "1 / 1" in html and "exports served / expected" in html and "nbdkit" in html

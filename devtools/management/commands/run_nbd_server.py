@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from devtools.devserver import write_layout
 from exports import actions
 from exports.backends import get_backend, nbd_settings
+from exports.health import check_nbd_server
 from exports.helper_client import HelperFailed
 
 
@@ -44,7 +45,7 @@ class Command(BaseCommand):
             for n in range(options["demo_exports"]):
                 self._demo_export(layout.volume_root, n)
             while not stopping:
-                check = actions.check_nbd_server(repair=True, actor="run_nbd_server")
+                check = check_nbd_server(repair=True, actor="run_nbd_server")
                 for incident in check.incidents:
                     self.stderr.write(f"incident: {incident}")
                 deadline = time.monotonic() + options["interval"]

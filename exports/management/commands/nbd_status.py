@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from exports import actions
+from exports.health import check_nbd_server
 from exports.helper_client import HelperFailed
 
 
@@ -17,7 +17,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            check = actions.check_nbd_server(repair=options["repair"], actor="nbd_status")
+            check = check_nbd_server(repair=options["repair"], actor="nbd_status")
         except HelperFailed as exc:
             raise CommandError(str(exc)) from exc
         if options["json"]:

@@ -4,8 +4,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from exports import actions
 from exports.helper_client import HelperFailed
+from exports.reconcile import reconcile_exports
 
 
 class Command(BaseCommand):
@@ -20,7 +20,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            report = actions.reconcile_exports(fix=options["fix"], actor="reconcile_exports")
+            report = reconcile_exports(fix=options["fix"], actor="reconcile_exports")
         except HelperFailed as exc:
             raise CommandError(str(exc)) from exc
         if options["json"]:
