@@ -17,31 +17,14 @@ from exports.models import normalize_vm_id
 from live.outbox import announce
 
 from .backends import get_volume_backend
-from .live import INVENTORY, JOB
-from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobEvent, JobState, MigrationJob, SourceDisk, SourceVM
+from .events import record_job_event
+from .live import INVENTORY
+from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobState, MigrationJob, SourceDisk, SourceVM
 from .volumes import VolumeError, volume_name_for
 
 
 class MigrationError(Exception):
     """A request about a migration was refused; the message says why."""
-
-
-def record_job_event(
-    job: MigrationJob,
-    kind: str,
-    *,
-    step: str = "",
-    message: str = "",
-    data: dict[str, Any] | None = None,
-    duration_ms: int | None = None,
-    actor: str = "system",
-) -> JobEvent:
-    # One transaction for the event and its live update: one write lock on SQLite, not two.
-    with transaction.atomic():
-        announce(JOB, job.pk)
-        return JobEvent.objects.create(
-            job=job, kind=kind, step=step, message=message, data=data or {}, duration_ms=duration_ms, actor=actor
-        )
 
 
 def schedule_job(job: MigrationJob) -> None:

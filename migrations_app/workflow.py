@@ -20,8 +20,8 @@ from django.utils import timezone
 from exports.actions import ExportError, ExportRequest, ensure_exports
 from live.outbox import announce
 
-from .actions import record_job_event
 from .backends import get_vma_client, get_volume_backend, vma_settings, workflow_settings
+from .events import record_job_event
 from .live import PROGRESS
 from .models import STEPS, JobDisk, JobState, MigrationJob
 from .vma_client import VmaClient, VmaError, VmaUnavailable
