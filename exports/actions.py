@@ -55,6 +55,14 @@ class ExportUnavailable(ExportError):
     """The mapping and link are written but the server does not serve the export (yet)."""
 
 
+def require_no_transaction(what: str) -> None:
+    """Refuse to run inside a caller's transaction (the check Django's durable atomic makes, so a test
+    case's own wrapping transaction is allowed)."""
+    connection = transaction.get_connection()
+    if connection.in_atomic_block and connection.atomic_blocks and not connection.atomic_blocks[-1]._from_testcase:
+        raise RuntimeError(f"{what} must run outside any transaction (it waits on the NBD server)")
+
+
 def _validated(vm_id: str, disk_unit: int, device: str) -> tuple[str, str]:
     try:
         vm_id = normalize_vm_id(vm_id)
@@ -88,7 +96,11 @@ def ensure_export(*, vm_id: str, vm_name: str, disk_unit: int, device: str, acto
 
 def ensure_exports(requests: list[ExportRequest], *, actor: str = "system") -> list[VMExportMapping]:
     """ensure_export for several disks at once (a VM's disks): every request is validated and checked
-    for conflicts before anything is written, and all new names share one reload."""
+    for conflicts before anything is written, and all new names share one reload.
+
+    Never inside a transaction: it may wait for an nbd-server reload, and a caller's open transaction
+    would hold its locks meanwhile (on SQLite, the write lock every worker's progress write needs)."""
+    require_no_transaction("ensure_exports")
     checked = []
     for req in requests:
         vm_id, name = _validated(req.vm_id, req.disk_unit, req.device)
@@ -186,7 +198,7 @@ def _write_exports(
         conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
         if conflict is not None:
             raise conflict
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         rows = []
         for req, name in sorted(requests, key=lambda r: (r[0].vm_id, r[0].disk_unit)):
             mapping, created = VMExportMapping.objects.select_for_update().get_or_create(
@@ -284,7 +296,7 @@ def retire_export(*, vm_id: str, disk_unit: int, actor: str = "system") -> VMExp
     except ValidationError as exc:
         raise ExportRefused("; ".join(exc.messages)) from exc
     backend = get_backend()
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         try:
             mapping = VMExportMapping.objects.select_for_update().get(vm_id=vm_id, disk_unit_number=disk_unit)
         except VMExportMapping.DoesNotExist as exc:

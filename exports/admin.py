@@ -104,6 +104,19 @@ class VMExportMappingAdmin(admin.ModelAdmin):
         obj.pk = saved.pk
         obj.export_name = saved.export_name
 
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> Any:
+        # Django runs the whole add/change form in one transaction. save_model calls ensure_export,
+        # which must run outside any: it may wait for an nbd-server reload, and an open transaction
+        # would hold its locks meanwhile (on SQLite, the write lock every worker's progress write
+        # needs). ensure_export makes its own transactions; the form writes nothing else.
+        return self._changeform_view(request, object_id, form_url, extra_context)  # type: ignore[attr-defined]
+
     def add_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
         return self._refusals_as_form_errors(super().add_view, request, *args, **kwargs)
 

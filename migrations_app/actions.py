@@ -35,7 +35,7 @@ def schedule_job(job: MigrationJob) -> None:
     transaction.on_commit(lambda: async_task("migrations_app.tasks.run_job_task", job_pk, task_name=job.job_id))
 
 
-@transaction.atomic
+@transaction.atomic(durable=True)
 def sync_inventory(vms: list[dict[str, Any]]) -> int:
     """Upsert source VMs and disks as the VMA reports them; returns how many VMs it saw."""
     now = timezone.now()
@@ -65,7 +65,7 @@ def sync_inventory(vms: list[dict[str, Any]]) -> int:
     return len(vms)
 
 
-@transaction.atomic
+@transaction.atomic(durable=True)
 def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob:
     """Create a job for the VM's disks and queue it. A later job of the same VM is an incremental sync:
     each disk starts from the change id its last completed job reported, on the same volume."""
@@ -110,7 +110,7 @@ def _job_for_update(job_id: str) -> MigrationJob:
         raise MigrationError(f"no job {job_id!r}") from exc
 
 
-@transaction.atomic
+@transaction.atomic(durable=True)
 def cancel_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     """Pending: cancelled at once. Running: cancelling; the worker asks the VMA to stop and keeps
     volumes and exports for a retry."""
@@ -125,7 +125,7 @@ def cancel_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     return job
 
 
-@transaction.atomic
+@transaction.atomic(durable=True)
 def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     """A failed or cancelled job goes back to pending and resumes from the step it stopped in."""
     job = _job_for_update(job_id)
@@ -144,7 +144,7 @@ def cleanup_job(*, job_id: str, actor: str = "system") -> list[str]:
     """Remove what a failed or cancelled job provisioned: its exports, and its volumes, except a volume
     that also holds a completed migration of the VM (an incremental sync's volume): that one is kept.
     Returns what was done, line by line."""
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         job = _job_for_update(job_id)
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise MigrationError(f"{job.job_id} is {job.state}; only a failed or cancelled job can be cleaned up")

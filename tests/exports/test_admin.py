@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connections, transaction
 from django.test import Client
 from django.urls import reverse
 
 from exports import actions
 from exports.health import check_nbd_server
 from exports.models import ExportEvent, VMExportMapping
+from migrations_app.models import JobDisk, JobState
+from migrations_app.workflow import _write_progress
+from tests.support.factories import make_jobs
 from tests.support.nbd import RunningServer
 
 VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
@@ -111,3 +117,42 @@ def test_pages_require_login_and_show_mappings_and_server_state(
     assert NAME0 in admin_client_logged_in.get("/exports/").content.decode()
     html = admin_client_logged_in.get("/nbd/").content.decode()
     assert "1 / 1" in html and "exports served / expected" in html and "nbdkit" in html
+
+
+def test_a_worker_can_write_while_the_admin_waits_for_a_reload(
+    nbdserver_server: RunningServer, admin_client_logged_in: Client, settings: object
+) -> None:
+    """The admin's add form runs ensure_export outside Django's form transaction: while it waits for
+    nbd-server's reload spacing, the mapping row is already committed and other writers are not held
+    (on SQLite an open transaction would hold the write lock for the whole wait)."""
+    settings.OMA_NBD = {**settings.OMA_NBD, "MIN_RELOAD_SPACING": 4.0}  # type: ignore[attr-defined]
+    actions.ensure_export(vm_id=VM, vm_name="web-01", disk_unit=0, device=nbdserver_server.volume("a.img"))
+    job = make_jobs(1, state=JobState.REPLICATING, disks=1)[0]  # a copy whose progress a worker writes
+    second = nbdserver_server.volume("b.img")
+    responses: list[object] = []
+
+    def admin_adds_disk_1() -> None:
+        try:
+            responses.append(add(admin_client_logged_in, disk_unit_number=1, device_path=second))
+        finally:
+            connections.close_all()
+
+    admin = threading.Thread(target=admin_adds_disk_1)
+    admin.start()
+    deadline = time.monotonic() + 3
+    while not VMExportMapping.objects.filter(vm_id=VM, disk_unit_number=1).exists():
+        assert time.monotonic() < deadline, "the admin's mapping row was not committed before the reload"
+        time.sleep(0.02)
+    disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
+    _write_progress(job, disks, [{"unit_number": 0, "bytes_done": 1, "bytes_total": 2, "throughput_bps": 3}], {})
+    assert admin.is_alive(), "the progress write had to wait for the admin's reload"
+    admin.join(timeout=30)
+    assert responses and VMExportMapping.objects.get(vm_id=VM, disk_unit_number=1).status == "active"
+    assert JobDisk.objects.get(job=job).bytes_done == 1
+
+
+def test_ensure_export_refuses_to_run_inside_a_callers_transaction(nbdkit_server: RunningServer) -> None:
+    with pytest.raises(RuntimeError, match="outside any transaction"), transaction.atomic():
+        actions.ensure_export(vm_id=VM, vm_name="web-01", disk_unit=0, device=nbdkit_server.volume("a.img"))
+    assert not VMExportMapping.objects.exists()
+    assert not (nbdkit_server.layout.export_root / NAME0).exists()
