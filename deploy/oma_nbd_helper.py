@@ -54,6 +54,8 @@ UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 NAME_RE = re.compile(rf"migration-vm-{UUID_RE}-disk(?:[0-9]|[1-5][0-9]|6[0-3])")
 SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._/+:@-]*")
 MAX_PATH = 255
+# The portal's rule too (exports/models.py DEVICE_RE; a test checks they agree).
+DEVICE_RE = re.compile(r"/[A-Za-z0-9._/+:@-]{1,254}")
 LOCK_TIMEOUT = 30.0
 START_TIMEOUT = 10.0
 PORT_WAIT = 5.0
@@ -265,10 +267,16 @@ def _stat_existing(device: str, resolved: str) -> os.stat_result:
         raise refuse("device_missing", f"device {device!r} does not exist") from exc
 
 
-def validate_device(config: Config, device: str) -> str:
+def check_device_syntax(device: str) -> None:
     check_text("device", device)
     if not device.startswith("/"):
         raise refuse("invalid_device", f"device {device!r} is not an absolute path")
+    if not DEVICE_RE.fullmatch(device):
+        raise refuse("invalid_device", f"device {device!r} has characters other than letters, digits and ._/+:@-")
+
+
+def validate_device(config: Config, device: str) -> str:
+    check_device_syntax(device)
     if config.dev_volume_root is not None:
         root = os.path.realpath(config.dev_volume_root)
         resolved = os.path.realpath(device)

@@ -11,8 +11,9 @@ from django.db.models import Q
 
 MAX_DISK_UNIT = 63
 EXPORT_NAME_PREFIX = "migration-vm-"
-# The same rules the privileged helper applies (deploy/oma_nbd_helper.py); the helper is the
-# authority, this copy gives the admin and the commands a clear message before anything runs.
+# The same rules the privileged helper applies (deploy/oma_nbd_helper.py, tests/exports/test_rules.py
+# checks they agree); the helper is the authority, this copy gives the admin and the commands a clear
+# message before anything runs.
 DEVICE_RE = re.compile(r"/[A-Za-z0-9._/+:@-]{1,254}")
 
 
