@@ -9,6 +9,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from omaportal.web.rendering import render_page_or_partial
 from omaportal.web.roles import viewer_required
 
 from .models import NbdServerState, VMExportMapping
@@ -33,10 +34,7 @@ def mapping_list(request: HttpRequest) -> HttpResponse:
         status = ""
     page = Paginator(mappings, MAPPINGS_PER_PAGE).get_page(request.GET.get("page"))
     context = {"page": page, "q": query, "status": status, "statuses": VMExportMapping.Status.choices}
-    template = (
-        "exports/mapping_list.html#mapping-table" if getattr(request, "htmx", False) else "exports/mapping_list.html"
-    )
-    return render(request, template, context)
+    return render_page_or_partial(request, "exports/mapping_list.html", "mapping-table", context)
 
 
 @require_GET

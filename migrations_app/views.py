@@ -17,6 +17,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from exports.models import VMExportMapping
+from omaportal.web.rendering import render_page_or_partial
 from omaportal.web.roles import can_operate, operator_required, viewer_required
 
 from .actions import MigrationError, cancel_job, retry_job, start_migration, sync_inventory
@@ -55,10 +56,7 @@ def inventory(request: HttpRequest) -> HttpResponse:
         for disk in vm.disks.all():
             disk.mapping = mappings.get((vm.vm_id, disk.unit_number))  # type: ignore[attr-defined]
     context = {"page": page, "q": query, "can_operate": can_operate(request.user)}
-    template = (
-        "migrations_app/inventory.html#vm-table" if getattr(request, "htmx", False) else "migrations_app/inventory.html"
-    )
-    return render(request, template, context)
+    return render_page_or_partial(request, "migrations_app/inventory.html", "vm-table", context)
 
 
 @require_POST
@@ -119,10 +117,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
         "states": [("active", "Active"), *JobState.choices],
         "can_operate": can_operate(request.user),
     }
-    template = (
-        "migrations_app/job_list.html#job-table" if getattr(request, "htmx", False) else "migrations_app/job_list.html"
-    )
-    return render(request, template, context)
+    return render_page_or_partial(request, "migrations_app/job_list.html", "job-table", context)
 
 
 @require_GET

@@ -133,3 +133,14 @@ def test_a_finished_job_shows_its_average_throughput(viewer: Client) -> None:
     job = make_jobs(1, state=JobState.COMPLETED)[0]  # samples 100, 120 and 90 MB/s
     html = viewer.get(reverse("job-detail", args=[job.job_id])).content.decode()
     assert "103 MB/s on average" in html
+
+
+@pytest.mark.parametrize("page", ["job-list", "inventory", "mapping-list"])
+def test_a_list_answers_htmx_with_its_table_but_a_history_restore_with_the_page(viewer: Client, page: str) -> None:
+    whole = viewer.get(reverse(page))
+    table = viewer.get(reverse(page), headers={"HX-Request": "true"})
+    restore = viewer.get(reverse(page), headers={"HX-Request": "true", "HX-History-Restore-Request": "true"})
+    assert "<html" in whole.content.decode() and "<html" not in table.content.decode()
+    assert "<html" in restore.content.decode()
+    for response in (whole, table, restore):
+        assert "HX-Request" in response["Vary"]
