@@ -125,6 +125,20 @@ class MigrationJob(models.Model):
     def can_transition_to(self, to: str) -> bool:
         return to in TRANSITIONS[self.state]
 
+    @property
+    def cancel_target(self) -> str:
+        """Where a cancel takes the job: a pending job is cancelled at once, a running one is cancelling
+        until its worker has stopped the copy."""
+        return JobState.CANCELLED if self.state == JobState.PENDING else JobState.CANCELLING
+
+    @property
+    def can_cancel(self) -> bool:
+        return self.can_transition_to(self.cancel_target)
+
+    @property
+    def can_retry(self) -> bool:
+        return self.can_transition_to(JobState.PENDING)
+
     def transition_to(self, to: str, *, error: str = "") -> None:
         """Move to state ``to`` (not saved). Raises IllegalTransition for anything the machine forbids."""
         if not self.can_transition_to(to):

@@ -73,3 +73,11 @@ def test_job_rows_save_with_a_generated_id() -> None:
     vm = SourceVM.objects.create(vm_id="4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000", name="web")
     job = MigrationJob.objects.create(vm=vm)
     assert job.job_id.startswith("job-") and job.state == JobState.PENDING and job.attempt == 1
+
+
+@pytest.mark.parametrize("state", ALL)
+def test_cancel_and_retry_are_offered_exactly_when_the_table_allows_them(state: str) -> None:
+    job = job_in(state)
+    # What an operator may do in each state, spelled out (the buttons follow these properties).
+    assert job.can_cancel == (state in {JobState.PENDING, *STEPS})
+    assert job.can_retry == (state in {JobState.FAILED, JobState.CANCELLED})
