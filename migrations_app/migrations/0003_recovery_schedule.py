@@ -1,7 +1,9 @@
+from django.apps.registry import Apps
 from django.db import migrations
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
 
-def add_schedule(apps, schema_editor):
+def add_schedule(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     schedule = apps.get_model("django_q", "Schedule")
     schedule.objects.update_or_create(
         name="recover-stale-jobs",
@@ -9,7 +11,7 @@ def add_schedule(apps, schema_editor):
     )
 
 
-def remove_schedule(apps, schema_editor):
+def remove_schedule(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     apps.get_model("django_q", "Schedule").objects.filter(name="recover-stale-jobs").delete()
 
 
