@@ -39,14 +39,23 @@ def write_events(job_pk: int, events: int, interval: float) -> None:
 
     django.setup()
     from migrations_app.models import MigrationJob
+    from migrations_app.vma_client import DiskProgress
     from migrations_app.workflow import _write_progress
 
     job = MigrationJob.objects.get(pk=job_pk)
     disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
     sent = []
     for n in range(1, events + 1):
-        reported = [
-            {"unit_number": unit, "bytes_done": BASE + n, "bytes_total": BASE * 2, "throughput_bps": 100_000_000 + n}
+        reported: list[DiskProgress] = [
+            {
+                "unit_number": unit,
+                "state": "copying",
+                "mode": "full",
+                "bytes_done": BASE + n,
+                "bytes_total": BASE * 2,
+                "throughput_bps": 100_000_000 + n,
+                "change_id": "",
+            }
             for unit in disks
         ]
         _write_progress(job, disks, reported, {})

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from exports.nbd_protocol import NbdConnection, NbdError
+from migrations_app.vma_client import DiskProgress, VmaVM
+from migrations_app.vma_client import Replication as ReplicationJson
 
 BLOCK = 1 << 20
 NBDCOPY = shutil.which("nbdcopy") or "/usr/bin/nbdcopy"
@@ -110,7 +113,7 @@ class SimVM:
     power_state: str = "poweredOn"
     guest_os: str = "ubuntu64Guest"
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> VmaVM:
         return {
             "id": self.id,
             "name": self.name,
@@ -173,7 +176,7 @@ class DiskCopy:
     change_id: str = ""
     error: str = ""
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> DiskProgress:
         return {
             "unit_number": self.disk.unit_number,
             "state": self.state,
@@ -229,7 +232,7 @@ class Replication:
         else:
             self.state = "completed"
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> ReplicationJson:
         return {
             "replication_id": self.id,
             "vm_id": self.vm.id,
@@ -388,7 +391,7 @@ class VmaSimulator:
             replication.cancel_requested.set()
         return replication
 
-    def route(self, method: str, path: str, body: dict[str, Any], token: str) -> tuple[int, dict[str, Any]]:
+    def route(self, method: str, path: str, body: dict[str, Any], token: str) -> tuple[int, Mapping[str, object]]:
         if not hmac.compare_digest(token, f"Bearer {self.token}"):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
         parts = [p for p in urlparse(path).path.split("/") if p]

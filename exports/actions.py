@@ -20,8 +20,9 @@ from django.utils import timezone
 
 from live.outbox import announce
 
-from .backends import get_backend, nbd_settings
-from .helper_client import HelperFailed
+from .backends import get_backend
+from .conf import nbd_conf
+from .helper_client import HelperFailed, LinkResult
 from .live import NBD
 from .models import (
     ExportEvent,
@@ -214,7 +215,7 @@ def _write_exports(
             needs_link = created or backend.needs_reload or backend.link_target(name) != req.device
             rows.append((req, name, mapping, created, mapping.device_path, mapping.status, needs_link))
         written_at = time.time()
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, LinkResult] = {}
         pairs = [(name, req.device) for req, name, *_, needs_link in rows if needs_link]
         if pairs:
             try:
@@ -224,12 +225,12 @@ def _write_exports(
                     raise ExportRefused(exc.message) from exc
                 raise ExportError(str(exc)) from exc
             # When its conf file was written decides whether a reload since then already covers it.
-            written_at = max(float(r.get("conf_mtime") or written_at) for r in results.values())
+            written_at = max(r["conf_mtime"] or written_at for r in results.values())
         mappings = []
         for req, name, mapping, created, old_device, previous_status, _ in rows:
             previous_device: str | None = old_device
-            result = results.get(name, {})
-            written = bool(result.get("link_changed") or result.get("conf_changed"))
+            result = results.get(name)
+            written = result is not None and (result["link_changed"] or result["conf_changed"])
             mapping.vm_name = req.vm_name
             mapping.device_path = req.device
             if mapping.status != Status.ACTIVE or written:
@@ -263,7 +264,7 @@ def _make_served(
     pks = [m.pk for m in mappings]
     report = ServeReport()
     try:
-        report = backend.make_served(names, written_at, float(nbd_settings()["SERVE_TIMEOUT"]))
+        report = backend.make_served(names, written_at, nbd_conf().serve_timeout)
     except (ExportNotServed, HelperFailed, NbdError) as exc:
         detail = str(exc)
         VMExportMapping.objects.filter(pk__in=pks).update(status=Status.ERROR, status_detail=detail[:2000])
@@ -340,10 +341,9 @@ def record_event(
 
 
 def server_state() -> NbdServerState:
-    conf = nbd_settings()
+    conf = nbd_conf()
     state, _ = NbdServerState.objects.get_or_create(
-        node=conf["NODE"],
-        defaults={"backend": conf["BACKEND"], "address": f"{conf['HOST']}:{conf['PORT']}"},
+        node=conf.node, defaults={"backend": conf.backend, "address": conf.address}
     )
     return state
 

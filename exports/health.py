@@ -13,7 +13,8 @@ from django.utils import timezone
 from live.outbox import announce
 
 from .actions import from_epoch, record_event, record_serve_report, server_state
-from .backends import get_backend, nbd_settings
+from .backends import get_backend
+from .conf import nbd_conf
 from .helper_client import HelperFailed
 from .live import NBD
 from .models import NbdServerState, VMExportMapping
@@ -64,7 +65,7 @@ def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCh
     missing = expected - served
     if missing and repair and status.get("verified"):
         try:
-            report = backend.make_served(missing, time.time(), float(nbd_settings()["SERVE_TIMEOUT"]))
+            report = backend.make_served(missing, time.time(), nbd_conf().serve_timeout)
             record_serve_report(report, backend, actor)
             incidents += report.notes
         except (ExportNotServed, HelperFailed) as exc:

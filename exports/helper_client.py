@@ -6,9 +6,70 @@ import json
 import os
 import subprocess
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, cast
 
 HELPER_TIMEOUT = 90.0
+
+
+# The helper's replies (docs/helper.md): one JSON object per call, always with "ok" and "verb".
+class HelperReply(TypedDict):
+    ok: bool
+    verb: str
+
+
+class LinkResult(TypedDict):
+    name: str
+    device: str
+    previous_device: str | None
+    link_changed: bool
+    conf_changed: bool
+    needs_reload: bool
+    conf_mtime: float | None  # nbd-server: when its conf file was written (a reload since covers it)
+
+
+class LinkReply(HelperReply, LinkResult):
+    links: list[LinkResult]  # one per NAME DEVICE pair, in order (the first is also at the top level)
+
+
+class UnlinkReply(HelperReply):
+    name: str
+    link_removed: bool
+    conf_removed: bool
+
+
+class StatusReply(HelperReply):
+    backend: str
+    export_root: str
+    confd: str | None
+    address: str
+    port: int
+    pid: int | None  # the verified main process, or None
+    started_at: float | None
+    verified: bool
+    why: str  # why no main process could be verified
+    listening: bool
+    links: dict[str, str]  # export name -> link target
+    confs: list[str]  # export names with a conf.d file
+
+
+class ServerReply(HelperReply, total=False):
+    """start, restart and stop."""
+
+    started: bool
+    restarted: bool
+    stopped: bool
+    pid: int
+    started_at: float
+    previous: str
+    previous_pid: int | None
+    why: str
+
+
+class ReloadReply(HelperReply, total=False):
+    reloaded: bool
+    pid: int
+    started_at: float
+    reason: str
 
 
 class HelperFailed(Exception):
@@ -28,6 +89,27 @@ class HelperFailed(Exception):
 
 class HelperRunner(Protocol):
     def run(self, verb: str, *args: str) -> dict[str, Any]: ...
+
+
+def link(helper: HelperRunner, *pairs: str) -> LinkReply:
+    return cast(LinkReply, helper.run("link", *pairs))
+
+
+def unlink(helper: HelperRunner, name: str) -> UnlinkReply:
+    return cast(UnlinkReply, helper.run("unlink", name))
+
+
+def status(helper: HelperRunner) -> StatusReply:
+    return cast(StatusReply, helper.run("status"))
+
+
+def control(helper: HelperRunner, verb: str) -> ServerReply:
+    """start, restart or stop."""
+    return cast(ServerReply, helper.run(verb))
+
+
+def reload(helper: HelperRunner) -> ReloadReply:
+    return cast(ReloadReply, helper.run("reload"))
 
 
 class SubprocessHelper:

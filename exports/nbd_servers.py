@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .helper_client import HelperFailed, HelperRunner
+from . import helper_client
+from .helper_client import HelperFailed, HelperRunner, LinkResult, ServerReply, StatusReply, UnlinkReply
 from .nbd_protocol import NbdConnection, NbdError, NbdUnavailable, list_exports
 
 log = logging.getLogger(__name__)
@@ -64,18 +65,18 @@ class NbdBackend(Protocol):
     host: str
     port: int
 
-    def publish(self, export_name: str, device: str) -> dict[str, Any]: ...
-    def publish_many(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]: ...
-    def withdraw(self, export_name: str) -> dict[str, Any]: ...
+    def publish(self, export_name: str, device: str) -> LinkResult: ...
+    def publish_many(self, pairs: list[tuple[str, str]]) -> list[LinkResult]: ...
+    def withdraw(self, export_name: str) -> UnlinkReply: ...
     def link_target(self, export_name: str) -> str | None: ...
     def served_names(self) -> set[str]: ...
     def export_size(self, export_name: str) -> int: ...
     def make_served(self, names: set[str], written_at: float, timeout: float) -> ServeReport: ...
     def unopenable(self, names: set[str]) -> set[str]: ...
-    def helper_status(self) -> dict[str, Any]: ...
-    def start(self) -> dict[str, Any]: ...
-    def restart(self) -> dict[str, Any]: ...
-    def stop(self) -> dict[str, Any]: ...
+    def helper_status(self) -> StatusReply: ...
+    def start(self) -> ServerReply: ...
+    def restart(self) -> ServerReply: ...
+    def stop(self) -> ServerReply: ...
     def ensure_running(self, report: ServeReport) -> None: ...
     def version(self) -> str: ...
     def warnings(self) -> list[str]: ...
@@ -93,17 +94,15 @@ class _BaseBackend:
         self.export_root = Path(export_root)
         self.state_dir = Path(state_dir)
 
-    def publish(self, export_name: str, device: str) -> dict[str, Any]:
+    def publish(self, export_name: str, device: str) -> LinkResult:
         return self.publish_many([(export_name, device)])[0]
 
-    def publish_many(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    def publish_many(self, pairs: list[tuple[str, str]]) -> list[LinkResult]:
         """Link several (name, device) pairs in one helper call: all validated before any is written."""
-        result = self.helper.run("link", *(part for pair in pairs for part in pair))
-        links: list[dict[str, Any]] = result.get("links") or [result]
-        return links
+        return helper_client.link(self.helper, *(part for pair in pairs for part in pair))["links"]
 
-    def withdraw(self, export_name: str) -> dict[str, Any]:
-        return self.helper.run("unlink", export_name)
+    def withdraw(self, export_name: str) -> UnlinkReply:
+        return helper_client.unlink(self.helper, export_name)
 
     def link_target(self, export_name: str) -> str | None:
         try:
@@ -129,17 +128,17 @@ class _BaseBackend:
                 bad.add(name)
         return bad
 
-    def helper_status(self) -> dict[str, Any]:
-        return self.helper.run("status")
+    def helper_status(self) -> StatusReply:
+        return helper_client.status(self.helper)
 
-    def start(self) -> dict[str, Any]:
-        return self.helper.run("start")
+    def start(self) -> ServerReply:
+        return helper_client.control(self.helper, "start")
 
-    def restart(self) -> dict[str, Any]:
-        return self.helper.run("restart")
+    def restart(self) -> ServerReply:
+        return helper_client.control(self.helper, "restart")
 
-    def stop(self) -> dict[str, Any]:
-        return self.helper.run("stop")
+    def stop(self) -> ServerReply:
+        return helper_client.control(self.helper, "stop")
 
     def version(self) -> str:
         try:
@@ -293,7 +292,7 @@ class NbdServerBackend(_BaseBackend):
 
     def _reload_and_verify(self, state: dict[str, Any], report: ServeReport) -> None:
         before = self.helper_status()
-        if not before.get("verified"):
+        if not before["verified"] or before["pid"] is None:
             # Down already: a fresh start reads every conf file, no reload needed.
             self.ensure_running(report)
             state["last_started"] = time.time()
@@ -301,7 +300,7 @@ class NbdServerBackend(_BaseBackend):
         expected = set(before["confs"]) & set(before["links"])
         state["last_started"] = time.time()
         try:
-            self.helper.run("reload")
+            helper_client.reload(self.helper)
         except HelperFailed as exc:
             if exc.kind != "server_not_running":
                 raise

@@ -6,8 +6,6 @@ Each opens its transaction, validates, saves, logs a JobEvent, and schedules the
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
@@ -20,6 +18,7 @@ from .backends import get_volume_backend
 from .events import record_job_event
 from .live import INVENTORY
 from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobState, MigrationJob, SourceDisk, SourceVM
+from .vma_client import VmaVM
 from .volumes import VolumeError, volume_name_for
 
 
@@ -36,7 +35,7 @@ def schedule_job(job: MigrationJob) -> None:
 
 
 @transaction.atomic(durable=True)
-def sync_inventory(vms: list[dict[str, Any]]) -> int:
+def sync_inventory(vms: list[VmaVM]) -> int:
     """Upsert source VMs and disks as the VMA reports them; returns how many VMs it saw."""
     now = timezone.now()
     for raw in vms:
@@ -115,9 +114,8 @@ def cancel_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     """Pending: cancelled at once. Running: cancelling; the worker asks the VMA to stop and keeps
     volumes and exports for a retry."""
     job = _job_for_update(job_id)
-    target = JobState.CANCELLED if job.state == JobState.PENDING else JobState.CANCELLING
     try:
-        job.transition_to(target)
+        job.transition_to(job.cancel_target)
     except IllegalTransition as exc:
         raise MigrationError(f"{job.job_id} is {job.state}; only a pending or running job can be cancelled") from exc
     job.save()

@@ -1,51 +1,32 @@
-"""Builds the configured volume backend and VMA client from settings (one place, so tests swap settings)."""
+"""Builds the configured volume backend and VMA client from the typed settings (one place, so tests
+swap settings)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from django.conf import settings
-
 from .cloudstack import CloudStackVolumeBackend
+from .conf import vma_conf, volume_conf
 from .vma_client import VmaClient
 from .volumes import LocalVolumeBackend, VolumeBackend
 
 
-def volume_settings() -> dict[str, Any]:
-    conf: dict[str, Any] = settings.OMA_VOLUMES
-    return conf
-
-
-def vma_settings() -> dict[str, Any]:
-    conf: dict[str, Any] = settings.OMA_VMA
-    return conf
-
-
-def workflow_settings() -> dict[str, Any]:
-    conf: dict[str, Any] = settings.OMA_WORKFLOW
-    return conf
-
-
 def get_volume_backend() -> VolumeBackend:
-    conf = volume_settings()
-    if conf["BACKEND"] == "local":
-        return LocalVolumeBackend(conf["ROOT"], loop=bool(conf.get("LOOP")))
-    if conf["BACKEND"] == "cloudstack":
-        cs = conf["CLOUDSTACK"]
-        return CloudStackVolumeBackend(
-            endpoint=cs["ENDPOINT"],
-            key=cs["KEY"],
-            secret=cs["SECRET"],
-            zone_id=cs["ZONE_ID"],
-            disk_offering_id=cs["DISK_OFFERING_ID"],
-            oma_vm_id=cs["OMA_VM_ID"],
-            job_timeout=int(cs["JOB_TIMEOUT"]),
-            poll_interval=float(cs.get("POLL_INTERVAL", 2.0)),
-            device_root=str(cs.get("DEVICE_ROOT", "/dev/disk/by-id")),
-        )
-    raise ValueError(f"OMA_VOLUMES BACKEND must be local or cloudstack, got {conf['BACKEND']!r}")
+    conf = volume_conf()
+    if conf.backend == "local":
+        return LocalVolumeBackend(conf.root, loop=conf.loop)
+    cs = conf.cloudstack
+    return CloudStackVolumeBackend(
+        endpoint=cs.endpoint,
+        key=cs.key,
+        secret=cs.secret,
+        zone_id=cs.zone_id,
+        disk_offering_id=cs.disk_offering_id,
+        oma_vm_id=cs.oma_vm_id,
+        job_timeout=cs.job_timeout,
+        poll_interval=cs.poll_interval,
+        device_root=cs.device_root,
+    )
 
 
 def get_vma_client() -> VmaClient:
-    conf = vma_settings()
-    return VmaClient(conf["URL"], conf["TOKEN"], timeout=float(conf["TIMEOUT"]), retries=int(conf["RETRIES"]))
+    conf = vma_conf()
+    return VmaClient(conf.url, conf.token, timeout=conf.timeout, retries=conf.retries)

@@ -2,9 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NotRequired, TypedDict, cast
 
 import httpx
+
+
+# The contract's shapes (docs/vma-api.md).
+class VmaHealth(TypedDict):
+    status: str
+    version: str
+    active_replications: int
+
+
+class VmaDisk(TypedDict):
+    unit_number: int
+    key: int  # VMware device key
+    capacity_bytes: int
+    label: NotRequired[str]
+    path: NotRequired[str]  # datastore path of the disk file
+
+
+class VmaVM(TypedDict):
+    id: str  # VMware instance UUID
+    name: str
+    disks: list[VmaDisk]
+    path: NotRequired[str]  # inventory path in vCenter
+    power_state: NotRequired[str]
+    guest_os: NotRequired[str]
+
+
+class ReplicationTarget(TypedDict):
+    """One disk of a replication request: where to copy it, and from which change on."""
+
+    unit_number: int
+    nbd_url: str
+    previous_change_id: str  # empty: a full copy
+
+
+class DiskProgress(TypedDict):
+    unit_number: int
+    state: str  # queued, copying, done, failed, cancelled
+    mode: str  # full or incremental
+    bytes_done: int
+    bytes_total: int
+    throughput_bps: int
+    change_id: str  # set when the disk is done: the next sync's previous_change_id
+    error: NotRequired[str]
+
+
+class Replication(TypedDict):
+    replication_id: str
+    vm_id: str
+    state: str  # running, completed, failed, cancelling, cancelled
+    error: str
+    disks: list[DiskProgress]
 
 
 class VmaError(Exception):
@@ -53,19 +105,18 @@ class VmaClient:
             )
         return body
 
-    def health(self) -> dict[str, Any]:
-        return self._request("GET", "/health")
+    def health(self) -> VmaHealth:
+        return cast(VmaHealth, self._request("GET", "/health"))
 
-    def inventory(self) -> list[dict[str, Any]]:
-        vms: list[dict[str, Any]] = self._request("GET", "/inventory")["vms"]
-        return vms
+    def inventory(self) -> list[VmaVM]:
+        return cast(list[VmaVM], self._request("GET", "/inventory")["vms"])
 
-    def start_replication(self, replication_id: str, vm_id: str, disks: list[dict[str, Any]]) -> dict[str, Any]:
+    def start_replication(self, replication_id: str, vm_id: str, disks: Sequence[ReplicationTarget]) -> Replication:
         payload = {"replication_id": replication_id, "vm_id": vm_id, "disks": disks}
-        return self._request("POST", "/replications", json=payload)
+        return cast(Replication, self._request("POST", "/replications", json=payload))
 
-    def replication(self, replication_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/replications/{replication_id}")
+    def replication(self, replication_id: str) -> Replication:
+        return cast(Replication, self._request("GET", f"/replications/{replication_id}"))
 
-    def cancel(self, replication_id: str) -> dict[str, Any]:
-        return self._request("POST", f"/replications/{replication_id}/cancel")
+    def cancel(self, replication_id: str) -> Replication:
+        return cast(Replication, self._request("POST", f"/replications/{replication_id}/cancel"))

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 from django.db import transaction
 from django.db.models import Q
@@ -20,11 +19,12 @@ from django.utils import timezone
 from exports.actions import ExportError, ExportRequest, ensure_exports
 from live.outbox import announce
 
-from .backends import get_vma_client, get_volume_backend, vma_settings, workflow_settings
+from .backends import get_vma_client, get_volume_backend
+from .conf import vma_conf, workflow_conf
 from .events import record_job_event
 from .live import PROGRESS
 from .models import STEPS, JobDisk, JobState, MigrationJob
-from .vma_client import VmaClient, VmaError, VmaUnavailable
+from .vma_client import DiskProgress, VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError, volume_name_for
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Cancelled(Exception):
 
 def claim(job_pk: int, runner: str) -> MigrationJob | None:
     """Take the job if it is runnable and nobody alive runs it."""
-    stale = timezone.now() - timedelta(seconds=float(workflow_settings()["HEARTBEAT_STALE_SECONDS"]))
+    stale = timezone.now() - timedelta(seconds=workflow_conf().heartbeat_stale_seconds)
     with transaction.atomic():
         job = MigrationJob.objects.select_for_update().filter(pk=job_pk).first()
         if job is None or job.state not in (JobState.PENDING, JobState.CANCELLING, *STEPS):
@@ -76,14 +76,14 @@ def beat(job: MigrationJob, runner: str) -> None:
 def _capacity_problem(job: MigrationJob) -> str | None:
     """Why the job must wait, or None. Limits: active jobs, and volumes attached to this OMA (a KVM
     guest takes about 25 data disks; each migrated disk stays attached for its later syncs)."""
-    flow = workflow_settings()
+    flow = workflow_conf()
     running = MigrationJob.objects.filter(state__in=STEPS).exclude(pk=job.pk).count()
-    if running >= int(flow["MAX_ACTIVE_JOBS"]):
-        return f"{running} jobs are active, the maximum is {flow['MAX_ACTIVE_JOBS']}"
+    if running >= flow.max_active_jobs:
+        return f"{running} jobs are active, the maximum is {flow.max_active_jobs}"
     attached = set(JobDisk.objects.exclude(device_path="").exclude(volume_id="").values_list("volume_id", flat=True))
     mine = list(job.disks.values_list("volume_id", flat=True))
     needed = sum(1 for volume_id in mine if not volume_id or volume_id not in attached)
-    limit = int(flow["MAX_ATTACHED_VOLUMES"])
+    limit = flow.max_attached_volumes
     if needed and len(attached) + needed > limit:
         return f"{len(attached)} volumes are attached and this job needs {needed} more; the maximum is {limit}"
     return None
@@ -184,7 +184,7 @@ def export(job: MigrationJob, runner: str) -> None:
 
 
 def replicate(job: MigrationJob, runner: str) -> None:
-    conf, flow = vma_settings(), workflow_settings()
+    conf, flow = vma_conf(), workflow_conf()
     vma = get_vma_client()
     replication_id = f"{job.job_id}-{job.attempt}"
     disks = {d.source_disk.unit_number: d for d in _disks(job)}
@@ -195,7 +195,7 @@ def replicate(job: MigrationJob, runner: str) -> None:
             [
                 {
                     "unit_number": unit,
-                    "nbd_url": f"nbd://{conf['NBD_HOST']}:{conf['NBD_PORT']}/{disk.mapping.export_name}",  # type: ignore[union-attr]
+                    "nbd_url": f"nbd://{conf.nbd_host}:{conf.nbd_port}/{disk.mapping.export_name}",  # type: ignore[union-attr]
                     "previous_change_id": disk.previous_change_id,
                 }
                 for unit, disk in disks.items()
@@ -221,7 +221,7 @@ def replicate(job: MigrationJob, runner: str) -> None:
                 unreachable += 1
                 if unreachable >= MAX_UNREACHABLE_POLLS:
                     raise
-                time.sleep(float(flow["POLL_INTERVAL"]))
+                time.sleep(flow.poll_interval)
                 continue
             final = state["state"] != "running"
             # Poll often (to notice the end quickly) but write progress at most twice a second: a fast
@@ -233,7 +233,7 @@ def replicate(job: MigrationJob, runner: str) -> None:
                 return
             if state["state"] in ("failed", "cancelled"):
                 raise StepFailed(f"the VMA reports the replication {state['state']}: {state.get('error') or '-'}")
-            time.sleep(float(flow["POLL_INTERVAL"]))
+            time.sleep(flow.poll_interval)
     finally:
         vma.close()
 
@@ -244,7 +244,7 @@ SPARKLINE_SAMPLES = 40
 def _write_progress(
     job: MigrationJob,
     disks: dict[int, JobDisk],
-    reported: list[dict[str, Any]],
+    reported: list[DiskProgress],
     written: dict[int, tuple[int, int, int, str]],
 ) -> None:
     """Per-disk progress, one throughput sample for the sparkline and a live update, in one
@@ -302,7 +302,7 @@ STEP_FUNCTIONS.update(
 
 def stale_jobs() -> list[MigrationJob]:
     """Active jobs whose worker stopped beating (or pending jobs nobody picked up)."""
-    stale = timezone.now() - timedelta(seconds=float(workflow_settings()["HEARTBEAT_STALE_SECONDS"]))
+    stale = timezone.now() - timedelta(seconds=workflow_conf().heartbeat_stale_seconds)
     active = [JobState.PENDING, JobState.CANCELLING, *STEPS]
     return list(
         MigrationJob.objects.filter(state__in=active).filter(Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True))

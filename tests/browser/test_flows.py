@@ -9,6 +9,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from migrations_app.models import JobState, MigrationJob
+from migrations_app.vma_client import VmaVM
 from tests.support.browser import ARTIFACTS, Portal, log_in
 from tests.support.factories import UserFactory
 from tests.support.flows import assert_copied
@@ -145,7 +146,7 @@ def test_the_inventory_shows_a_vm_read_from_the_vma_meanwhile_and_keeps_the_tick
     page.evaluate("window.__sameDocument = true")
     # Another operator (or discover_vms) reads the VMA's inventory, which now has one more VM.
     inventory = sim.client.inventory()
-    extra = {**inventory[0], "id": "4210ffff-0000-4000-8000-00000000beef", "name": "new-vm-01"}
+    extra: VmaVM = {**inventory[0], "id": "4210ffff-0000-4000-8000-00000000beef", "name": "new-vm-01"}
     actions.sync_inventory([*inventory, extra])
     expect(page.locator("text=new-vm-01")).to_be_visible(timeout=15_000)
     expect(page.locator("input[aria-label='select web-01']")).to_be_checked()

@@ -14,9 +14,11 @@ from live.registry import Changes, Group
 from migrations_app import actions
 from migrations_app.live import INVENTORY, JOB, PROGRESS
 from migrations_app.models import JobState, MigrationJob
+from migrations_app.vma_client import VmaVM
 from migrations_app.workflow import _write_progress
 from tests.support.factories import make_jobs, make_vm
 from tests.support.live import announced
+from tests.support.vma import progress
 
 pytestmark = pytest.mark.django_db
 
@@ -39,7 +41,7 @@ def test_start_and_cancel_announce_the_job() -> None:
 
 
 def test_reading_the_inventory_announces_the_inventory() -> None:
-    inventory = [{"id": "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0001", "name": "web-01", "disks": []}]
+    inventory: list[VmaVM] = [{"id": "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0001", "name": "web-01", "disks": []}]
     with announced() as got:
         actions.sync_inventory(inventory)
     assert got.topics == {INVENTORY}
@@ -48,7 +50,7 @@ def test_reading_the_inventory_announces_the_inventory() -> None:
 def test_progress_announces_only_progress() -> None:
     job = make_jobs(1, state=JobState.REPLICATING, disks=1)[0]
     disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
-    reported = [{"unit_number": 0, "bytes_done": 5, "bytes_total": 10, "throughput_bps": 1}]
+    reported = [progress(0, 5, 10, 1)]
     with announced() as got:
         _write_progress(job, disks, reported, {})
     assert got.rows == [(PROGRESS, job.pk)]

@@ -48,7 +48,7 @@ def test_a_worker_killed_mid_copy_is_recovered_and_the_job_completes(
     slow = Sim(tmp_path, Faults(gate=gate), size_mib=32)
     try:
         wire(settings, nbdkit_server, slow)
-        settings.OMA_WORKFLOW["HEARTBEAT_STALE_SECONDS"] = STALE_SECONDS  # type: ignore[attr-defined]
+        settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "HEARTBEAT_STALE_SECONDS": STALE_SECONDS}  # type: ignore[attr-defined]
         cluster = Cluster(nbdkit_server, slow, tmp_path / "qcluster.log").start()
         job = actions.start_migration(vm_id=slow.vm("web-01").id)
         wait_for(job, {JobState.REPLICATING}, log=cluster.log)

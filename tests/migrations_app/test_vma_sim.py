@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from devtools.vma_sim import Faults
-from migrations_app.vma_client import VmaClient, VmaError, VmaUnavailable
+from migrations_app.vma_client import ReplicationTarget, VmaClient, VmaError, VmaUnavailable
 from tests.support.nbd import RunningServer
 from tests.support.vma import TOKEN, Sim, export_disks, sha, wait_done
 
@@ -121,7 +121,9 @@ def test_bad_requests_get_json_errors(sim: Sim, body: dict[str, Any], status: in
 
 def test_a_bad_nbd_url_is_refused(sim: Sim) -> None:
     vm = sim.vm("web-01")
-    bad = [{"unit_number": 0, "nbd_url": "nbd://127.0.0.1:1/x; rm -rf /", "previous_change_id": ""}]
+    bad: list[ReplicationTarget] = [
+        {"unit_number": 0, "nbd_url": "nbd://127.0.0.1:1/x; rm -rf /", "previous_change_id": ""}
+    ]
     with pytest.raises(VmaError) as exc:
         sim.client.start_replication("job-bad", vm.id, bad)
     assert exc.value.status == 400 and not sim.sim.replications

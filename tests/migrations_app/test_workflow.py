@@ -184,14 +184,14 @@ def test_jobs_wait_when_the_attached_volume_limit_is_reached(
     nbdkit_server: RunningServer, sim: Sim, settings: object
 ) -> None:
     wire(settings, nbdkit_server, sim)
-    settings.OMA_WORKFLOW["MAX_ATTACHED_VOLUMES"] = 2  # type: ignore[attr-defined]
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ATTACHED_VOLUMES": 2}  # type: ignore[attr-defined]
     assert migrate("db-01", sim).state == JobState.COMPLETED  # attaches 2 volumes
     waiting = migrate("web-01", sim)
     assert waiting.state == JobState.PENDING
     assert "2 volumes are attached and this job needs 1 more" in waiting.events.get(kind="job.queued").message
     again = migrate("db-01", sim)  # an incremental sync reuses its attached volumes: no new one needed
     assert again.state == JobState.COMPLETED
-    settings.OMA_WORKFLOW["MAX_ATTACHED_VOLUMES"] = 3  # type: ignore[attr-defined]
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ATTACHED_VOLUMES": 3}  # type: ignore[attr-defined]
     run_job(waiting.pk, "test-runner")
     waiting.refresh_from_db()
     assert waiting.state == JobState.COMPLETED
@@ -201,7 +201,7 @@ def test_jobs_wait_when_the_active_job_limit_is_reached(
     nbdkit_server: RunningServer, sim: Sim, settings: object
 ) -> None:
     wire(settings, nbdkit_server, sim)
-    settings.OMA_WORKFLOW["MAX_ACTIVE_JOBS"] = 1  # type: ignore[attr-defined]
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ACTIVE_JOBS": 1}  # type: ignore[attr-defined]
     busy = actions.start_migration(vm_id=sim.vm("db-01").id)
     MigrationJob.objects.filter(pk=busy.pk).update(state=JobState.REPLICATING)
     waiting = migrate("web-01", sim)

@@ -7,11 +7,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from devtools.vma_sim import Faults, SimVM, VmaSimulator, demo_inventory
 from exports import actions
-from migrations_app.vma_client import VmaClient
+from migrations_app.vma_client import DiskProgress, Replication, ReplicationTarget, VmaClient
 from tests.support.nbd import RunningServer
 
 TOKEN = "sim-token-for-tests"
@@ -39,9 +38,13 @@ class Sim:
         self.server.server_close()
 
 
-def export_disks(server: RunningServer, vm: SimVM) -> list[dict[str, Any]]:
+class ExportedDisk(ReplicationTarget):
+    device: str  # the volume behind the export, to compare with the source
+
+
+def export_disks(server: RunningServer, vm: SimVM) -> list[ExportedDisk]:
     """Volumes and exports for every disk of ``vm``; returns the replication's disk list."""
-    disks = []
+    disks: list[ExportedDisk] = []
     for disk in vm.disks:
         device = server.volume(f"{vm.name}-{disk.unit_number}.img", size=disk.capacity_bytes)
         mapping = actions.ensure_export(vm_id=vm.id, vm_name=vm.name, disk_unit=disk.unit_number, device=device)
@@ -50,7 +53,7 @@ def export_disks(server: RunningServer, vm: SimVM) -> list[dict[str, Any]]:
     return disks
 
 
-def wait_done(client: VmaClient, replication_id: str, timeout: float = 60) -> dict[str, Any]:
+def wait_done(client: VmaClient, replication_id: str, timeout: float = 60) -> Replication:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = client.replication(replication_id)
@@ -66,3 +69,16 @@ def sha(path: str | Path, length: int | None = None) -> str:
 
 
 SimFactory = Callable[..., Sim]
+
+
+def progress(unit: int, done: int, total: int, rate: int, change_id: str = "") -> DiskProgress:
+    """One disk's progress as the VMA reports it, mid-copy."""
+    return {
+        "unit_number": unit,
+        "state": "copying",
+        "mode": "full",
+        "bytes_done": done,
+        "bytes_total": total,
+        "throughput_bps": rate,
+        "change_id": change_id,
+    }

@@ -8,7 +8,7 @@ from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 
 from devtools.devserver import free_port
-from exports.backends import nbd_settings
+from exports.conf import nbd_conf
 from omaportal.web.roles import ADMIN, setup_roles
 
 
@@ -43,7 +43,7 @@ class Command(BaseCommand):
             "\n"
             f"  OMA portal:  http://127.0.0.1:{web}/   (log in as admin / {password})\n"
             f"  Admin:       http://127.0.0.1:{web}/admin/\n"
-            f"  NBD server:  nbd://127.0.0.1:{nbd}/  (backend {nbd_settings()['BACKEND']}; try: nbdinfo --list nbd://127.0.0.1:{nbd})\n"
+            f"  NBD server:  nbd://127.0.0.1:{nbd}/  (backend {nbd_conf().backend}; try: nbdinfo --list nbd://127.0.0.1:{nbd})\n"
             f"  VMA (simulator): http://127.0.0.1:{vma}/api/v1  (4 demo VMs, real bytes)\n"
             "  Migrate a demo VM: VMs -> Refresh from the VMA -> tick the VMs -> Migrate;\n"
             "  or from another terminal:  make demo-migrate VM=web-01   (progress: make demo-jobs)\n"

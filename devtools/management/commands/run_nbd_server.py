@@ -7,7 +7,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from devtools.devserver import write_layout
 from exports import actions
-from exports.backends import get_backend, nbd_settings
+from exports.backends import get_backend
+from exports.conf import nbd_conf
 from exports.health import check_nbd_server
 from exports.helper_client import HelperFailed
 
@@ -23,10 +24,12 @@ class Command(BaseCommand):
         parser.add_argument("--demo-exports", type=int, default=0, help="create N demo volumes and exports")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        conf = nbd_settings()
-        layout = write_layout(Path(conf["HELPER_CONFIG"]).parent, conf["BACKEND"], conf["HOST"], int(conf["PORT"]))
-        if Path(conf["EXPORT_ROOT"]) != layout.export_root:
-            raise CommandError(f"OMA_NBD EXPORT_ROOT {conf['EXPORT_ROOT']} must be {layout.export_root} in dev mode")
+        conf = nbd_conf()
+        if conf.helper_config is None:
+            raise CommandError("run_nbd_server lays out a dev NBD server and needs OMA_NBD_HELPER_CONFIG")
+        layout = write_layout(Path(conf.helper_config).parent, conf.backend, conf.host, conf.port)
+        if Path(conf.export_root) != layout.export_root:
+            raise CommandError(f"OMA_NBD EXPORT_ROOT {conf.export_root} must be {layout.export_root} in dev mode")
         backend = get_backend()
         try:
             started = backend.start()
@@ -64,4 +67,4 @@ class Command(BaseCommand):
         mapping = actions.ensure_export(
             vm_id=vm_id, vm_name=f"demo-vm-{n}", disk_unit=0, device=str(volume), actor="run_nbd_server"
         )
-        self.stdout.write(f"demo export nbd://{nbd_settings()['HOST']}:{nbd_settings()['PORT']}/{mapping.export_name}")
+        self.stdout.write(f"demo export nbd://{nbd_conf().address}/{mapping.export_name}")
