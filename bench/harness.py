@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,31 @@ def scratch_postgres(url: str) -> tuple[str, Any]:
         admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
     return url.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def start_oma(env: dict[str, str], log: Path | None = None) -> list[subprocess.Popen[bytes]]:
+    """The OMA's background processes, as the Procfile runs them: the django-q2 cluster and the progress
+    follower, each in its own process group."""
+    out = log.open("ab") if log else subprocess.DEVNULL
+    return [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "manage.py"), command],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for command in ("qcluster", "run_follower")
+    ]
+
+
+def stop_oma(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

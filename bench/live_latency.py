@@ -38,9 +38,9 @@ def write_events(job_pk: int, events: int, interval: float) -> None:
     import django
 
     django.setup()
+    from migrations_app.follower import record_progress
     from migrations_app.models import MigrationJob
     from migrations_app.vma_client import DiskProgress
-    from migrations_app.workflow import _write_progress
 
     job = MigrationJob.objects.get(pk=job_pk)
     disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
@@ -58,7 +58,7 @@ def write_events(job_pk: int, events: int, interval: float) -> None:
             }
             for unit in disks
         ]
-        _write_progress(job, disks, reported, {})
+        record_progress(job, reported)
         sent.append((BASE + n, time.time()))
         time.sleep(interval)
     print(json.dumps(sent))

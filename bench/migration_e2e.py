@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.harness import REPO, helper, percentile, portal_env, scratch_postgres, worker_init
+from bench.harness import helper, percentile, portal_env, scratch_postgres, start_oma, stop_oma, worker_init
 from devtools.devserver import DevServerLayout, free_port, write_layout
 
 TOKEN = "bench-vma-token"  # noqa: S105 - the simulator's, on loopback
@@ -139,13 +138,7 @@ def main() -> None:
         sync_inventory(client.inventory())
         client.close()
         connections.close_all()
-        cluster = subprocess.Popen(
-            [sys.executable, str(REPO / "manage.py"), "qcluster"],
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        cluster = start_oma(env)
         bare_walls = [bare_copy(layout, vms, args.backend, 0)]
         time.sleep(3)  # let the cluster's workers start before the clock runs
         # Both phases start with no dirty pages, so neither pays the other's writeback (--flush waits).
@@ -236,12 +229,8 @@ def main() -> None:
         server.shutdown()
         helper(layout, "stop")
     finally:
-        if cluster is not None and cluster.poll() is None:
-            os.killpg(cluster.pid, 15)
-            try:
-                cluster.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(cluster.pid, 9)
+        if cluster is not None:
+            stop_oma(cluster)
         if drop is not None:
             drop()
         shutil.rmtree(root, ignore_errors=True)

@@ -23,7 +23,6 @@ from live.outbox import announce
 from .backends import get_backend
 from .conf import nbd_conf
 from .helper_client import HelperFailed, LinkResult
-from .live import NBD
 from .models import (
     ExportEvent,
     NbdServerState,
@@ -35,6 +34,7 @@ from .models import (
 )
 from .nbd_protocol import NbdError
 from .nbd_servers import ExportNotServed, NbdBackend, ServeReport
+from .topics import NBD
 
 log = logging.getLogger(__name__)
 Status = VMExportMapping.Status

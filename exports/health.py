@@ -16,10 +16,10 @@ from .actions import from_epoch, record_event, record_serve_report, server_state
 from .backends import get_backend
 from .conf import nbd_conf
 from .helper_client import HelperFailed
-from .live import NBD
 from .models import NbdServerState, VMExportMapping
 from .nbd_protocol import NbdError
-from .nbd_servers import ExportNotServed, ServeReport
+from .nbd_servers import ExportNotServed, ServeReport, device_present
+from .topics import NBD
 
 Status = VMExportMapping.Status
 
@@ -38,6 +38,9 @@ class ServerCheck:
     unknown_served: list[str]
     warnings: list[str]
     incidents: list[str] = field(default_factory=list)
+    # Live mappings whose device is absent now (their volume is detached to free an attach slot): not
+    # served until the volume is attached again, and not a problem meanwhile.
+    parked: list[str] = field(default_factory=list)
 
 
 def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCheck:
@@ -55,9 +58,11 @@ def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCh
         incidents += report.notes
         status = backend.helper_status()
         state.refresh_from_db()
-    expected = set(
-        VMExportMapping.objects.filter(status__in=[Status.ACTIVE, Status.PENDING]).values_list("export_name", flat=True)
+    live = VMExportMapping.objects.filter(status__in=[Status.ACTIVE, Status.PENDING]).values_list(
+        "export_name", "device_path"
     )
+    parked = {name for name, device in live if not device_present(device)}
+    expected = {name for name, _ in live} - parked
     try:
         served = backend.served_names()
     except NbdError:
@@ -114,7 +119,8 @@ def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCh
         expected=sorted(expected),
         served=sorted(served),
         missing=sorted(missing),
-        unknown_served=sorted(served - expected),
+        unknown_served=sorted(served - expected - parked),
         warnings=warnings,
         incidents=incidents,
+        parked=sorted(parked),
     )

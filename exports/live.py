@@ -11,8 +11,7 @@ from live.registry import Changes, LivePage, register
 from omaportal.web.roles import live_role
 
 from .pages import nbd_context
-
-NBD = "nbd"  # an export was written, retired or found missing; the server reloaded, restarted or crashed
+from .topics import NBD
 
 
 def render_nbd(changes: Changes | None, role: str, key: int | None) -> Iterable[str]:

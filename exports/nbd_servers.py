@@ -52,6 +52,12 @@ class ServeReport:
         self.incidents.append((kind, message))
 
 
+def device_present(path: str | Path) -> bool:
+    """Whether an export's device is there now (a link followed to its end). A detached volume's by-id
+    device is absent: its export is parked, neither served nor lost."""
+    return os.path.exists(path)
+
+
 class ExportNotServed(Exception):
     def __init__(self, names: set[str], detail: str) -> None:
         super().__init__(f"not served: {', '.join(sorted(names))}: {detail}")
@@ -297,7 +303,8 @@ class NbdServerBackend(_BaseBackend):
             self.ensure_running(report)
             state["last_started"] = time.time()
             return
-        expected = set(before["confs"]) & set(before["links"])
+        # Parked exports (their device detached) cannot open: only the others must survive the reload.
+        expected = {n for n in set(before["confs"]) & set(before["links"]) if device_present(self.export_root / n)}
         state["last_started"] = time.time()
         try:
             helper_client.reload(self.helper)

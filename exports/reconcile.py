@@ -9,6 +9,7 @@ from .backends import get_backend
 from .helper_client import HelperFailed
 from .models import VMExportMapping
 from .nbd_protocol import NbdError
+from .nbd_servers import device_present
 
 Status = VMExportMapping.Status
 
@@ -25,6 +26,8 @@ class ReconcileReport:
     orphaned: list[str] = field(default_factory=list)
     served_unknown: list[str] = field(default_factory=list)
     conflicting: list[str] = field(default_factory=list)
+    # Live mappings whose device is absent (volume detached to free a slot): not served, not a problem.
+    parked: list[str] = field(default_factory=list)
     fixed: list[str] = field(default_factory=list)
     unfixed: list[str] = field(default_factory=list)
 
@@ -73,11 +76,16 @@ def reconcile_exports(*, fix: bool = False, actor: str = "system") -> ReconcileR
         if backend.needs_reload and name not in confs:
             report.missing_conf.append(name)
             bad = True
-        if name not in served:
+        present = device_present(mapping.device_path)
+        if not present:
+            report.parked.append(name)
+        elif name not in served:
             report.not_served.append(name)
             bad = True
-        if bad:
+        if bad and present:
             broken.append(mapping)
+        elif bad:
+            report.unfixed.append(f"{name}: its device is absent (volume detached); fixed once it is attached")
     retired = [n for n in set(links) | confs if n in rows and n not in live]
     report.retired_but_linked = sorted(retired)
     report.orphaned = sorted(n for n in set(links) | confs if n not in rows)

@@ -1,13 +1,15 @@
-"""Every write that matters to migrations: inventory, start, cancel, retry.
+"""Every write that matters to migrations: inventory, start, cancel, retry, cleanup.
 
-Each opens its transaction, validates, saves, logs a JobEvent, and schedules the worker with
-``transaction.on_commit``, so a task never runs against a row that was rolled back.
+Each opens its transaction, validates, saves and logs a JobEvent. A started or retried job is pending:
+the node's progress follower reserves its attach slots and queues its worker (``follower.py``).
 """
 
 from __future__ import annotations
 
+import logging
+
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from exports.actions import ExportError, retire_export
@@ -16,22 +18,26 @@ from live.outbox import announce
 
 from .backends import get_volume_backend
 from .events import record_job_event
-from .live import INVENTORY
-from .models import ACTIVE_STATES, IllegalTransition, JobDisk, JobState, MigrationJob, SourceDisk, SourceVM
+from .models import (
+    ACTIVE_STATES,
+    DestinationVolume,
+    IllegalTransition,
+    JobDisk,
+    JobState,
+    MigrationGroup,
+    MigrationJob,
+    SourceDisk,
+    SourceVM,
+)
+from .topics import GROUP, INVENTORY
 from .vma_client import VmaVM
 from .volumes import VolumeError, volume_name_for
+
+log = logging.getLogger(__name__)
 
 
 class MigrationError(Exception):
     """A request about a migration was refused; the message says why."""
-
-
-def schedule_job(job: MigrationJob) -> None:
-    """Queue the job for a worker once the current transaction commits."""
-    from django_q.tasks import async_task
-
-    job_pk = job.pk
-    transaction.on_commit(lambda: async_task("migrations_app.tasks.run_job_task", job_pk, task_name=job.job_id))
 
 
 @transaction.atomic(durable=True)
@@ -81,11 +87,14 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
     disks = list(vm.disks.all())
     if not disks:
         raise MigrationError(f"{vm.name} has no disks in the inventory")
-    job = MigrationJob.objects.create(vm=vm, requested_by=requested_by)
+    job = MigrationJob(vm=vm, requested_by=requested_by)
+    _save_active(job)
     for disk in disks:
+        volume, _ = DestinationVolume.objects.get_or_create(source_disk=disk)
         last = (
-            JobDisk.objects.filter(source_disk=disk, job__state=JobState.COMPLETED)
+            JobDisk.objects.filter(source_disk=disk, job__state=JobState.COMPLETED, volume_id=volume.volume_id)
             .exclude(new_change_id="")
+            .exclude(volume_id="")
             .order_by("-job__finished_at")
             .first()
         )
@@ -93,13 +102,25 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
             job=job,
             source_disk=disk,
             bytes_total=disk.capacity_bytes,
+            # An incremental sync only onto the volume that holds the last completed sync.
             previous_change_id=last.new_change_id if last else "",
-            volume_id=last.volume_id if last else "",
+            volume_id=volume.volume_id,
         )
     kind = "incremental" if any(d.previous_change_id for d in job.disks.all()) else "full"
     record_job_event(job, "job.created", message=f"{kind} migration of {vm.name}", actor=requested_by)
-    schedule_job(job)
     return job
+
+
+def _save_active(job: MigrationJob) -> None:
+    """Save a job that is (again) active. The database allows one active job per VM; a request that
+    lost a race with another for the same VM is refused in words, not with an IntegrityError."""
+    try:
+        with transaction.atomic():
+            job.save()
+    except IntegrityError as exc:
+        other = job.vm.jobs.filter(state__in=ACTIVE_STATES).exclude(pk=job.pk).first()
+        running = f" {other.job_id} ({other.state})" if other else ""
+        raise MigrationError(f"{job.vm.name} already has an active job{running}") from exc
 
 
 def _job_for_update(job_id: str) -> MigrationJob:
@@ -127,14 +148,18 @@ def cancel_job(*, job_id: str, actor: str = "system") -> MigrationJob:
 def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     """A failed or cancelled job goes back to pending and resumes from the step it stopped in."""
     job = _job_for_update(job_id)
+    # The VM's row lock orders this retry with start_migration and with another retry of the same VM.
+    SourceVM.objects.select_for_update().filter(pk=job.vm_id).first()
     try:
         job.transition_to(JobState.PENDING)
     except IllegalTransition as exc:
         raise MigrationError(f"{job.job_id} is {job.state}; only a failed or cancelled job can be retried") from exc
+    other = job.vm.jobs.filter(state__in=ACTIVE_STATES).exclude(pk=job.pk).first()
+    if other is not None:
+        raise MigrationError(f"{job.vm.name} already has an active job {other.job_id} ({other.state}); not retrying")
     job.runner = ""
-    job.save()
+    _save_active(job)
     record_job_event(job, "job.retried", step=job.current_step, message=f"attempt {job.attempt}", actor=actor)
-    schedule_job(job)
     return job
 
 
@@ -150,18 +175,16 @@ def cleanup_job(*, job_id: str, actor: str = "system") -> list[str]:
         job.save(update_fields=["cleanup_requested"])
     backend = get_volume_backend()
     done: list[str] = []
-    unrecorded: dict[str, str] | None = None
     for disk in job.disks.select_related("source_disk", "mapping"):
         volume_id = disk.volume_id
         if not volume_id:
             # A create that timed out here may still have finished in the cloud: find it by its name.
-            if unrecorded is None:
-                try:
-                    unrecorded = {v.name: v.id for v in backend.list_volumes()}
-                except VolumeError as exc:
-                    done.append(f"could not list volumes: {exc}")
-                    unrecorded = {}
-            volume_id = unrecorded.get(volume_name_for(job.vm.vm_id, disk.source_disk.unit_number), "")
+            try:
+                found = backend.find_volume(volume_name_for(job.vm.vm_id, disk.source_disk.unit_number))
+            except VolumeError as exc:
+                done.append(f"disk {disk.source_disk.unit_number}: could not look for its volume: {exc}")
+                found = None
+            volume_id = found.id if found else ""
             if volume_id:
                 done.append(f"disk {disk.source_disk.unit_number}: found volume {volume_id}, created after a timeout")
         keeps_data = (
@@ -181,7 +204,43 @@ def cleanup_job(*, job_id: str, actor: str = "system") -> list[str]:
                 backend.delete_volume(volume_id)
                 done.append(f"disk {disk.source_disk.unit_number}: deleted volume {volume_id}")
                 JobDisk.objects.filter(pk=disk.pk).update(volume_id="", device_path="")
+                # The VM disk has no volume now (its next job makes one) and the attach slot is free.
+                DestinationVolume.objects.filter(source_disk=disk.source_disk, volume_id=volume_id).update(
+                    volume_id="", device_path="", node=None, state=DestinationVolume.State.NEW
+                )
         except (ExportError, VolumeError) as exc:
             done.append(f"disk {disk.source_disk.unit_number}: not cleaned: {exc}")
     record_job_event(job, "job.cleaned_up", message="; ".join(done), actor=actor)
     return done
+
+
+@transaction.atomic(durable=True)
+def save_group(
+    *,
+    group: MigrationGroup | None,
+    name: str,
+    sync_interval_minutes: int,
+    max_concurrent: int,
+    enabled: bool,
+    vm_ids: list[str],
+    actor: str = "system",
+) -> MigrationGroup:
+    """Create or change a migration group and set its members (a VM belongs to one group at most: one
+    chosen here leaves its old group). Its warm syncs follow from the next follower tick."""
+    if group is None:
+        group = MigrationGroup()
+    group.name = name.strip()
+    group.sync_interval_minutes = sync_interval_minutes
+    group.max_concurrent = max_concurrent
+    group.enabled = enabled
+    try:
+        group.full_clean()
+    except ValidationError as exc:
+        raise MigrationError("; ".join(exc.messages)) from exc
+    group.save()
+    members = set(SourceVM.objects.filter(vm_id__in=vm_ids).values_list("pk", flat=True))
+    SourceVM.objects.filter(group=group).exclude(pk__in=members).update(group=None)
+    SourceVM.objects.filter(pk__in=members).update(group=group)
+    log.info("group %s saved by %s: %d members", group.name, actor, len(members))
+    announce(GROUP, group.pk)
+    return group

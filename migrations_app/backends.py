@@ -24,6 +24,7 @@ def get_volume_backend() -> VolumeBackend:
         job_timeout=cs.job_timeout,
         poll_interval=cs.poll_interval,
         device_root=cs.device_root,
+        owner=cs.owner,
     )
 
 

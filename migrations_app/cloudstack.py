@@ -3,6 +3,10 @@
 The OMA is itself a CloudStack VM: each migrated disk becomes a data volume attached to it, and
 KVM exposes it as ``/dev/disk/by-id/virtio-<first 20 hex chars of the volume uuid>`` (device ids
 and /dev/vdX order are not reliable). The export must be withdrawn before a detach.
+
+The account is shared with other tenants' volumes, so everything this portal creates carries an owner
+tag (``oma-owner=<owner>``), and the backend lists, attaches, detaches and deletes only volumes that
+carry it: a cleanup can never touch a volume the portal did not make.
 """
 
 from __future__ import annotations
@@ -14,14 +18,10 @@ from typing import Any
 
 from cs import CloudStack, CloudStackApiException, CloudStackException
 
-from .volumes import NAME_RE, Volume, VolumeError, round_up_gib
+from .volumes import NAME_RE, Volume, VolumeError, by_id_serial, round_up_gib
 
 GIB = 1 << 30
-
-
-def by_id_serial(volume_id: str) -> str:
-    """The virtio serial KVM shows for a CloudStack volume: its uuid without hyphens, 20 characters."""
-    return volume_id.replace("-", "")[:20]
+OWNER_TAG = "oma-owner"
 
 
 class CloudStackVolumeBackend:
@@ -41,6 +41,7 @@ class CloudStackVolumeBackend:
         request_timeout: int = 30,
         device_root: str = "/dev/disk/by-id",
         device_timeout: float = 60,
+        owner: str = "",
     ) -> None:
         if job_timeout < 1:
             # cs keeps whole seconds, and 0 would mean "wait forever".
@@ -61,6 +62,8 @@ class CloudStackVolumeBackend:
         self.job_timeout = job_timeout
         self.device_root = Path(device_root)
         self.device_timeout = device_timeout
+        # Who created a volume: one portal installation (its nodes share it). Default: the OMA VM.
+        self.owner = owner or f"oma-portal:{oma_vm_id}"
 
     def _call(self, command: str, **params: Any) -> Any:
         try:
@@ -81,13 +84,35 @@ class CloudStackVolumeBackend:
     def _volume(raw: dict[str, Any], device: str = "") -> Volume:
         return Volume(id=raw["id"], name=raw["name"], size_bytes=int(raw.get("size", 0)), attached_device=device)
 
+    @staticmethod
+    def _owner_of(raw: dict[str, Any]) -> str | None:
+        for tag in raw.get("tags") or []:
+            if tag.get("key") == OWNER_TAG:
+                return str(tag.get("value", ""))
+        return None
+
+    def _ours(self, raw: dict[str, Any]) -> bool:
+        return self._owner_of(raw) == self.owner
+
+    def _tag(self, volume_id: str) -> None:
+        self._call(
+            "createTags", resourceids=volume_id, resourcetype="Volume", tags={"key": OWNER_TAG, "value": self.owner}
+        )
+
     def device_for(self, volume_id: str) -> str:
         return str(self.device_root / f"virtio-{by_id_serial(volume_id)}")
 
     def _raw(self, volume_id: str) -> dict[str, Any] | None:
+        """The volume if it exists and this portal owns it; a volume of anyone else is refused."""
         found = self._call("listVolumes", id=volume_id, listall=True)
         volumes = found.get("volume", []) if isinstance(found, dict) else []
-        return volumes[0] if volumes else None
+        if not volumes:
+            return None
+        if not self._ours(volumes[0]):
+            raise VolumeError(
+                f"volume {volumes[0].get('name', volume_id)} was not created by this portal; not touching it"
+            )
+        return volumes[0]
 
     def get_volume(self, volume_id: str) -> Volume | None:
         raw = self._raw(volume_id)
@@ -97,22 +122,48 @@ class CloudStackVolumeBackend:
         return self._volume(raw, self.device_for(volume_id) if attached else "")
 
     def list_volumes(self) -> list[Volume]:
-        found = self._call("listVolumes", zoneid=self.zone_id, type="DATADISK", listall=True, fetch_list=True)
-        return [self._volume(raw) for raw in found]
+        """This portal's volumes only (by its owner tag), never another tenant's."""
+        found = self._call(
+            "listVolumes",
+            zoneid=self.zone_id,
+            type="DATADISK",
+            listall=True,
+            tags={"key": OWNER_TAG, "value": self.owner},
+            fetch_list=True,
+        )
+        return [self._volume(raw) for raw in found if self._ours(raw)]
 
     def create_volume(self, name: str, size_bytes: int) -> Volume:
         """Find the named volume or create it (size rounded up to whole GiB); waits for the async job."""
         if not NAME_RE.fullmatch(name):
             raise VolumeError(f"volume name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
         size_gib = round_up_gib(size_bytes) // GIB
-        existing = self._call("listVolumes", name=name, zoneid=self.zone_id, listall=True)
-        for raw in existing.get("volume", []) if isinstance(existing, dict) else []:
-            if raw["name"] == name and raw.get("state") not in ("Destroy", "Expunging", "Expunged"):
-                return self._volume(raw)
+        existing = self.find_volume(name)
+        if existing is not None:
+            return existing
         result = self._call(
             "createVolume", name=name, zoneid=self.zone_id, diskofferingid=self.disk_offering_id, size=size_gib
         )
+        self._tag(result["volume"]["id"])
         return self._volume(result["volume"])
+
+    def find_volume(self, name: str) -> Volume | None:
+        """The volume of that name this portal made, also one whose create finished after we stopped
+        waiting (its owner tag was never set: it is tagged now; the names are ours, oma-<vm>-disk<n>).
+        A volume of that name tagged by another portal is refused."""
+        if not NAME_RE.fullmatch(name):
+            raise VolumeError(f"volume name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        existing = self._call("listVolumes", name=name, zoneid=self.zone_id, listall=True)
+        for raw in existing.get("volume", []) if isinstance(existing, dict) else []:
+            if raw["name"] != name or raw.get("state") in ("Destroy", "Expunging", "Expunged"):
+                continue
+            owner = self._owner_of(raw)
+            if owner is None:
+                self._tag(raw["id"])
+            elif owner != self.owner:
+                raise VolumeError(f"a volume named {name} belongs to another portal ({owner}); not using it")
+            return self._volume(raw)
+        return None
 
     def attach_volume(self, volume_id: str) -> str:
         """Attach to the OMA itself and return the by-id device once it has appeared. Idempotent."""

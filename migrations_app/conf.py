@@ -27,6 +27,7 @@ class CloudStackConf:
     job_timeout: int  # seconds an async job may take
     poll_interval: float
     device_root: str  # where the by-id device links appear
+    owner: str  # the owner tag on every volume this portal creates; it touches no other volume
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class VmaConf:
 @dataclass(frozen=True)
 class WorkflowConf:
     max_active_jobs: int
-    max_attached_volumes: int
+    attach_slots: int  # volumes one node attaches at most (a KVM guest takes about 25 data disks)
     poll_interval: float  # seconds between two progress polls of the VMA
     heartbeat_stale_seconds: float  # a running job whose worker is silent this long is resumed by another
 
@@ -76,6 +77,7 @@ def volume_conf() -> VolumeConf:
             job_timeout=int(cs.get("JOB_TIMEOUT", 300)),
             poll_interval=float(cs.get("POLL_INTERVAL", 2.0)),
             device_root=str(cs.get("DEVICE_ROOT", "/dev/disk/by-id")),
+            owner=str(cs.get("OWNER", "")),
         ),
     )
 
@@ -98,7 +100,7 @@ def workflow_conf() -> WorkflowConf:
     raw: dict[str, Any] = settings.OMA_WORKFLOW
     return WorkflowConf(
         max_active_jobs=int(raw["MAX_ACTIVE_JOBS"]),
-        max_attached_volumes=int(raw["MAX_ATTACHED_VOLUMES"]),
+        attach_slots=int(raw.get("ATTACH_SLOTS", raw.get("MAX_ATTACHED_VOLUMES", 25))),
         poll_interval=float(raw["POLL_INTERVAL"]),
         heartbeat_stale_seconds=float(raw["HEARTBEAT_STALE_SECONDS"]),
     )

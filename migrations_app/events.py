@@ -9,8 +9,8 @@ from django.db import transaction
 
 from live.outbox import announce
 
-from .live import JOB
 from .models import JobEvent, MigrationJob
+from .topics import JOB
 
 
 def record_job_event(

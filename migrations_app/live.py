@@ -1,8 +1,7 @@
 """The migration pages, live: the dashboard, the jobs list, a job's page and the VM inventory. Each says
 which outbox topics concern it and renders only the fragments a change touches.
 
-Topics announced by this app: ``job`` (a job's state, step or event; key: the job), ``progress`` (only a
-job's bytes and rates; key: the job) and ``inventory`` (the VMA's inventory was read again)."""
+The topics are named in ``topics.py``."""
 
 from __future__ import annotations
 
@@ -10,16 +9,21 @@ from collections.abc import Iterable
 
 from django.template.loader import render_to_string
 
-from exports.live import NBD
+from exports.topics import NBD
 from live.registry import Changes, LivePage, register
 from omaportal.web.roles import OPERATOR, live_role
 
-from .models import MigrationJob
-from .pages import attach_progress, dashboard_context, job_context, job_progress_context, job_rows, with_disks
-
-JOB = "job"
-PROGRESS = "progress"
-INVENTORY = "inventory"
+from .models import MigrationGroup, MigrationJob
+from .pages import (
+    attach_progress,
+    dashboard_context,
+    group_context,
+    job_context,
+    job_progress_context,
+    job_rows,
+    with_disks,
+)
+from .topics import GROUP, INVENTORY, JOB, PROGRESS
 
 DASHBOARD_PARTS = ["summary", "active-jobs", "recent-jobs", "recent-events", "nbd-card"]
 JOB_PROGRESS_PARTS = ["job-progress", "job-disks"]
@@ -76,6 +80,23 @@ def render_inventory(changes: Changes | None, role: str, key: int | None) -> Ite
     return [render_to_string("migrations_app/inventory.html#inventory-refresh")]
 
 
+def render_group(changes: Changes | None, role: str, key: int | None) -> Iterable[str]:
+    """A group's members table, again whenever the group changed or one of its members' jobs did."""
+    group = MigrationGroup.objects.filter(pk=key).first() if key is not None else None
+    if group is None:
+        return []
+    if changes is not None and key not in changes.keys(GROUP):
+        touched = changes.keys(JOB, PROGRESS)
+        if not touched or not MigrationJob.objects.filter(pk__in=touched, vm__group=group).exists():
+            return []
+    context = group_context(group, role == OPERATOR)
+    return [render_to_string("migrations_app/group_detail.html#group-live", context)]
+
+
+def group_pk_for(key: str) -> int | None:
+    return int(key) if key.isdigit() and MigrationGroup.objects.filter(pk=int(key)).exists() else None
+
+
 def job_pk_for(job_id: str) -> int | None:
     return MigrationJob.objects.filter(job_id=job_id).values_list("pk", flat=True).first()
 
@@ -84,3 +105,4 @@ register(LivePage("dashboard", frozenset({JOB, PROGRESS, NBD}), live_role, rende
 register(LivePage("jobs", frozenset({JOB, PROGRESS}), live_role, render_job_list))
 register(LivePage("job", frozenset({JOB, PROGRESS}), live_role, render_job, resolve_key=job_pk_for))
 register(LivePage("inventory", frozenset({INVENTORY, JOB}), live_role, render_inventory))
+register(LivePage("group", frozenset({GROUP, JOB, PROGRESS}), live_role, render_group, resolve_key=group_pk_for))

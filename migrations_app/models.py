@@ -8,10 +8,35 @@ from __future__ import annotations
 
 import secrets
 
+from django.core.validators import MinValueValidator
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 
 from exports.models import VMExportMapping
+
+
+class MigrationGroup(models.Model):
+    """Warm migration (the original system's machine groups): a named set of VMs that get an incremental
+    sync every ``sync_interval_minutes``, at most ``max_concurrent`` of them at a time, until failover."""
+
+    name = models.CharField(max_length=100, unique=True)
+    sync_interval_minutes = models.PositiveIntegerField(
+        default=60, validators=[MinValueValidator(1)], help_text="minutes from one sync's end to the next's start"
+    )
+    max_concurrent = models.PositiveSmallIntegerField(
+        default=5, validators=[MinValueValidator(1)], help_text="syncs of this group running at once, at most"
+    )
+    enabled = models.BooleanField(default=True, help_text="off: no scheduled syncs (manual ones still work)")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "migration group"
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class SourceVM(models.Model):
@@ -23,6 +48,7 @@ class SourceVM(models.Model):
     power_state = models.CharField(max_length=32, blank=True)
     guest_os = models.CharField(max_length=128, blank=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
+    group = models.ForeignKey(MigrationGroup, null=True, blank=True, on_delete=models.SET_NULL, related_name="vms")
 
     class Meta:
         ordering = ["name"]
@@ -46,6 +72,67 @@ class SourceDisk(models.Model):
 
     def __str__(self) -> str:
         return f"{self.vm.name} disk {self.unit_number}"
+
+
+class OmaNode(models.Model):
+    """One OMA: a CloudStack VM that attaches destination volumes and serves them through its NBD server.
+    A KVM guest takes about 25 data disks, so its attach slots are a reserved resource. Every row that
+    lives on an OMA names its node."""
+
+    name = models.CharField(max_length=64, unique=True, help_text="OMA_NODE_NAME")
+    attach_slots = models.PositiveSmallIntegerField(default=25)
+    # The progress follower that holds this node's lease (one per node), and its last beat.
+    follower = models.CharField(max_length=64, blank=True)
+    follower_beat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "OMA node"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DestinationVolume(models.Model):
+    """A VM disk's destination volume, kept across its syncs. While it holds an attach slot on a node
+    (reserved, attached or detaching) ``node`` names that node; idle attached volumes are detached,
+    least recently used first, when a node runs short of slots, and attached again for the next sync."""
+
+    class State(models.TextChoices):
+        NEW = "new", "Not created yet"
+        DETACHED = "detached", "Detached (kept)"
+        RESERVED = "reserved", "Slot reserved"
+        ATTACHED = "attached", "Attached"
+        DETACHING = "detaching", "Detaching"
+
+    SLOT_STATES = (State.RESERVED, State.ATTACHED, State.DETACHING)
+
+    source_disk = models.OneToOneField(SourceDisk, on_delete=models.PROTECT, related_name="volume")
+    volume_id = models.CharField(max_length=64, blank=True, help_text="the volume backend's id")
+    device_path = models.CharField(max_length=255, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.NEW)
+    node = models.ForeignKey(OmaNode, null=True, blank=True, on_delete=models.PROTECT, related_name="volumes")
+    # When a sync last finished on it: the least recently used idle volume is detached first.
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    attaches = models.PositiveIntegerField(default=0)
+    detaches = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["source_disk"]
+        indexes = [models.Index(fields=["node", "state", "last_used_at"])]
+        constraints = [
+            # A slot is held exactly while the volume is reserved, attached or detaching.
+            models.CheckConstraint(
+                condition=Q(node__isnull=True, state__in=["new", "detached"])
+                | Q(node__isnull=False, state__in=["reserved", "attached", "detaching"]),
+                name="slot_held_while_on_a_node",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source_disk} volume {self.volume_id or '(none)'} ({self.state})"
 
 
 class JobState(models.TextChoices):
@@ -104,6 +191,14 @@ class MigrationJob(models.Model):
     runner = models.CharField(max_length=64, blank=True)
     cleanup_requested = models.BooleanField(default=False)
     error = models.TextField(blank=True)
+    # The VMA's replication of this attempt: the progress follower polls it (no worker waits on a copy).
+    replication_id = models.CharField(max_length=64, blank=True)
+    # The node whose slots, NBD server and follower serve this job.
+    node = models.ForeignKey(OmaNode, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs")
+    # Why a pending job waits (attach slots, the active-job limit), for the operator.
+    wait_reason = models.CharField(max_length=255, blank=True)
+    # A worker task is queued for the job: the dispatcher never queues a second one.
+    queued_at = models.DateTimeField(null=True, blank=True)
     # Recent total throughput samples (bytes/s), newest last: the dashboard's sparkline.
     throughput_samples = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -113,6 +208,15 @@ class MigrationJob(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["vm", "-created_at"])]
+        constraints = [
+            # Never two jobs copying into one VM's volumes: start, retry, schedules and failover all
+            # go through this.
+            models.UniqueConstraint(
+                fields=["vm"],
+                condition=Q(state__in=sorted(ACTIVE_STATES)),
+                name="one_active_job_per_vm",
+            )
+        ]
         permissions = [("operate_migrations", "Can start, cancel and retry migrations")]
 
     def __str__(self) -> str:

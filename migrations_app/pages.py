@@ -13,7 +13,8 @@ from django.utils import timezone
 
 from exports.models import NbdServerState
 
-from .models import ACTIVE_STATES, STEPS, JobDisk, JobEvent, JobState, MigrationJob, SourceVM
+from .groups import members
+from .models import ACTIVE_STATES, STEPS, JobDisk, JobEvent, JobState, MigrationGroup, MigrationJob, SourceVM
 
 RECENT_EVENTS = 12
 
@@ -114,3 +115,15 @@ def job_rows(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
         total=Coalesce(Sum("disks__bytes_total"), 0),
         disk_count=Count("disks"),
     )
+
+
+def group_rows() -> QuerySet[MigrationGroup]:
+    """Every group with its member count and running syncs (one query)."""
+    return MigrationGroup.objects.annotate(
+        member_count=Count("vms", distinct=True),
+        running=Count("vms__jobs", filter=Q(vms__jobs__state__in=ACTIVE_STATES), distinct=True),
+    ).order_by("name")
+
+
+def group_context(group: MigrationGroup, operator: bool) -> dict[str, Any]:
+    return {"group": group, "members": members(group), "can_operate": operator}

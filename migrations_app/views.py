@@ -20,10 +20,11 @@ from exports.models import VMExportMapping
 from omaportal.web.rendering import render_page_or_partial
 from omaportal.web.roles import can_operate, operator_required, viewer_required
 
-from .actions import MigrationError, cancel_job, retry_job, start_migration, sync_inventory
+from .actions import MigrationError, cancel_job, retry_job, save_group, start_migration, sync_inventory
 from .backends import get_vma_client
-from .models import ACTIVE_STATES, JobState, MigrationJob, SourceVM
-from .pages import dashboard_context, job_context, job_rows, with_disks
+from .forms import GroupForm
+from .models import ACTIVE_STATES, JobState, MigrationGroup, MigrationJob, SourceVM
+from .pages import dashboard_context, group_context, group_rows, job_context, job_rows, with_disks
 from .vma_client import VmaError
 
 log = logging.getLogger(__name__)
@@ -149,3 +150,45 @@ def job_retry(request: HttpRequest, job_id: str) -> HttpResponse:
     except MigrationError as exc:
         messages.error(request, str(exc))
     return redirect("job-detail", job_id=job_id)
+
+
+@require_GET
+@viewer_required
+def group_list(request: HttpRequest) -> HttpResponse:
+    context = {"groups": group_rows(), "can_operate": can_operate(request.user)}
+    return render(request, "migrations_app/group_list.html", context)
+
+
+@require_GET
+@viewer_required
+def group_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    group = get_object_or_404(MigrationGroup, pk=pk)
+    return render(request, "migrations_app/group_detail.html", group_context(group, can_operate(request.user)))
+
+
+@operator_required
+def group_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
+    """Create a group (no pk) or change one: its schedule, concurrency and members."""
+    group = get_object_or_404(MigrationGroup, pk=pk) if pk is not None else None
+    form = GroupForm(request.POST or None, instance=group)
+    if request.method == "POST" and form.is_valid():
+        try:
+            saved = save_group(
+                group=group,
+                name=form.cleaned_data["name"],
+                sync_interval_minutes=form.cleaned_data["sync_interval_minutes"],
+                max_concurrent=form.cleaned_data["max_concurrent"],
+                enabled=form.cleaned_data["enabled"],
+                vm_ids=[vm.vm_id for vm in form.cleaned_data["vms"]],
+                actor=request.user.get_username(),
+            )
+        except MigrationError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(
+                request,
+                f"Group {saved.name} saved: {saved.vms.count()} VM(s), a sync every "
+                f"{saved.sync_interval_minutes} min, at most {saved.max_concurrent} at once.",
+            )
+            return redirect("group-detail", pk=saved.pk)
+    return render(request, "migrations_app/group_form.html", {"form": form, "group": group})

@@ -1,9 +1,11 @@
 """Destination volumes, behind one interface. Adapters only: no ORM here.
 
 ``local`` (embedded default): sparse files under a volume root, which is the privileged helper's
-dev volume root, so an export can point straight at the file; ``loop=True`` (root only) attaches
-each file as a loop device instead, as a real block device would be.
-The ``cloudstack`` backend (createVolume/attachVolume through PyPI ``cs``) joins it next.
+dev volume root. Attaching models what KVM does for a CloudStack volume: a stable by-id link
+``<root>/by-id/virtio-<serial>`` appears (and goes away on detach), and exports point at that link,
+so a volume detached to free its slot and attached again is served under the same export with no
+helper write and no reload. ``loop=True`` (root only) attaches each file as a loop device instead.
+The ``cloudstack`` backend (``cloudstack.py``) does the same against the cloud.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ class VolumeBackend(Protocol):
     def detach_volume(self, volume_id: str) -> None: ...
     def delete_volume(self, volume_id: str) -> None: ...
     def get_volume(self, volume_id: str) -> Volume | None: ...
+    def find_volume(self, name: str) -> Volume | None: ...
     def list_volumes(self) -> list[Volume]: ...
+
+
+def by_id_serial(volume_id: str) -> str:
+    """The virtio serial KVM shows for a CloudStack volume: its uuid without hyphens, 20 characters."""
+    return volume_id.replace("-", "")[:20]
 
 
 def volume_name_for(vm_id: str, unit_number: int) -> str:
@@ -91,6 +99,10 @@ class LocalVolumeBackend:
     def image_path(self, volume_id: str) -> Path:
         return self._meta_path(volume_id).with_suffix(".img")
 
+    def device_path(self, volume_id: str) -> Path:
+        """Where the attached volume shows, as /dev/disk/by-id/virtio-<serial> does on a KVM guest."""
+        return self.root / "by-id" / f"virtio-{by_id_serial(volume_id)}"
+
     def _save(self, volume: Volume) -> None:
         path = self._meta_path(volume.id)
         tmp = path.with_suffix(".tmp")
@@ -108,6 +120,9 @@ class LocalVolumeBackend:
             (Volume(**json.loads(p.read_text())) for p in self.root.glob("*.json")),
             key=lambda v: v.name,
         )
+
+    def find_volume(self, name: str) -> Volume | None:
+        return next((v for v in self.list_volumes() if v.name == name), None)
 
     def create_volume(self, name: str, size_bytes: int) -> Volume:
         """Create the named volume, or return the one that already has this name (idempotent)."""
@@ -135,15 +150,21 @@ class LocalVolumeBackend:
             if volume.attached_device:
                 return volume.attached_device
             image = self.image_path(volume_id)
-            if self.loop:
+            if not self.loop:
+                device = self.device_path(volume_id)
+                device.parent.mkdir(exist_ok=True)
+                tmp = device.with_name(f".{device.name}.tmp")
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(image)
+                os.replace(tmp, device)
+                volume.attached_device = str(device)
+            else:
                 proc = subprocess.run(  # noqa: S603 - fixed program, our own file path
                     [LOSETUP, "--find", "--show", str(image)], capture_output=True, text=True, check=False
                 )
                 if proc.returncode != 0:
                     raise VolumeError(f"losetup failed for {image}: {proc.stderr.strip()}")
                 volume.attached_device = proc.stdout.strip()
-            else:
-                volume.attached_device = str(image)
             self._save(volume)
             return volume.attached_device
 
@@ -158,6 +179,8 @@ class LocalVolumeBackend:
                 )
                 if proc.returncode != 0 and "No such device" not in proc.stderr:
                     raise VolumeError(f"losetup -d {volume.attached_device} failed: {proc.stderr.strip()}")
+            else:
+                self.device_path(volume_id).unlink(missing_ok=True)
             volume.attached_device = ""
             self._save(volume)
 

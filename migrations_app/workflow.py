@@ -1,36 +1,36 @@
-"""Runs one migration job through its steps: provisioning -> attaching -> exporting -> replicating.
+"""A job's worker steps: provisioning -> attaching -> exporting -> starting the copy.
 
-Every step is idempotent (running it twice is harmless) and records its timing, so a job can be
-resumed from its current step after a retry or after its worker died. One worker owns a job at a
-time (``MigrationJob.runner`` + heartbeat); a worker that loses ownership stops touching it.
+Every step is short and idempotent (running it twice is harmless) and records its timing, so a job is
+resumed from its current step after a retry or after its worker died. No worker waits for a copy: the
+replicating step asks the VMA to start copying and returns; the node's progress follower
+(``follower.py``) follows the copy and finishes the job. One worker owns a job at a time
+(``MigrationJob.runner`` + heartbeat); a blocking external call keeps the heartbeat going from a
+background thread, so a slow CloudStack job is never mistaken for a dead worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 
-from django.db import transaction
-from django.db.models import Q
+from django.db import connections, transaction
 from django.utils import timezone
 
 from exports.actions import ExportError, ExportRequest, ensure_exports
-from live.outbox import announce
 
 from .backends import get_vma_client, get_volume_backend
 from .conf import vma_conf, workflow_conf
 from .events import record_job_event
-from .live import PROGRESS
-from .models import STEPS, JobDisk, JobState, MigrationJob
-from .vma_client import DiskProgress, VmaClient, VmaError, VmaUnavailable
+from .models import STEPS, DestinationVolume, JobDisk, JobState, MigrationJob
+from .slots import mark_attached, volumes_for
+from .vma_client import ReplicationTarget, VmaError
 from .volumes import VolumeError, volume_name_for
 
 log = logging.getLogger(__name__)
-# Consecutive failed progress polls before the VMA counts as gone.
-MAX_UNREACHABLE_POLLS = 5
-PROGRESS_WRITE_INTERVAL = 0.5
 
 
 class StepFailed(Exception):
@@ -45,92 +45,106 @@ class Cancelled(Exception):
     pass
 
 
+def stale_before() -> datetime:
+    return timezone.now() - timedelta(seconds=workflow_conf().heartbeat_stale_seconds)
+
+
 def claim(job_pk: int, runner: str) -> MigrationJob | None:
-    """Take the job if it is runnable and nobody alive runs it."""
-    stale = timezone.now() - timedelta(seconds=workflow_conf().heartbeat_stale_seconds)
+    """Take the job if a worker step is due and nobody alive runs it. A job that is pending (the
+    dispatcher has not reserved its slots yet) or whose copy the follower follows is not taken."""
     with transaction.atomic():
         job = MigrationJob.objects.select_for_update().filter(pk=job_pk).first()
-        if job is None or job.state not in (JobState.PENDING, JobState.CANCELLING, *STEPS):
+        if job is None or job.state not in (JobState.CANCELLING, *STEPS):
             return None
-        alive = job.runner and job.runner != runner and job.heartbeat_at and job.heartbeat_at > stale
+        if job.state == JobState.REPLICATING and job.replication_id:
+            return None  # the copy runs at the VMA; the follower has it
+        alive = job.runner and job.runner != runner and job.heartbeat_at and job.heartbeat_at > stale_before()
         if alive:
             return None
         if job.runner and job.runner != runner:
             record_job_event(job, "job.recovered", step=job.current_step, message=f"previous worker {job.runner} lost")
         job.runner = runner
         job.heartbeat_at = timezone.now()
-        job.save(update_fields=["runner", "heartbeat_at"])
+        job.queued_at = None
+        job.save(update_fields=["runner", "heartbeat_at", "queued_at"])
         return job
 
 
 def beat(job: MigrationJob, runner: str) -> None:
     """Heartbeat; raises LostOwnership if another worker owns the job now, Cancelled if asked to stop."""
-    now = timezone.now()
-    if not MigrationJob.objects.filter(pk=job.pk, runner=runner).update(heartbeat_at=now):
+    if not MigrationJob.objects.filter(pk=job.pk, runner=runner).update(heartbeat_at=timezone.now()):
         raise LostOwnership(job.job_id)
     job.refresh_from_db(fields=["state"])
     if job.state == JobState.CANCELLING:
         raise Cancelled(job.job_id)
 
 
-def _capacity_problem(job: MigrationJob) -> str | None:
-    """Why the job must wait, or None. Limits: active jobs, and volumes attached to this OMA (a KVM
-    guest takes about 25 data disks; each migrated disk stays attached for its later syncs)."""
-    flow = workflow_conf()
-    running = MigrationJob.objects.filter(state__in=STEPS).exclude(pk=job.pk).count()
-    if running >= flow.max_active_jobs:
-        return f"{running} jobs are active, the maximum is {flow.max_active_jobs}"
-    attached = set(JobDisk.objects.exclude(device_path="").exclude(volume_id="").values_list("volume_id", flat=True))
-    mine = list(job.disks.values_list("volume_id", flat=True))
-    needed = sum(1 for volume_id in mine if not volume_id or volume_id not in attached)
-    limit = flow.max_attached_volumes
-    if needed and len(attached) + needed > limit:
-        return f"{len(attached)} volumes are attached and this job needs {needed} more; the maximum is {limit}"
-    return None
+@contextlib.contextmanager
+def heartbeat_kept(job: MigrationJob, runner: str) -> Iterator[None]:
+    """Around a blocking external call (a CloudStack job may take minutes): a background thread renews
+    the job's heartbeat, a few times per stale period, until the call returns."""
+    stop = threading.Event()
+    interval = max(0.2, workflow_conf().heartbeat_stale_seconds / 4)
+
+    def keep() -> None:
+        try:
+            while not stop.wait(interval):
+                MigrationJob.objects.filter(pk=job.pk, runner=runner).update(heartbeat_at=timezone.now())
+        finally:
+            connections.close_all()
+
+    keeper = threading.Thread(target=keep, name=f"heartbeat-{job.job_id}", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()
 
 
 def _move(job: MigrationJob, to: str, **kwargs: str) -> None:
+    """Change the job's state (and only the fields a transition owns): never write back a stale copy of
+    what others (the follower's progress, an operator's cancel) wrote meanwhile."""
     with transaction.atomic():
         job.refresh_from_db(fields=["state"])
         if job.state == JobState.CANCELLING and to not in (JobState.CANCELLED, JobState.FAILED):
             raise Cancelled(job.job_id)
         job.transition_to(to, **kwargs)
-        job.save()
+        job.save(update_fields=TRANSITION_FIELDS)
+
+
+TRANSITION_FIELDS = ["state", "current_step", "started_at", "finished_at", "error", "attempt", "heartbeat_at"]
 
 
 def run_job(job_pk: int, runner: str) -> MigrationJob | None:
-    """Run (or resume) the job from its current step to the end. Returns the job, or None if not taken."""
+    """Run the job's worker steps from its current step up to starting the copy. Returns the job, or
+    None if not taken (not due, or run by a live worker)."""
     job = claim(job_pk, runner)
     if job is None:
         return None
-    waiting = _capacity_problem(job) if job.state == JobState.PENDING else None
-    if waiting:
-        # Stays pending; the periodic recovery task offers it to a worker again.
-        record_job_event(job, "job.queued", message=f"waiting: {waiting}")
-        MigrationJob.objects.filter(pk=job.pk).update(runner="")
-        return job
     try:
         if job.state == JobState.CANCELLING:
             raise Cancelled(job.job_id)
-        resume = job.current_step or JobState.PROVISIONING
-        if job.state == JobState.PENDING:
-            _move(job, resume)
-            record_job_event(job, "job.started", step=resume, message=f"attempt {job.attempt}")
         for index in range(STEPS.index(JobState(job.current_step)), len(STEPS)):
             step = STEPS[index]
             if job.state != step:
                 _move(job, step)
             _run_step(job, step, runner)
-        _move(job, JobState.COMPLETED)
-        record_job_event(job, "job.completed")
+        # The copy runs at the VMA now; the follower takes the job from here.
+        MigrationJob.objects.filter(pk=job.pk, runner=runner).update(runner="")
     except Cancelled:
-        _finish_cancel(job)
+        finish_cancel(job)
     except LostOwnership:
         log.warning("job %s was taken over by another worker; stopping here", job.job_id)
     except StepFailed as exc:
-        _move(job, JobState.FAILED, error=str(exc))
-        record_job_event(job, "step.failed", step=job.current_step, message=str(exc))
+        fail(job, str(exc))
     return job
+
+
+def fail(job: MigrationJob, error: str) -> None:
+    _move(job, JobState.FAILED, error=error)
+    MigrationJob.objects.filter(pk=job.pk).update(runner="")
+    record_job_event(job, "step.failed", step=job.current_step, message=error)
 
 
 STEP_FUNCTIONS: dict[str, Callable[[MigrationJob, str], None]] = {}
@@ -144,7 +158,8 @@ def _run_step(job: MigrationJob, step: str, runner: str) -> None:
         STEP_FUNCTIONS[step](job, runner)
     except (VolumeError, ExportError, VmaError) as exc:
         raise StepFailed(f"{step}: {exc}") from exc
-    record_job_event(job, "step.finished", step=step, duration_ms=int((time.monotonic() - started) * 1000))
+    if step != JobState.REPLICATING:  # the copy's step finishes when the copy does (the follower)
+        record_job_event(job, "step.finished", step=step, duration_ms=int((time.monotonic() - started) * 1000))
 
 
 def _disks(job: MigrationJob) -> list[JobDisk]:
@@ -153,20 +168,38 @@ def _disks(job: MigrationJob) -> list[JobDisk]:
 
 def provision(job: MigrationJob, runner: str) -> None:
     backend = get_volume_backend()
+    volumes = {v.source_disk_id: v for v in volumes_for(job)}
     for disk in _disks(job):
-        if disk.volume_id and backend.get_volume(disk.volume_id) is not None:
+        volume = volumes[disk.source_disk_id]
+        with heartbeat_kept(job, runner):
+            exists = bool(volume.volume_id) and backend.get_volume(volume.volume_id) is not None
+        if exists:
+            JobDisk.objects.filter(pk=disk.pk).update(volume_id=volume.volume_id)
             continue
         name = volume_name_for(job.vm.vm_id, disk.source_disk.unit_number)
-        volume = backend.create_volume(name, disk.source_disk.capacity_bytes)
-        JobDisk.objects.filter(pk=disk.pk).update(volume_id=volume.id)
-        record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({volume.id})")
+        with heartbeat_kept(job, runner):
+            created = backend.create_volume(name, disk.source_disk.capacity_bytes)
+        with transaction.atomic():
+            DestinationVolume.objects.filter(pk=volume.pk).update(volume_id=created.id)
+            JobDisk.objects.filter(pk=disk.pk).update(volume_id=created.id)
+            record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({created.id})")
         beat(job, runner)
 
 
 def attach(job: MigrationJob, runner: str) -> None:
+    """Attach each volume to this node (its slot was reserved when the job was dispatched). A volume
+    that is attached already costs nothing; one detached to free a slot is attached again."""
     backend = get_volume_backend()
+    volumes = {v.source_disk_id: v for v in volumes_for(job)}
     for disk in _disks(job):
-        device = backend.attach_volume(disk.volume_id)
+        volume = volumes[disk.source_disk_id]
+        if volume.state == DestinationVolume.State.ATTACHED and volume.device_path:
+            JobDisk.objects.filter(pk=disk.pk).update(device_path=volume.device_path)
+            continue
+        with heartbeat_kept(job, runner):
+            device = backend.attach_volume(volume.volume_id)
+        mark_attached(volume, device)
+        DestinationVolume.objects.filter(pk=volume.pk).update(attaches=volume.attaches + 1)
         JobDisk.objects.filter(pk=disk.pk).update(device_path=device)
         beat(job, runner)
 
@@ -174,7 +207,8 @@ def attach(job: MigrationJob, runner: str) -> None:
 def export(job: MigrationJob, runner: str) -> None:
     disks = _disks(job)
     requests = [ExportRequest(job.vm.vm_id, job.vm.name, d.source_disk.unit_number, d.device_path) for d in disks]
-    mappings = ensure_exports(requests, actor=job.job_id)
+    with heartbeat_kept(job, runner):
+        mappings = ensure_exports(requests, actor=job.job_id)
     with transaction.atomic():
         for disk, mapping in zip(disks, mappings, strict=True):
             JobDisk.objects.filter(pk=disk.pk).update(mapping=mapping)
@@ -184,109 +218,36 @@ def export(job: MigrationJob, runner: str) -> None:
 
 
 def replicate(job: MigrationJob, runner: str) -> None:
-    conf, flow = vma_conf(), workflow_conf()
-    vma = get_vma_client()
+    """Ask the VMA to copy every disk into its export, and return: the follower follows the copy. The
+    replication id names the attempt, so asking again (a worker that died here) starts nothing new."""
+    conf = vma_conf()
     replication_id = f"{job.job_id}-{job.attempt}"
-    disks = {d.source_disk.unit_number: d for d in _disks(job)}
+    targets: list[ReplicationTarget] = [
+        {
+            "unit_number": disk.source_disk.unit_number,
+            "nbd_url": f"nbd://{conf.nbd_host}:{conf.nbd_port}/{disk.mapping.export_name}",  # type: ignore[union-attr]
+            "previous_change_id": disk.previous_change_id,
+        }
+        for disk in _disks(job)
+    ]
+    vma = get_vma_client()
     try:
-        vma.start_replication(
-            replication_id,
-            job.vm.vm_id,
-            [
-                {
-                    "unit_number": unit,
-                    "nbd_url": f"nbd://{conf.nbd_host}:{conf.nbd_port}/{disk.mapping.export_name}",  # type: ignore[union-attr]
-                    "previous_change_id": disk.previous_change_id,
-                }
-                for unit, disk in disks.items()
-            ],
-        )
-        unreachable = 0
-        last_beat = last_write = 0.0
-        written: dict[int, tuple[int, int, int, str]] = {}
-        while True:
-            now = time.monotonic()
-            if now - last_beat >= PROGRESS_WRITE_INTERVAL:
-                last_beat = now
-                try:
-                    beat(job, runner)
-                except Cancelled:
-                    vma.cancel(replication_id)
-                    _wait_stopped(vma, replication_id, job, runner)
-                    raise
-            try:
-                state = vma.replication(replication_id)
-                unreachable = 0
-            except VmaUnavailable:
-                unreachable += 1
-                if unreachable >= MAX_UNREACHABLE_POLLS:
-                    raise
-                time.sleep(flow.poll_interval)
-                continue
-            final = state["state"] != "running"
-            # Poll often (to notice the end quickly) but write progress at most twice a second: a fast
-            # copy must not flood the database, nor the live view behind it.
-            if final or now - last_write >= PROGRESS_WRITE_INTERVAL:
-                last_write = now
-                _write_progress(job, disks, state["disks"], written)
-            if state["state"] == "completed":
-                return
-            if state["state"] in ("failed", "cancelled"):
-                raise StepFailed(f"the VMA reports the replication {state['state']}: {state.get('error') or '-'}")
-            time.sleep(flow.poll_interval)
+        with heartbeat_kept(job, runner):
+            vma.start_replication(replication_id, job.vm.vm_id, targets)
     finally:
         vma.close()
-
-
-SPARKLINE_SAMPLES = 40
-
-
-def _write_progress(
-    job: MigrationJob,
-    disks: dict[int, JobDisk],
-    reported: list[DiskProgress],
-    written: dict[int, tuple[int, int, int, str]],
-) -> None:
-    """Per-disk progress, one throughput sample for the sparkline and a live update, in one
-    transaction (one write lock on SQLite); nothing at all when the VMA reports no change."""
-    changes = {}
-    for item in reported:
-        disk = disks[item["unit_number"]]
-        values = (
-            item["bytes_done"],
-            item["bytes_total"] or disk.bytes_total,
-            item["throughput_bps"],
-            item.get("change_id", ""),
-        )
-        if written.get(item["unit_number"]) != values:
-            changes[disk.pk] = values
-            written[item["unit_number"]] = values
-    if not changes:
-        return
     with transaction.atomic():
-        for pk, (done, total, rate, change_id) in changes.items():
-            JobDisk.objects.filter(pk=pk).update(
-                bytes_done=done, bytes_total=total, throughput_bps=rate, new_change_id=change_id
-            )
-        samples = MigrationJob.objects.filter(pk=job.pk).values_list("throughput_samples", flat=True).first() or []
-        rate = sum(int(item.get("throughput_bps") or 0) for item in reported)
-        MigrationJob.objects.filter(pk=job.pk).update(throughput_samples=[*samples, rate][-SPARKLINE_SAMPLES:])
-        announce(PROGRESS, job.pk)
+        if not MigrationJob.objects.filter(pk=job.pk, runner=runner).update(replication_id=replication_id):
+            raise LostOwnership(job.job_id)
+        record_job_event(job, "replication.started", step=JobState.REPLICATING, message=replication_id)
 
 
-def _wait_stopped(vma: VmaClient, replication_id: str, job: MigrationJob, runner: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if vma.replication(replication_id)["state"] not in ("running", "cancelling"):
-            return
-        MigrationJob.objects.filter(pk=job.pk, runner=runner).update(heartbeat_at=timezone.now())
-        time.sleep(0.2)
-
-
-def _finish_cancel(job: MigrationJob) -> None:
+def finish_cancel(job: MigrationJob) -> None:
+    """A cancel that no copy is left to stop: the job is cancelled, its volumes and exports kept."""
     job.refresh_from_db()
     if job.state == JobState.CANCELLING:
         _move(job, JobState.CANCELLED)
+        MigrationJob.objects.filter(pk=job.pk).update(runner="")
         record_job_event(job, "job.cancelled", step=job.current_step, message="volumes and exports kept for a retry")
 
 
@@ -298,12 +259,3 @@ STEP_FUNCTIONS.update(
         JobState.REPLICATING: replicate,
     }
 )
-
-
-def stale_jobs() -> list[MigrationJob]:
-    """Active jobs whose worker stopped beating (or pending jobs nobody picked up)."""
-    stale = timezone.now() - timedelta(seconds=workflow_conf().heartbeat_stale_seconds)
-    active = [JobState.PENDING, JobState.CANCELLING, *STEPS]
-    return list(
-        MigrationJob.objects.filter(state__in=active).filter(Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True))
-    )

@@ -123,12 +123,16 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
 
+# Tasks are short steps (no task waits for a copy: the progress follower does), so two workers serve
+# many concurrent migrations. The timeout covers the slowest step: a CloudStack job (OMA_CLOUDSTACK_JOB_
+# TIMEOUT, 300 s) per disk; "retry" must exceed it.
+_Q_TIMEOUT = int(os.environ.get("OMA_Q_TIMEOUT", "900"))
 Q_CLUSTER = {
     "name": "oma",
     "orm": "default",
     "workers": int(os.environ.get("OMA_Q_WORKERS", "2")),
-    "timeout": 3600,
-    "retry": 3700,
+    "timeout": _Q_TIMEOUT,
+    "retry": _Q_TIMEOUT + 60,
     "catch_up": False,
     # ORM broker: how often an idle worker looks for queued tasks (a job waits at most this long).
     "poll": 0.1,
@@ -167,7 +171,7 @@ OMA_NBD: dict[str, Any] = {
     "NODE": os.environ.get("OMA_NODE_NAME", "local"),
 }
 
-# Until the operator GUI has its own login page, Django admin's serves every role.
+# The operator GUI's own login page (omaportal/web/auth.py, throttled) serves every role.
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"
@@ -189,6 +193,10 @@ OMA_VOLUMES: dict[str, Any] = {
         "DISK_OFFERING_ID": os.environ.get("OMA_CLOUDSTACK_DISK_OFFERING_ID", ""),
         "OMA_VM_ID": os.environ.get("OMA_CLOUDSTACK_OMA_VM_ID", ""),
         "JOB_TIMEOUT": int(os.environ.get("OMA_CLOUDSTACK_JOB_TIMEOUT", "300")),
+        "POLL_INTERVAL": float(os.environ.get("OMA_CLOUDSTACK_POLL_INTERVAL", "2.0")),
+        "DEVICE_ROOT": os.environ.get("OMA_CLOUDSTACK_DEVICE_ROOT", "/dev/disk/by-id"),
+        # The owner tag on every volume this portal creates (default: oma-portal:<OMA VM id>).
+        "OWNER": os.environ.get("OMA_CLOUDSTACK_OWNER", ""),
     },
 }
 OMA_VMA: dict[str, Any] = {
@@ -202,7 +210,8 @@ OMA_VMA: dict[str, Any] = {
 }
 OMA_WORKFLOW: dict[str, Any] = {
     "MAX_ACTIVE_JOBS": int(os.environ.get("OMA_MAX_ACTIVE_JOBS", "25")),
-    "MAX_ATTACHED_VOLUMES": int(os.environ.get("OMA_MAX_ATTACHED_VOLUMES", "25")),
+    # Attach slots of this node (OMA_MAX_ATTACHED_VOLUMES is the older name of the same limit).
+    "ATTACH_SLOTS": int(os.environ.get("OMA_ATTACH_SLOTS", os.environ.get("OMA_MAX_ATTACHED_VOLUMES", "25"))),
     "POLL_INTERVAL": float(os.environ.get("OMA_PROGRESS_POLL_INTERVAL", "1.0")),
     "HEARTBEAT_STALE_SECONDS": float(os.environ.get("OMA_HEARTBEAT_STALE_SECONDS", "60")),
 }

@@ -15,8 +15,8 @@ from django.urls import reverse
 from exports import actions
 from exports.health import check_nbd_server
 from exports.models import ExportEvent, VMExportMapping
+from migrations_app.follower import record_progress
 from migrations_app.models import JobDisk, JobState
-from migrations_app.workflow import _write_progress
 from tests.support.factories import make_jobs
 from tests.support.nbd import RunningServer
 from tests.support.vma import progress
@@ -144,8 +144,7 @@ def test_a_worker_can_write_while_the_admin_waits_for_a_reload(
     while not VMExportMapping.objects.filter(vm_id=VM, disk_unit_number=1).exists():
         assert time.monotonic() < deadline, "the admin's mapping row was not committed before the reload"
         time.sleep(0.02)
-    disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
-    _write_progress(job, disks, [progress(0, 1, 2, 3)], {})
+    record_progress(job, [progress(0, 1, 2, 3)])
     assert admin.is_alive(), "the progress write had to wait for the admin's reload"
     admin.join(timeout=30)
     assert responses and VMExportMapping.objects.get(vm_id=VM, disk_unit_number=1).status == "active"

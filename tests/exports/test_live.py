@@ -7,7 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from exports.actions import record_event
-from exports.live import NBD
+from exports.topics import NBD
 from live import registry
 from live.registry import Changes, Group
 from tests.support.live import announced

@@ -129,14 +129,14 @@ def test_every_connect_starts_with_a_snapshot_rendered_for_the_role(make_user: U
 WRITER = """
 import sys
 from migrations_app.models import JobDisk, MigrationJob
-from migrations_app.workflow import _write_progress
+from migrations_app.follower import record_progress
 job = MigrationJob.objects.get(pk=int(sys.argv[1]))
 disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
 reported = [
     {"unit_number": u, "bytes_done": int(sys.argv[2]), "bytes_total": d.bytes_total, "throughput_bps": 7_000_000}
     for u, d in disks.items()
 ]
-_write_progress(job, disks, reported, {})
+record_progress(job, reported)
 """
 
 

@@ -15,8 +15,7 @@ from exports.models import VMExportMapping
 from migrations_app import actions
 from migrations_app.backends import get_volume_backend
 from migrations_app.models import JobState, MigrationJob
-from migrations_app.workflow import run_job
-from tests.support.flows import migrate, wire
+from tests.support.flows import drive, migrate, wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import SimFactory
 
@@ -112,5 +111,5 @@ def test_cancelled_job_can_be_retried_after_a_cancel(
     actions.cancel_job(job_id=job.job_id)
     assert MigrationJob.objects.get(pk=job.pk).state == JobState.CANCELLED
     actions.retry_job(job_id=job.job_id)
-    run_job(job.pk, "test-runner")
-    assert MigrationJob.objects.get(pk=job.pk).state == JobState.COMPLETED
+    (job,) = drive(job)
+    assert job.state == JobState.COMPLETED

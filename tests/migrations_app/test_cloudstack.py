@@ -43,7 +43,8 @@ def test_by_id_serial_is_the_first_20_hex_characters() -> None:
 def test_create_rounds_up_to_whole_gib_and_waits_for_the_job(fake: FakeCloudStack) -> None:
     volume = backend_for(fake).create_volume("oma-web-disk0", int(2.5 * GIB))
     assert volume.size_bytes == 3 * GIB and volume.name == "oma-web-disk0"
-    assert fake.requests.count("queryAsyncJobResult") == fake.pending_polls + 1
+    # Two async jobs, each waited for: createVolume, then createTags (the owner tag).
+    assert fake.requests.count("queryAsyncJobResult") == 2 * (fake.pending_polls + 1)
     assert fake.volumes[volume.id]["state"] == "Allocated"
 
 
@@ -136,3 +137,43 @@ def test_unreachable_cloudstack_is_a_clear_error(fake: FakeCloudStack) -> None:
     fake.stop()
     with pytest.raises(VolumeError, match="CloudStack"):
         backend.create_volume("v", GIB)
+
+
+def test_what_the_portal_creates_carries_its_owner_tag(fake: FakeCloudStack) -> None:
+    volume = backend_for(fake).create_volume("oma-vm-disk0", 1 << 30)
+    assert fake.volumes[volume.id]["tags"] == [
+        {"key": "oma-owner", "value": f"oma-portal:{fake.oma_vm_id}", "resourcetype": "Volume", "resourceid": volume.id}
+    ]
+
+
+def test_only_the_portals_own_volumes_are_listed_or_touched(fake: FakeCloudStack) -> None:
+    backend = backend_for(fake)
+    ours = backend.create_volume("oma-vm-disk0", 1 << 30)
+    other_tenant = fake.add_foreign_volume("their-data")
+    other_portal = fake.add_foreign_volume("oma-vm-disk1", owner="oma-portal:someone-else")
+    assert [v.id for v in backend.list_volumes()] == [ours.id]
+    for volume_id in (other_tenant, other_portal):
+        for action in (backend.attach_volume, backend.detach_volume, backend.delete_volume):
+            with pytest.raises(VolumeError, match="not created by this portal"):
+                action(volume_id)
+        assert volume_id in fake.volumes
+    assert "attachVolume" not in fake.requests and "deleteVolume" not in fake.requests
+
+
+def test_a_name_taken_by_another_portal_is_refused_not_adopted(fake: FakeCloudStack) -> None:
+    fake.add_foreign_volume("oma-vm-disk0", owner="oma-portal:someone-else")
+    with pytest.raises(VolumeError, match="belongs to another portal"):
+        backend_for(fake).create_volume("oma-vm-disk0", 1 << 30)
+    assert "createVolume" not in fake.requests
+
+
+def test_a_create_whose_tag_call_failed_is_adopted_and_tagged_on_retry(fake: FakeCloudStack) -> None:
+    backend = backend_for(fake)
+    fake.job_failures["createTags"] = (530, "tagging failed")
+    with pytest.raises(VolumeError, match="createTags failed"):
+        backend.create_volume("oma-vm-disk0", 1 << 30)
+    (untagged,) = fake.volumes.values()
+    assert untagged["tags"] == []
+    again = backend.create_volume("oma-vm-disk0", 1 << 30)
+    assert again.id == untagged["id"] and fake.requests.count("createVolume") == 1
+    assert [v.id for v in backend.list_volumes()] == [again.id]

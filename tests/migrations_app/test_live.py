@@ -12,10 +12,10 @@ from django.test.utils import CaptureQueriesContext
 from live import registry
 from live.registry import Changes, Group
 from migrations_app import actions
-from migrations_app.live import INVENTORY, JOB, PROGRESS
-from migrations_app.models import JobState, MigrationJob
+from migrations_app.follower import record_progress
+from migrations_app.models import JobState, MigrationJob, SourceVM
+from migrations_app.topics import INVENTORY, JOB, PROGRESS
 from migrations_app.vma_client import VmaVM
-from migrations_app.workflow import _write_progress
 from tests.support.factories import make_jobs, make_vm
 from tests.support.live import announced
 from tests.support.vma import progress
@@ -49,14 +49,9 @@ def test_reading_the_inventory_announces_the_inventory() -> None:
 
 def test_progress_announces_only_progress() -> None:
     job = make_jobs(1, state=JobState.REPLICATING, disks=1)[0]
-    disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
-    reported = [progress(0, 5, 10, 1)]
     with announced() as got:
-        _write_progress(job, disks, reported, {})
+        record_progress(job, [progress(0, 5, 10, 1)])
     assert got.rows == [(PROGRESS, job.pk)]
-    with announced() as got:  # the same numbers again: nothing to tell
-        _write_progress(job, disks, reported, {0: (5, 10, 1, "")})
-    assert got.rows == []
 
 
 def render_queries(group: Group, changes: Changes | None) -> tuple[int, str]:
@@ -98,3 +93,20 @@ def test_the_inventory_page_fetches_its_own_table_when_the_inventory_changes() -
     assert 'id="inventory-refresh"' in html and 'hx-trigger="load"' in html and 'hx-get="/vms/"' in html
     assert 'hx-include="#inventory-filters, #vm-page"' in html
     assert registry.render_group(Group("inventory", "viewer"), changes_of("nbd", [])) == ""
+
+
+def test_the_group_page_renders_in_a_fixed_number_of_queries() -> None:
+    group = actions.save_group(
+        group=None, name="wave", sync_interval_minutes=5, max_concurrent=2, enabled=True, vm_ids=[]
+    )
+    counts = []
+    for more in (3, 12):
+        jobs = make_jobs(more, state=JobState.REPLICATING)
+        SourceVM.objects.filter(jobs__in=jobs).update(group=group)
+        count, html = render_queries(Group("group", "viewer", group.pk), changes_of(PROGRESS, [jobs[0].pk]))
+        assert f'id="group-live-{group.pk}"' in html and jobs[0].vm.name in html
+        counts.append(count)
+    assert counts[0] == counts[1] <= 7, counts
+    # A change of a job outside the group renders nothing.
+    other = make_jobs(1, state=JobState.REPLICATING)[0]
+    assert registry.render_group(Group("group", "viewer", group.pk), changes_of(PROGRESS, [other.pk])) == ""

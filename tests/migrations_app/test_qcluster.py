@@ -1,23 +1,26 @@
-"""End to end through a real django-q2 cluster process (ORM broker), not the synchronous path."""
+"""End to end through a real django-q2 cluster and a real progress follower, each its own process group
+(what honcho and systemd run), not the synchronous path."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from devtools.vma_sim import Faults
 from migrations_app import actions
-from migrations_app.models import JobDisk, JobState, MigrationJob
-from migrations_app.tasks import recover_stale_jobs
+from migrations_app.models import DestinationVolume, JobDisk, JobState, MigrationJob
+from tests.support.fake_cloudstack import FakeCloudStack
 from tests.support.flows import STALE_SECONDS, Cluster, assert_copied, wait_for, wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import Sim, SimFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
+FINISHED: set[str] = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
 
 
 @pytest.fixture
@@ -25,15 +28,25 @@ def sim(make_sim: SimFactory) -> Sim:
     return make_sim(size_mib=32)
 
 
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[tuple[Sim, threading.Event]]:
+    """A simulator whose copies wait until the test opens the gate."""
+    gate = threading.Event()
+    slow = Sim(tmp_path / "gated", Faults(gate=gate), size_mib=32)
+    yield slow, gate
+    gate.set()
+    slow.close()
+
+
 def test_three_two_disk_vms_migrate_concurrently_through_the_cluster(
     nbdkit_server: RunningServer, sim: Sim, settings: object, tmp_path: Path
 ) -> None:
     wire(settings, nbdkit_server, sim)
-    cluster = Cluster(nbdkit_server, sim, tmp_path / "qcluster.log").start()
+    cluster = Cluster(nbdkit_server, sim, tmp_path / "cluster.log").start()
     try:
         jobs = [actions.start_migration(vm_id=sim.vm(name).id) for name in ("db-01", "file-01", "app-01")]
         for job in jobs:
-            done = wait_for(job, {JobState.COMPLETED, JobState.FAILED}, log=cluster.log)
+            done = wait_for(job, FINISHED, log=cluster.log)
             assert done.state == JobState.COMPLETED, done.error
             assert_copied(done, sim)
         assert JobDisk.objects.count() == 7
@@ -41,32 +54,117 @@ def test_three_two_disk_vms_migrate_concurrently_through_the_cluster(
         cluster.kill(signal.SIGTERM)
 
 
-def test_a_worker_killed_mid_copy_is_recovered_and_the_job_completes(
-    nbdkit_server: RunningServer, tmp_path: Path, settings: object
+def test_a_copy_longer_than_the_task_timeout_completes_without_recovery(
+    nbdkit_server: RunningServer, gated: tuple[Sim, threading.Event], settings: object, tmp_path: Path
 ) -> None:
-    gate = threading.Event()
-    slow = Sim(tmp_path, Faults(gate=gate), size_mib=32)
+    """No worker waits for a copy, so the cluster's task timeout (2 s here) cannot cut one."""
+    slow, gate = gated
+    wire(settings, nbdkit_server, slow)
+    cluster = Cluster(nbdkit_server, slow, tmp_path / "cluster.log", OMA_Q_TIMEOUT="2").start()
     try:
-        wire(settings, nbdkit_server, slow)
-        settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "HEARTBEAT_STALE_SECONDS": STALE_SECONDS}  # type: ignore[attr-defined]
-        cluster = Cluster(nbdkit_server, slow, tmp_path / "qcluster.log").start()
+        job = actions.start_migration(vm_id=slow.vm("web-01").id)
+        wait_for(job, {JobState.REPLICATING}, log=cluster.log)
+        time.sleep(5)  # the copy outlives the task timeout twice over
+        gate.set()
+        done = wait_for(job, FINISHED, log=cluster.log)
+        assert done.state == JobState.COMPLETED, done.error
+        assert not done.events.filter(kind="job.recovered").exists()
+        assert len(slow.sim.replications) == 1
+        assert_copied(done, slow)
+    finally:
+        cluster.kill(signal.SIGTERM)
+
+
+def test_the_oma_side_killed_mid_copy_picks_the_copy_up_again(
+    nbdkit_server: RunningServer, gated: tuple[Sim, threading.Event], settings: object, tmp_path: Path
+) -> None:
+    """Workers and follower SIGKILLed while the VMA copies: started again, the follower takes the same copy
+    up (the copy was never cut, nothing is copied twice) and the job completes."""
+    slow, gate = gated
+    wire(settings, nbdkit_server, slow)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "HEARTBEAT_STALE_SECONDS": STALE_SECONDS}  # type: ignore[attr-defined]
+    cluster = Cluster(nbdkit_server, slow, tmp_path / "cluster.log").start()
+    try:
         job = actions.start_migration(vm_id=slow.vm("web-01").id)
         wait_for(job, {JobState.REPLICATING}, log=cluster.log)
         deadline = time.monotonic() + 30
-        while not slow.sim.replications and time.monotonic() < deadline:
+        while not MigrationJob.objects.get(pk=job.pk).replication_id and time.monotonic() < deadline:
             time.sleep(0.05)
-        cluster.kill(signal.SIGKILL)  # the worker dies while the VMA copies
-        first_runner = MigrationJob.objects.get(pk=job.pk).runner
-        time.sleep(STALE_SECONDS + 0.5)
-        cluster = Cluster(nbdkit_server, slow, tmp_path / "qcluster.log").start()
-        current = MigrationJob.objects.get(pk=job.pk)
-        assert recover_stale_jobs() == 1, (current.state, current.heartbeat_at, current.runner, current.error)
+        cluster.kill(signal.SIGKILL)
         gate.set()
-        done = wait_for(job, {JobState.COMPLETED, JobState.FAILED}, log=cluster.log)
+        cluster.start()  # the new follower waits out the dead one's lease (the stale period), then follows
+        done = wait_for(job, FINISHED, log=cluster.log)
         assert done.state == JobState.COMPLETED, done.error
-        assert done.runner != first_runner and done.events.filter(kind="job.recovered").exists()
+        assert len(slow.sim.replications) == 1, "the copy was followed again, not started again"
         assert_copied(done, slow)
         assert len(list(nbdkit_server.layout.volume_root.glob("*.img"))) == 1, "one volume, nothing leaked"
     finally:
         cluster.kill(signal.SIGTERM)
-        slow.close()
+
+
+def cloudstack_env(fake: FakeCloudStack) -> dict[str, str]:
+    return {
+        "OMA_VOLUME_BACKEND": "cloudstack",
+        "OMA_CLOUDSTACK_ENDPOINT": fake.endpoint,
+        "OMA_CLOUDSTACK_KEY": fake.key,
+        "OMA_CLOUDSTACK_SECRET": fake.secret,
+        "OMA_CLOUDSTACK_ZONE_ID": fake.zone_id,
+        "OMA_CLOUDSTACK_DISK_OFFERING_ID": fake.offering_id,
+        "OMA_CLOUDSTACK_OMA_VM_ID": fake.oma_vm_id,
+        "OMA_CLOUDSTACK_POLL_INTERVAL": "0.2",
+        "OMA_CLOUDSTACK_DEVICE_ROOT": str(fake.device_root),
+    }
+
+
+@pytest.fixture
+def cloud(nbdkit_server: RunningServer) -> Iterator[FakeCloudStack]:
+    """A fake CloudStack whose volumes are files under the NBD helper's dev volume root."""
+    root = nbdkit_server.layout.volume_root
+    (root / "by-id").mkdir(exist_ok=True)
+    fake = FakeCloudStack(root / "by-id", data_dir=root / "cloudstack").start()
+    yield fake
+    fake.stop()
+
+
+def test_a_cloudstack_call_slower_than_the_stale_threshold_is_not_taken_over(
+    nbdkit_server: RunningServer, cloud: FakeCloudStack, sim: Sim, settings: object, tmp_path: Path
+) -> None:
+    """createVolume takes three stale periods; the worker's heartbeat goes on during the call, so no one
+    presumes it dead: one volume, no recovery."""
+    wire(settings, nbdkit_server, sim)
+    cloud.job_seconds["createVolume"] = 3 * STALE_SECONDS
+    env = cloudstack_env(cloud)
+    cluster = Cluster(nbdkit_server, sim, tmp_path / "cluster.log", **env).start()
+    try:
+        job = actions.start_migration(vm_id=sim.vm("web-01").id)
+        done = wait_for(job, FINISHED, log=cluster.log)
+        assert done.state == JobState.COMPLETED, done.error
+        assert not done.events.filter(kind="job.recovered").exists()
+        assert cloud.requests.count("createVolume") == 1 and len(cloud.volumes) == 1
+        assert_copied(done, sim)
+    finally:
+        cluster.kill(signal.SIGTERM)
+
+
+def test_a_worker_killed_in_a_step_is_recovered_and_its_step_resumed(
+    nbdkit_server: RunningServer, cloud: FakeCloudStack, sim: Sim, settings: object, tmp_path: Path
+) -> None:
+    wire(settings, nbdkit_server, sim)
+    cloud.job_seconds["createVolume"] = 2 * STALE_SECONDS
+    cluster = Cluster(nbdkit_server, sim, tmp_path / "cluster.log", **cloudstack_env(cloud)).start()
+    try:
+        job = actions.start_migration(vm_id=sim.vm("web-01").id)
+        deadline = time.monotonic() + 30
+        while "createVolume" not in cloud.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster.kill(signal.SIGKILL, "worker")  # dies inside the slow createVolume
+        cluster.start("worker")
+        done = wait_for(job, FINISHED, log=cluster.log)
+        assert done.state == JobState.COMPLETED, done.error
+        assert done.events.filter(kind="job.recovered", step=JobState.PROVISIONING).exists()
+        # The create finished in the cloud meanwhile; the resumed step found it by name.
+        assert cloud.requests.count("createVolume") == 1 and len(cloud.volumes) == 1
+        assert DestinationVolume.objects.get().volume_id == next(iter(cloud.volumes))
+        assert_copied(done, sim)
+    finally:
+        cluster.kill(signal.SIGTERM)

@@ -49,10 +49,16 @@ def test_attach_detach_delete_without_loop(tmp_path: Path) -> None:
     backend = LocalVolumeBackend(tmp_path)
     volume = backend.create_volume("v", GIB)
     device = backend.attach_volume(volume.id)
-    assert device == str(backend.image_path(volume.id)) == backend.attach_volume(volume.id)
+    # Like KVM's /dev/disk/by-id/virtio-<serial>: a stable link that shows while attached.
+    assert device == str(tmp_path / "by-id" / f"virtio-{volume.id.replace('-', '')[:20]}")
+    assert device == backend.attach_volume(volume.id)
+    assert os.path.realpath(device) == str(backend.image_path(volume.id))
     with pytest.raises(VolumeError, match="detach it first"):
         backend.delete_volume(volume.id)
     backend.detach_volume(volume.id)
+    assert not os.path.lexists(device)
+    backend.detach_volume(volume.id)
+    assert backend.attach_volume(volume.id) == device  # attached again: the same device path
     backend.detach_volume(volume.id)
     backend.delete_volume(volume.id)
     backend.delete_volume(volume.id)

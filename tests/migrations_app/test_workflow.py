@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +9,9 @@ import pytest
 from devtools.vma_sim import Faults
 from exports.models import NbdServerState, VMExportMapping
 from migrations_app import actions
-from migrations_app.models import JobEvent, JobState, MigrationJob
+from migrations_app.models import DestinationVolume, JobEvent, JobState, MigrationJob
 from migrations_app.workflow import run_job
-from tests.support.flows import assert_copied, migrate, wire
+from tests.support.flows import assert_copied, drive, migrate, wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import Sim, SimFactory
 
@@ -58,15 +56,9 @@ def test_cancel_during_the_copy_keeps_volume_and_export(
     stalled = make_sim(Faults(stall=True), size_mib=16)
     wire(settings, nbdkit_server, stalled)
     job = actions.start_migration(vm_id=stalled.vm("web-01").id)
-    worker = threading.Thread(target=run_job, args=(job.pk, "test-runner"))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while MigrationJob.objects.get(pk=job.pk).state != JobState.REPLICATING and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    drive(job, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
     actions.cancel_job(job_id=job.job_id, actor="tester")
-    worker.join(timeout=60)
-    job.refresh_from_db()
+    (job,) = drive(job)
     assert job.state == JobState.CANCELLED
     disk = job.disks.get()
     assert Path(disk.device_path).exists() and disk.mapping is not None
@@ -84,8 +76,7 @@ def test_retry_after_a_fault_resumes_at_the_failed_step_and_completes(
     assert "injected failure at 30%" in job.error
     faulty.sim.faults.fail_at_percent = None
     actions.retry_job(job_id=job.job_id, actor="tester")
-    run_job(job.pk, "test-runner")
-    job.refresh_from_db()
+    (job,) = drive(job)
     assert job.state == JobState.COMPLETED and job.attempt == 2
     assert JobEvent.objects.filter(job=job, kind="volume.ready").count() == 1, "no second volume"
     assert_copied(job, faulty)
@@ -111,7 +102,7 @@ def test_refusals(nbdkit_server: RunningServer, sim: Sim, settings: object) -> N
         actions.start_migration(vm_id=sim.vm("web-01").id)
     with pytest.raises(actions.MigrationError, match="only a failed or cancelled job"):
         actions.retry_job(job_id=job.job_id)
-    run_job(job.pk, "test-runner")
+    drive(job)
     with pytest.raises(actions.MigrationError, match="only a pending or running job"):
         actions.cancel_job(job_id=job.job_id)
     with pytest.raises(actions.MigrationError, match="no job"):
@@ -123,11 +114,17 @@ def test_a_job_run_by_a_live_worker_is_not_taken_twice(
 ) -> None:
     wire(settings, nbdkit_server, sim)
     job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    assert run_job(job.pk, "test-runner") is None, "a pending job is the dispatcher's, not a worker's"
     from django.utils import timezone
 
-    MigrationJob.objects.filter(pk=job.pk).update(runner="other-live-worker", heartbeat_at=timezone.now())
+    MigrationJob.objects.filter(pk=job.pk).update(
+        state=JobState.PROVISIONING,
+        current_step=JobState.PROVISIONING,
+        runner="other-live-worker",
+        heartbeat_at=timezone.now(),
+    )
     assert run_job(job.pk, "test-runner") is None
-    assert MigrationJob.objects.get(pk=job.pk).state == JobState.PENDING
+    assert MigrationJob.objects.get(pk=job.pk).runner == "other-live-worker"
 
 
 @pytest.mark.parametrize(
@@ -171,6 +168,7 @@ def test_cloudstack_errors_and_timeouts_fail_the_job_clearly(
         # The cloud finishes what it was asked (a timed-out create still makes its volume): cleanup finds
         # the volume by its name and deletes it, so nothing is left behind.
         cloud.finish_jobs()
+        cloud.stall = False  # and answers again
         made = list(cloud.volumes)
         assert made or not fault.get("stall"), "a timed-out create finishes later"
         lines = actions.cleanup_job(job_id=job.job_id, actor="tester")
@@ -180,30 +178,53 @@ def test_cloudstack_errors_and_timeouts_fail_the_job_clearly(
         cloud.stop()
 
 
-def test_jobs_wait_when_the_attached_volume_limit_is_reached(
-    nbdkit_server: RunningServer, sim: Sim, settings: object
+def reloads() -> int:
+    state = NbdServerState.objects.first()
+    return state.reload_count if state else 0
+
+
+def attached() -> dict[str, str]:
+    return {
+        f"{v.source_disk.vm.name}/{v.source_disk.unit_number}": v.state
+        for v in DestinationVolume.objects.select_related("source_disk__vm")
+    }
+
+
+def test_idle_volumes_are_detached_when_slots_run_short_and_reattached_with_their_export_reused(
+    nbd_server: RunningServer, sim: Sim, settings: object
 ) -> None:
-    wire(settings, nbdkit_server, sim)
-    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ATTACHED_VOLUMES": 2}  # type: ignore[attr-defined]
-    assert migrate("db-01", sim).state == JobState.COMPLETED  # attaches 2 volumes
-    waiting = migrate("web-01", sim)
-    assert waiting.state == JobState.PENDING
-    assert "2 volumes are attached and this job needs 1 more" in waiting.events.get(kind="job.queued").message
-    again = migrate("db-01", sim)  # an incremental sync reuses its attached volumes: no new one needed
-    assert again.state == JobState.COMPLETED
-    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ATTACHED_VOLUMES": 3}  # type: ignore[attr-defined]
-    run_job(waiting.pk, "test-runner")
-    waiting.refresh_from_db()
-    assert waiting.state == JobState.COMPLETED
+    wire(settings, nbd_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 2}  # type: ignore[attr-defined]
+    first = migrate("db-01", sim)  # takes both slots
+    assert first.state == JobState.COMPLETED
+    assert attached() == {"db-01/0": "attached", "db-01/1": "attached"}
+    second = migrate("web-01", sim)  # needs one slot: the least recently used idle volume is detached
+    assert second.state == JobState.COMPLETED, second.error
+    assert sorted(attached().values()) == ["attached", "attached", "detached"]
+    assert "attach slots" in second.events.get(kind="job.queued").message
+    links, before = nbd_server.helper_calls().count("link"), reloads()
+    again = migrate("db-01", sim)  # an incremental sync: its detached volume is attached again
+    assert again.state == JobState.COMPLETED, again.error
+    assert again.disks.exclude(previous_change_id="").count() == 2, "incremental on the same volumes"
+    assert_copied(again, sim)
+    assert nbd_server.helper_calls().count("link") == links, "re-attached: the export is reused, no helper write"
+    assert reloads() == before, "and no reload"
+    assert DestinationVolume.objects.filter(node__isnull=False).count() <= 2
+    assert sum(DestinationVolume.objects.values_list("detaches", flat=True)) == 2
 
 
 def test_jobs_wait_when_the_active_job_limit_is_reached(
-    nbdkit_server: RunningServer, sim: Sim, settings: object
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
-    wire(settings, nbdkit_server, sim)
+    stalled = make_sim(Faults(stall=True))
+    wire(settings, nbdkit_server, stalled)
     settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ACTIVE_JOBS": 1}  # type: ignore[attr-defined]
-    busy = actions.start_migration(vm_id=sim.vm("db-01").id)
-    MigrationJob.objects.filter(pk=busy.pk).update(state=JobState.REPLICATING)
-    waiting = migrate("web-01", sim)
-    assert waiting.state == JobState.PENDING
+    busy = actions.start_migration(vm_id=stalled.vm("db-01").id)
+    drive(busy, until=lambda j: j.state == JobState.REPLICATING)
+    waiting = actions.start_migration(vm_id=stalled.vm("web-01").id)
+    drive(waiting, until=lambda j: j.state == JobState.PENDING and bool(j.wait_reason))
+    waiting.refresh_from_db()
+    assert waiting.state == JobState.PENDING and waiting.wait_reason == "1 jobs are active, the maximum is 1"
     assert "1 jobs are active, the maximum is 1" in waiting.events.get(kind="job.queued").message
+    actions.cancel_job(job_id=busy.job_id)
+    drive(busy, waiting, until=lambda j: j.state == JobState.CANCELLED or j.state == JobState.REPLICATING)

@@ -14,13 +14,14 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlparse
 
-ASYNC = {"createVolume", "attachVolume", "detachVolume"}
+ASYNC = {"createVolume", "attachVolume", "detachVolume", "createTags"}
 
 
 def cloudstack_signature(params: dict[str, str], secret: str) -> str:
@@ -30,9 +31,18 @@ def cloudstack_signature(params: dict[str, str], secret: str) -> str:
 
 
 class FakeCloudStack:
-    def __init__(self, device_root: Path, key: str = "test-api-key", secret: str = "test-secret-key") -> None:
+    def __init__(
+        self,
+        device_root: Path,
+        key: str = "test-api-key",
+        secret: str = "test-secret-key",
+        data_dir: Path | None = None,
+    ) -> None:
         self.key, self.secret = key, secret
         self.device_root = device_root
+        # Volumes are real sparse files here; an attached volume's by-id link points at its file.
+        self.data_dir = data_dir or device_root.parent / "cloudstack-volumes"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.zone_id = str(uuid.uuid4())
         self.offering_id = str(uuid.uuid4())
         self.oma_vm_id = str(uuid.uuid4())
@@ -40,6 +50,7 @@ class FakeCloudStack:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.requests: list[str] = []
         self.pending_polls = 2  # polls answered "pending" before a job finishes
+        self.job_seconds: dict[str, float] = {}  # command -> at least this long before its job finishes
         self.job_failures: dict[str, tuple[int, str]] = {}  # command -> async failure (530, 533, ...)
         self.sync_failures: dict[str, tuple[int, str]] = {}  # command -> immediate error (431, ...)
         self.stall = False  # jobs never finish
@@ -84,9 +95,9 @@ class FakeCloudStack:
                 return 432, {key: {"errorcode": 432, "errortext": f"The given command {command} does not exist"}}
             return handler(params, key)
 
-    def _job(self, command: str, work: Any) -> str:
+    def _job(self, command: str, work: Any, undo: Any = None) -> str:
         job_id = str(uuid.uuid4())
-        self.jobs[job_id] = {"command": command, "work": work, "polls": 0}
+        self.jobs[job_id] = {"command": command, "work": work, "undo": undo, "polls": 0, "started": time.monotonic()}
         return job_id
 
     def api_queryAsyncJobResult(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
@@ -95,14 +106,20 @@ class FakeCloudStack:
             return 431, {key: {"errorcode": 431, "errortext": "no such job"}}
         job["polls"] += 1
         body: dict[str, Any] = {"jobid": params["jobid"], "jobstatus": 0, "jobresultcode": 0}
-        if self.stall or job["polls"] <= self.pending_polls:
+        slow = time.monotonic() - job["started"] < self.job_seconds.get(job["command"], 0)
+        if self.stall or job["polls"] <= self.pending_polls or slow:
             return 200, {key: body}
         if "result" not in job:
             failure = self.job_failures.pop(job["command"], None)
             if failure:
                 job["result"] = (2, failure[0], {"errorcode": failure[0], "errortext": failure[1]})
+                if job["undo"] is not None:
+                    job["undo"]()
             else:
-                job["result"] = (1, 0, job["work"]())
+                try:
+                    job["result"] = (1, 0, job["work"]())
+                except ValueError as exc:  # the cloud refused the work itself: the job fails
+                    job["result"] = (2, 530, {"errorcode": 530, "errortext": str(exc)})
         status, code, result = job["result"]
         body.update(jobstatus=status, jobresultcode=code, jobresulttype="object", jobresult=result)
         return 200, {key: body}
@@ -115,10 +132,21 @@ class FakeCloudStack:
                     job["result"] = (1, 0, job["work"]())
 
     def api_listVolumes(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        wanted = {
+            params[f"tags[{i}].key"]: params.get(f"tags[{i}].value", "")
+            for i in range(10)
+            if f"tags[{i}].key" in params
+        }
         found = [
             v
             for v in self.volumes.values()
-            if params.get("id", v["id"]) == v["id"] and params.get("name", v["name"]) == v["name"]
+            if params.get("id", v["id"]) == v["id"]
+            and params.get("name", v["name"]) == v["name"]
+            and params.get("type", v["type"]) == v["type"]
+            and all(
+                {"key": k, "value": val} in [{"key": t["key"], "value": t["value"]} for t in v["tags"]]
+                for k, val in wanted.items()
+            )
         ]
         page, size = int(params.get("page", 1)), int(params.get("pagesize", 500))
         found = found[(page - 1) * size : page * size]
@@ -129,13 +157,29 @@ class FakeCloudStack:
             return 431, {key: {"errorcode": 431, "errortext": "Unable to find zone or disk offering"}}
         volume_id = str(uuid.uuid4())
         size = int(params["size"]) << 30
+        # CloudStack records the volume when it accepts the call (listVolumes shows it at once); its job
+        # then allocates it. A job that fails takes the record away again.
+        volume: dict[str, Any] = {
+            "id": volume_id,
+            "name": params["name"],
+            "size": size,
+            "state": "Creating",
+            "type": "DATADISK",
+            "tags": [],
+        }
+        self.volumes[volume_id] = volume
+        with open(self.file_of(volume_id), "wb") as fh:
+            fh.truncate(size)
 
         def work() -> dict[str, Any]:
-            volume = {"id": volume_id, "name": params["name"], "size": size, "state": "Allocated", "type": "DATADISK"}
-            self.volumes[volume_id] = volume
+            volume["state"] = "Allocated"
             return {"volume": dict(volume)}
 
-        return 200, {key: {"id": volume_id, "jobid": self._job("createVolume", work)}}
+        def undo() -> None:
+            self.volumes.pop(volume_id, None)
+            self.file_of(volume_id).unlink(missing_ok=True)
+
+        return 200, {key: {"id": volume_id, "jobid": self._job("createVolume", work, undo)}}
 
     def api_attachVolume(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
         volume = self.volumes.get(params.get("id", ""))
@@ -145,7 +189,7 @@ class FakeCloudStack:
         def work() -> dict[str, Any]:
             volume.update(virtualmachineid=params["virtualmachineid"], state="Ready", deviceid=len(self.volumes))
             # What KVM does on hot-plug: the by-id link appears.
-            (self.device_root / f"virtio-{volume['id'].replace('-', '')[:20]}").touch()
+            self.device_of(volume["id"]).symlink_to(self.file_of(volume["id"]))
             return {"volume": dict(volume)}
 
         return 200, {key: {"jobid": self._job("attachVolume", work)}}
@@ -158,10 +202,53 @@ class FakeCloudStack:
         def work() -> dict[str, Any]:
             volume.pop("virtualmachineid", None)
             volume.pop("deviceid", None)
-            (self.device_root / f"virtio-{volume['id'].replace('-', '')[:20]}").unlink(missing_ok=True)
+            self.device_of(volume["id"]).unlink(missing_ok=True)
             return {"volume": dict(volume)}
 
         return 200, {key: {"jobid": self._job("detachVolume", work)}}
+
+    def api_createTags(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        if params.get("resourcetype") != "Volume":
+            return 431, {key: {"errorcode": 431, "errortext": "only Volume tags are modelled"}}
+        volumes = [self.volumes.get(rid) for rid in params.get("resourceids", "").split(",")]
+        if not volumes or None in volumes:
+            return 431, {key: {"errorcode": 431, "errortext": "Unable to find resource by id"}}
+        tags = [
+            {"key": params[f"tags[{i}].key"], "value": params.get(f"tags[{i}].value", "")}
+            for i in range(10)
+            if f"tags[{i}].key" in params
+        ]
+
+        def work() -> dict[str, Any]:
+            for volume in volumes:
+                assert volume is not None
+                for tag in tags:
+                    if any(t["key"] == tag["key"] for t in volume["tags"]):
+                        raise ValueError(f"tag {tag['key']} already exists")  # CloudStack refuses a second one
+                    volume["tags"].append({**tag, "resourcetype": "Volume", "resourceid": volume["id"]})
+            return {"success": True}
+
+        return 200, {key: {"jobid": self._job("createTags", work)}}
+
+    def add_foreign_volume(self, name: str, owner: str | None = None, attached_to: str | None = None) -> str:
+        """Another tenant's volume (or an untagged one) in the same account and zone."""
+        volume_id = str(uuid.uuid4())
+        tags = (
+            [{"key": "oma-owner", "value": owner, "resourcetype": "Volume", "resourceid": volume_id}] if owner else []
+        )
+        volume: dict[str, Any] = {
+            "id": volume_id,
+            "name": name,
+            "size": 1 << 30,
+            "state": "Ready",
+            "type": "DATADISK",
+            "tags": tags,
+        }
+        if attached_to:
+            volume["virtualmachineid"] = attached_to
+        with self.lock:
+            self.volumes[volume_id] = volume
+        return volume_id
 
     def api_deleteVolume(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
         volume = self.volumes.get(params.get("id", ""))
@@ -170,7 +257,14 @@ class FakeCloudStack:
         if volume.get("virtualmachineid"):
             return 431, {key: {"errorcode": 431, "errortext": "Please specify a volume that is not attached to any VM"}}
         del self.volumes[volume["id"]]
+        self.file_of(volume["id"]).unlink(missing_ok=True)
         return 200, {key: {"success": "true"}}
+
+    def file_of(self, volume_id: str) -> Path:
+        return self.data_dir / f"{volume_id}.img"
+
+    def device_of(self, volume_id: str) -> Path:
+        return self.device_root / f"virtio-{volume_id.replace('-', '')[:20]}"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self

@@ -9,14 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings as django_settings
 from django.db import connection
 
-from migrations_app import actions
-from migrations_app.models import JobDisk, MigrationJob
-from migrations_app.workflow import run_job
+from migrations_app import actions, tasks
+from migrations_app.follower import Follower, TickReport
+from migrations_app.models import FINAL_STATES, JobDisk, JobState, MigrationJob
 from tests.support.nbd import REPO, RunningServer
 from tests.support.vma import TOKEN, Sim, sha
 
@@ -34,17 +35,70 @@ def wire(settings: object, server: RunningServer, sim: Sim) -> None:
     }
     settings.OMA_WORKFLOW = {  # type: ignore[attr-defined]
         "MAX_ACTIVE_JOBS": 25,
-        "MAX_ATTACHED_VOLUMES": 25,
+        "ATTACH_SLOTS": 25,
         "POLL_INTERVAL": 0.05,
         "HEARTBEAT_STALE_SECONDS": 60,
     }
     actions.sync_inventory(sim.client.inventory())
 
 
+class InProcess:
+    """The node's follower with its worker tasks run here, one after the other, instead of in a cluster."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[str, int]] = []
+        self.follower = Follower(enqueue=lambda task, pk: self.queue.append((task, pk)))
+
+    def tick(self) -> TickReport:
+        report = self.follower.tick()
+        while self.queue:
+            task, pk = self.queue.pop(0)
+            getattr(tasks, task)(pk)
+        return report
+
+    def close(self) -> None:
+        self.follower.close()
+
+
+def run_until(done: Callable[[], bool], timeout: float = 60, what: Callable[[], object] = lambda: "") -> None:
+    """Tick the follower (and run the worker tasks it queues) here until ``done()``."""
+    runner = InProcess()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            runner.tick()
+            if done():
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not done within {timeout}s: {what()}")
+            time.sleep(0.02)
+    finally:
+        runner.close()
+
+
+def drive(
+    *jobs: MigrationJob, until: Callable[[MigrationJob], bool] | None = None, timeout: float = 60
+) -> list[MigrationJob]:
+    """Run the follower and the jobs' worker steps here until every job is finished (or ``until``)."""
+    finished = until or (lambda job: job.state in FINAL_STATES)
+
+    def done() -> bool:
+        for job in jobs:
+            job.refresh_from_db()
+        return all(finished(job) for job in jobs)
+
+    run_until(done, timeout, lambda: [(j.job_id, j.state) for j in jobs])
+    return list(jobs)
+
+
+def waiting(job: MigrationJob) -> bool:
+    return job.state == JobState.PENDING and bool(job.wait_reason)
+
+
 def migrate(name: str, sim: Sim) -> MigrationJob:
+    """Start a migration of the simulator's VM and drive it to its end."""
     job = actions.start_migration(vm_id=sim.vm(name).id, requested_by="tester")
-    run_job(job.pk, "test-runner")
-    job.refresh_from_db()
+    (job,) = drive(job)
     return job
 
 
@@ -60,9 +114,10 @@ STALE_SECONDS = 3
 
 
 class Cluster:
-    """``manage.py qcluster`` in its own process group, configured like the test's settings."""
+    """``manage.py qcluster`` and ``manage.py run_follower``, each in its own process group, configured
+    like the test's settings."""
 
-    def __init__(self, server: RunningServer, sim: Sim, log: Path) -> None:
+    def __init__(self, server: RunningServer, sim: Sim, log: Path, **extra_env: str) -> None:
         conf = django_settings.OMA_NBD
         self.env = {
             **os.environ,
@@ -80,40 +135,49 @@ class Cluster:
             "OMA_PROGRESS_POLL_INTERVAL": "0.1",
             "OMA_HEARTBEAT_STALE_SECONDS": str(STALE_SECONDS),
             "OMA_Q_WORKERS": "2",
+            **extra_env,
         }
         self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self) -> Cluster:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "manage.py"), "qcluster"],
-            env=self.env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def start(self, *which: str) -> Cluster:
+        """Start the worker cluster and the follower (or only the ones named)."""
+        commands = {"worker": "qcluster", "follower": "run_follower"}
+        for name in which or tuple(commands):
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, str(REPO / "manage.py"), commands[name]],
+                env=self.env,
+                stdout=self.log.open("ab"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is None:
-            return
+    def kill(self, sig: int = signal.SIGKILL, *which: str) -> None:
+        for name in which or tuple(self.procs):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                _kill_group(proc, sig)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+    # Workers of the cluster share its process group: wait until every one is gone, so none still
+    # holds a database session when the test database is dropped.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
         try:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
-        # Workers of the cluster share its process group: wait until every one is gone, so none
-        # still holds a database session when the test database is dropped.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
+            return
+        time.sleep(0.1)
 
 
 def wait_for(job: MigrationJob, states: set[str], timeout: float = 90, log: Path | None = None) -> MigrationJob:

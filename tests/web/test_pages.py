@@ -12,9 +12,9 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from exports.models import NbdServerState, VMExportMapping
-from migrations_app.models import JobState, MigrationJob
+from migrations_app.models import JobState, MigrationGroup, MigrationJob
 from omaportal.web.templatetags.oma_format import bytes_human, eta, rate_human
-from tests.support.factories import make_jobs
+from tests.support.factories import make_jobs, make_vm
 
 
 def test_dashboard_shows_active_jobs_with_progress_and_the_nbd_card(
@@ -81,7 +81,8 @@ def test_migrate_selected_vms_starts_jobs_for_the_operator(
     assert response.status_code == 302 and response["Location"] == reverse("dashboard")
     job = MigrationJob.objects.filter(vm=vm, state=JobState.PENDING).get()
     assert job.requested_by.startswith("operator-")
-    assert len(queued) == 1, "the job is handed to a worker when the request commits"
+    # Pending until the node's follower reserves its attach slots and hands it to a worker.
+    assert not queued and job.queued_at is None and job.wait_reason == ""
     # A second start while one is active is refused with a message, not a second job.
     operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id]})
     assert MigrationJob.objects.filter(vm=vm, state=JobState.PENDING).count() == 1
@@ -144,3 +145,21 @@ def test_a_list_answers_htmx_with_its_table_but_a_history_restore_with_the_page(
     assert "<html" in restore.content.decode()
     for response in (whole, table, restore):
         assert "HX-Request" in response["Vary"]
+
+
+def test_operators_create_groups_and_viewers_only_see_them(operator: Client, viewer: Client) -> None:
+    vm = make_vm(1)
+    response = operator.post(
+        reverse("group-new"),
+        {"name": "wave 1", "sync_interval_minutes": 30, "max_concurrent": 2, "enabled": "on", "vms": [vm.vm_id]},
+    )
+    group = MigrationGroup.objects.get(name="wave 1")
+    assert response.status_code == 302 and response["Location"] == reverse("group-detail", args=[group.pk])
+    assert list(group.vms.all()) == [vm]
+    page = viewer.get(reverse("group-detail", args=[group.pk])).content.decode()
+    assert vm.name in page and "every <strong>30 min</strong>" in page and "Edit group" not in page
+    assert f'ws-connect="/ws/live/?page=group&amp;key={group.pk}"' in page
+    assert viewer.post(reverse("group-new"), {"name": "x"}).status_code == 403
+    assert viewer.get(reverse("group-edit", args=[group.pk])).status_code == 403
+    listing = viewer.get(reverse("group-list")).content.decode()
+    assert "wave 1" in listing and "New group" not in listing

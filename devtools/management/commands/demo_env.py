@@ -8,12 +8,42 @@ from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 
 from devtools.devserver import free_port
+from devtools.vma_sim import demo_inventory
 from exports.conf import nbd_conf
+from migrations_app.actions import save_group, sync_inventory
+from migrations_app.models import MigrationGroup
 from omaportal.web.roles import ADMIN, setup_roles
+
+# The Procfile's simulator serves 256 MiB demo disks (run_vma_sim --size-mib 256).
+DEMO_DISK_MIB = 256
+
+
+DEMO_GROUP = "warm-demo"
+DEMO_GROUP_VMS = ["app-01", "file-01"]
 
 
 class Command(BaseCommand):
-    help = "Pick free loopback ports for the demo, make sure an admin exists, print the env for honcho."
+    help = (
+        "Pick free loopback ports for the demo, make sure an admin exists, read the simulator's inventory "
+        "and make a warm migration group of two of its VMs (first run), print the env for honcho."
+    )
+
+    def _warm_group(self) -> None:
+        """The demo's own warm migration: two of the simulator's VMs synced every 3 minutes, one at a time
+        (the simulator builds the same deterministic inventory when it starts)."""
+        if MigrationGroup.objects.filter(name=DEMO_GROUP).exists():
+            return
+        vms = demo_inventory(settings.VAR_DIR / "vma-sim", size_mib=DEMO_DISK_MIB)
+        sync_inventory([vm.as_json() for vm in vms])
+        save_group(
+            group=None,
+            name=DEMO_GROUP,
+            sync_interval_minutes=3,
+            max_concurrent=1,
+            enabled=True,
+            vm_ids=[vm.id for vm in vms if vm.name in DEMO_GROUP_VMS],
+            actor="demo_env",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         web, nbd, vma = free_port(), free_port(), free_port()
@@ -35,6 +65,7 @@ class Command(BaseCommand):
         password = password_file.read_text().strip()
         setup_roles()
         user_model.objects.get(username="admin").groups.add(Group.objects.get(name=ADMIN))
+        self._warm_group()
         self.stdout.write(
             f"OMA_WEB_PORT={web}\nOMA_NBD_PORT={nbd}\nOMA_VMA_PORT={vma}\n"
             f"OMA_VMA_URL=http://127.0.0.1:{vma}\nOMA_VMA_TOKEN={token}\nOMA_VMA_NBD_PORT={nbd}\n"
@@ -45,6 +76,7 @@ class Command(BaseCommand):
             f"  Admin:       http://127.0.0.1:{web}/admin/\n"
             f"  NBD server:  nbd://127.0.0.1:{nbd}/  (backend {nbd_conf().backend}; try: nbdinfo --list nbd://127.0.0.1:{nbd})\n"
             f"  VMA (simulator): http://127.0.0.1:{vma}/api/v1  (4 demo VMs, real bytes)\n"
+            f"  Warm migration: group {DEMO_GROUP} syncs {' and '.join(DEMO_GROUP_VMS)} every 3 minutes (Groups).\n"
             "  Migrate a demo VM: VMs -> Refresh from the VMA -> tick the VMs -> Migrate;\n"
             "  or from another terminal:  make demo-migrate VM=web-01   (progress: make demo-jobs)\n"
             "  More users: manage.py setup_roles --user NAME --role viewer|operator|admin\n"

@@ -1,0 +1,389 @@
+"""The progress follower: one per OMA node, a long-running process (``manage.py run_follower``).
+
+Each tick it
+1. follows every copy running at the VMA for this node's jobs: progress written in one batch, and a copy
+   that ended finishes its job (completed, failed or cancelled); a cancel is passed on to the VMA until the
+   VMA says the copy stopped;
+2. recovers worker steps whose worker went silent (queued again, once) and cancels that no worker is left
+   to finish;
+3. dispatches pending jobs, oldest first: it reserves each job's attach slots under the node's lock, has
+   idle volumes detached when slots are short, and queues one worker task for a job it could place;
+4. starts the warm syncs of migration groups that are due.
+
+No task timeout can cut a copy: no worker waits for one. The follower holds a lease on its node's row, so
+a second follower of the same node stands by instead of doubling the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from live.outbox import announce
+
+from .backends import get_vma_client, get_volume_backend
+from .conf import workflow_conf
+from .events import record_job_event
+from .groups import start_due_syncs
+from .models import ACTIVE_STATES, STEPS, DestinationVolume, JobDisk, JobEvent, JobState, MigrationJob, OmaNode
+from .slots import release, reserve, this_node
+from .topics import PROGRESS
+from .vma_client import DiskProgress, Replication, VmaClient, VmaError, VmaUnavailable
+from .volumes import VolumeError
+from .workflow import TRANSITION_FIELDS, stale_before
+
+log = logging.getLogger(__name__)
+# Consecutive failed polls of one copy before the VMA counts as gone.
+MAX_UNREACHABLE_POLLS = 5
+SPARKLINE_SAMPLES = 40
+# At most this many pending jobs are looked at per tick (the rest wait for the next one).
+DISPATCH_BATCH = 200
+# A queued worker task that never started (its worker died first) is queued again after this.
+REQUEUE_AFTER = timedelta(minutes=5)
+# A detach that has not finished in this long (its worker died) is asked for again.
+DETACH_RETRY_AFTER = timedelta(minutes=10)
+
+type Enqueue = Callable[[str, int], None]
+
+
+def enqueue_task(task: str, pk: int) -> None:
+    """Queue one django-q2 task after the current transaction commits."""
+    from django_q.tasks import async_task
+
+    transaction.on_commit(lambda: async_task(f"migrations_app.tasks.{task}", pk, task_name=f"{task}-{pk}"))
+
+
+def follower_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def hold_lease(node: OmaNode, holder: str) -> bool:
+    """Take or renew this node's follower lease; False while another follower holds a live one."""
+    # A follower that has not renewed its lease for the heartbeat's stale period is presumed gone.
+    stale = stale_before()
+    return bool(
+        OmaNode.objects.filter(pk=node.pk)
+        .filter(Q(follower=holder) | Q(follower="") | Q(follower_beat_at__lt=stale) | Q(follower_beat_at__isnull=True))
+        .update(follower=holder, follower_beat_at=timezone.now())
+    )
+
+
+def drop_lease(node: OmaNode, holder: str) -> None:
+    OmaNode.objects.filter(pk=node.pk, follower=holder).update(follower="", follower_beat_at=None)
+
+
+@dataclass
+class TickReport:
+    followed: int = 0
+    finished: list[str] = field(default_factory=list)
+    dispatched: list[str] = field(default_factory=list)
+    waiting: int = 0
+    recovered: list[str] = field(default_factory=list)
+    detaching: list[int] = field(default_factory=list)
+    scheduled: list[str] = field(default_factory=list)
+
+
+class Follower:
+    def __init__(self, enqueue: Enqueue = enqueue_task, vma: VmaClient | None = None) -> None:
+        self.enqueue = enqueue
+        self.vma = vma or get_vma_client()
+        self.unreachable: dict[int, int] = {}
+        self.written: dict[tuple[int, int], tuple[int, int, int, str]] = {}
+        self.node = this_node()
+
+    def close(self) -> None:
+        self.vma.close()
+
+    def tick(self) -> TickReport:
+        report = TickReport()
+        self.node = OmaNode.objects.get(pk=self.node.pk)
+        self.follow(report)
+        self.recover(report)
+        self.dispatch(report)
+        report.scheduled = start_due_syncs(self.node)
+        return report
+
+    # --- 1. copies at the VMA ---------------------------------------------------------------
+
+    def follow(self, report: TickReport) -> None:
+        jobs = list(
+            MigrationJob.objects.filter(state__in=[JobState.REPLICATING, JobState.CANCELLING], node=self.node)
+            .exclude(replication_id="")
+            .prefetch_related("disks__source_disk")
+        )
+        report.followed = len(jobs)
+        progress: list[tuple[MigrationJob, Replication]] = []
+        for job in jobs:
+            try:
+                if job.state == JobState.CANCELLING:
+                    state = self.vma.cancel(job.replication_id)
+                else:
+                    state = self.vma.replication(job.replication_id)
+            except VmaUnavailable as exc:
+                misses = self.unreachable[job.pk] = self.unreachable.get(job.pk, 0) + 1
+                if misses >= MAX_UNREACHABLE_POLLS and job.state == JobState.REPLICATING:
+                    self._finish(job, None, JobState.FAILED, f"replicating: {exc}")
+                    report.finished.append(job.job_id)
+                continue  # a cancel waits for the VMA to come back: it is never dropped
+            except VmaError as exc:
+                self._finish(job, None, JobState.FAILED, f"replicating: {exc}")
+                report.finished.append(job.job_id)
+                continue
+            self.unreachable.pop(job.pk, None)
+            if state["state"] in ("running", "cancelling"):
+                progress.append((job, state))
+                continue
+            if job.state == JobState.CANCELLING:
+                self._finish(job, state, JobState.CANCELLED, "")
+            elif state["state"] == "completed":
+                self._finish(job, state, JobState.COMPLETED, "")
+            else:
+                why = f"replicating: the VMA reports the replication {state['state']}: {state.get('error') or '-'}"
+                self._finish(job, state, JobState.FAILED, why)
+            report.finished.append(job.job_id)
+        if progress:
+            self._write_progress(progress)
+
+    def _write_progress(self, batch: list[tuple[MigrationJob, Replication]]) -> None:
+        """Every moving job's disks and a sparkline sample, in one transaction (one write lock on SQLite
+        per tick, however many copies run); nothing for a job whose numbers did not change."""
+        changed: list[tuple[MigrationJob, dict[int, JobDisk], list[DiskProgress]]] = []
+        for job, state in batch:
+            disks = {d.source_disk.unit_number: d for d in job.disks.all()}
+            values = [(item, _values(item, disks.get(item["unit_number"]))) for item in state["disks"]]
+            if any(self.written.get((job.pk, item["unit_number"])) != v for item, v in values if v is not None):
+                changed.append((job, disks, state["disks"]))
+                for item, v in values:
+                    if v is not None:
+                        self.written[(job.pk, item["unit_number"])] = v
+        if not changed:
+            return
+        with transaction.atomic():
+            for job, disks, reported in changed:
+                write_progress(job, disks, reported)
+
+    def _finish(self, job: MigrationJob, state: Replication | None, to: str, error: str) -> None:
+        """The copy ended: record its last numbers, change ids and the job's final state together."""
+        with transaction.atomic():
+            locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
+            if locked.state not in (JobState.REPLICATING, JobState.CANCELLING):
+                return
+            if to == JobState.COMPLETED and locked.state == JobState.CANCELLING:
+                to = JobState.CANCELLED  # the copy finished as the cancel came in: the cancel wins
+            disks = {d.source_disk.unit_number: d for d in locked.disks.select_related("source_disk")}
+            if state is not None:
+                write_progress(locked, disks, state["disks"])
+            locked.transition_to(to, error=error)
+            locked.save(update_fields=TRANSITION_FIELDS)
+            if to == JobState.COMPLETED:
+                DestinationVolume.objects.filter(source_disk__in=[d.source_disk for d in disks.values()]).update(
+                    last_used_at=timezone.now()
+                )
+                started = (
+                    JobEvent.objects.filter(job=locked, kind="step.started", step=JobState.REPLICATING)
+                    .order_by("-id")
+                    .values_list("created_at", flat=True)
+                    .first()
+                )
+                took = int((timezone.now() - started).total_seconds() * 1000) if started else None
+                record_job_event(locked, "step.finished", step=JobState.REPLICATING, duration_ms=took)
+                record_job_event(locked, "job.completed")
+            elif to == JobState.CANCELLED:
+                record_job_event(
+                    locked,
+                    "job.cancelled",
+                    step=locked.current_step,
+                    message="the VMA stopped the copy; volumes and exports kept",
+                )
+            else:
+                record_job_event(locked, "step.failed", step=locked.current_step, message=error)
+        for key in [k for k in self.written if k[0] == job.pk]:
+            del self.written[key]
+        self.unreachable.pop(job.pk, None)
+
+    # --- 2. silent workers ------------------------------------------------------------------
+
+    def recover(self, report: TickReport) -> None:
+        stale = stale_before()
+        now = timezone.now()
+        silent = MigrationJob.objects.filter(node=self.node, state__in=[*STEPS, JobState.CANCELLING]).filter(
+            Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True)
+        )
+        for job in silent:
+            if job.replication_id and job.state in (JobState.REPLICATING, JobState.CANCELLING):
+                continue  # the follower's own
+            if job.state == JobState.CANCELLING:
+                with transaction.atomic():
+                    locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
+                    if locked.state == JobState.CANCELLING and not locked.replication_id:
+                        locked.transition_to(JobState.CANCELLED)
+                        locked.runner = ""
+                        locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
+                        record_job_event(
+                            locked,
+                            "job.cancelled",
+                            step=locked.current_step,
+                            message="its worker was gone; nothing was copying",
+                        )
+                report.recovered.append(job.job_id)
+                continue
+            if job.queued_at is not None and job.queued_at > now - REQUEUE_AFTER:
+                continue  # a task is queued already
+            with transaction.atomic():
+                # Only the queue mark: the heartbeat stays stale, so the new worker may take the job over.
+                if MigrationJob.objects.filter(pk=job.pk, heartbeat_at=job.heartbeat_at).update(queued_at=now):
+                    self.enqueue("run_job_task", job.pk)
+                    report.recovered.append(job.job_id)
+        for volume in DestinationVolume.objects.filter(
+            node=self.node, state=DestinationVolume.State.DETACHING, updated_at__lt=now - DETACH_RETRY_AFTER
+        ):
+            with transaction.atomic():
+                DestinationVolume.objects.filter(pk=volume.pk).update(updated_at=now)
+                self.enqueue("detach_volume_task", volume.pk)
+
+    # --- 3. pending jobs ------------------------------------------------------------------------
+
+    def dispatch(self, report: TickReport) -> None:
+        flow = workflow_conf()
+        pending = list(
+            MigrationJob.objects.filter(state=JobState.PENDING)
+            .filter(Q(node=self.node) | Q(node__isnull=True))
+            .order_by("created_at", "pk")[:DISPATCH_BATCH]
+        )
+        for job in pending:
+            running = (
+                MigrationJob.objects.filter(state__in=[*STEPS, JobState.CANCELLING])
+                .filter(Q(node=self.node) | Q(node__isnull=True))
+                .count()
+            )
+            if running >= flow.max_active_jobs:
+                self._wait(job, f"{running} jobs are active, the maximum is {flow.max_active_jobs}")
+                report.waiting += 1
+                continue
+            needed = job.disks.count()
+            if needed > self.node.attach_slots:
+                with transaction.atomic():
+                    locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
+                    if locked.state == JobState.PENDING:
+                        why = f"needs {needed} attach slots; node {self.node.name} has {self.node.attach_slots} in all"
+                        locked.transition_to(JobState.FAILED, error=why)
+                        locked.save(update_fields=TRANSITION_FIELDS)
+                        record_job_event(locked, "step.failed", message=why)
+                continue
+            with transaction.atomic():
+                OmaNode.objects.select_for_update().get(pk=self.node.pk)
+                locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
+                if locked.state != JobState.PENDING:
+                    continue
+                reservation = reserve(locked, self.node)
+                if reservation.reserved:
+                    resume = JobState(locked.current_step or JobState.PROVISIONING)
+                    if resume in (JobState.EXPORTING, JobState.REPLICATING) and _volumes_detached(locked):
+                        resume = JobState.ATTACHING  # its volumes lost their slot meanwhile: attach them again
+                    locked.transition_to(resume)
+                    locked.node = self.node
+                    locked.wait_reason = ""
+                    locked.queued_at = timezone.now()
+                    locked.runner = ""
+                    locked.replication_id = ""
+                    locked.save(
+                        update_fields=[
+                            *TRANSITION_FIELDS,
+                            "node",
+                            "wait_reason",
+                            "queued_at",
+                            "runner",
+                            "replication_id",
+                        ]
+                    )
+                    record_job_event(locked, "job.started", step=resume, message=f"attempt {locked.attempt}")
+                    self.enqueue("run_job_task", locked.pk)
+                    report.dispatched.append(locked.job_id)
+                else:
+                    for volume in reservation.evict or []:
+                        self.enqueue("detach_volume_task", volume.pk)
+                        report.detaching.append(volume.pk)
+            if not reservation.reserved:
+                self._wait(job, reservation.wait_reason)
+                report.waiting += 1
+
+    def _wait(self, job: MigrationJob, why: str) -> None:
+        """A pending job says why it waits; the event log hears of it once per reason, not every tick."""
+        if job.wait_reason == why:
+            return
+        with transaction.atomic():
+            if MigrationJob.objects.filter(pk=job.pk, state=JobState.PENDING).update(wait_reason=why[:255]):
+                record_job_event(job, "job.queued", message=f"waiting: {why}")
+        job.wait_reason = why
+
+
+def _values(item: DiskProgress, disk: JobDisk | None) -> tuple[int, int, int, str] | None:
+    if disk is None:
+        return None
+    return (
+        int(item["bytes_done"]),
+        int(item["bytes_total"] or disk.bytes_total),
+        int(item["throughput_bps"]),
+        str(item.get("change_id", "")),
+    )
+
+
+def write_progress(job: MigrationJob, disks: dict[int, JobDisk], reported: list[DiskProgress]) -> None:
+    """One job's per-disk progress, one throughput sample for its sparkline and a live update. Call it
+    inside a transaction; the caller batches jobs."""
+    for item in reported:
+        values = _values(item, disks.get(item["unit_number"]))
+        if values is None:
+            continue
+        done, total, rate, change_id = values
+        JobDisk.objects.filter(pk=disks[item["unit_number"]].pk).update(
+            bytes_done=done, bytes_total=total, throughput_bps=rate, new_change_id=change_id
+        )
+    samples = MigrationJob.objects.filter(pk=job.pk).values_list("throughput_samples", flat=True).first() or []
+    rate = sum(int(item.get("throughput_bps") or 0) for item in reported)
+    MigrationJob.objects.filter(pk=job.pk).update(throughput_samples=[*samples, rate][-SPARKLINE_SAMPLES:])
+    announce(PROGRESS, job.pk)
+
+
+def record_progress(job: MigrationJob, reported: list[DiskProgress]) -> None:
+    """One job's progress in its own transaction (what the follower batches for many jobs)."""
+    with transaction.atomic():
+        disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
+        write_progress(job, disks, reported)
+
+
+def _volumes_detached(job: MigrationJob) -> bool:
+    return (
+        DestinationVolume.objects.filter(source_disk__job_disks__job=job)
+        .exclude(state=DestinationVolume.State.ATTACHED)
+        .exists()
+    )
+
+
+def detach_volume(volume_pk: int) -> str:
+    """Detach an idle volume to free its slot (its export stays: it points at the stable by-id device,
+    so the VM's next sync reuses it once the volume is attached again)."""
+    volume = DestinationVolume.objects.filter(pk=volume_pk).select_related("source_disk__vm").first()
+    if volume is None or volume.state != DestinationVolume.State.DETACHING:
+        return "not detaching"
+    if MigrationJob.objects.filter(vm=volume.source_disk.vm, state__in=ACTIVE_STATES).exists():
+        # Its VM asked for a sync since it was chosen: keep it attached (the sync needs it).
+        DestinationVolume.objects.filter(pk=volume.pk).update(state=DestinationVolume.State.ATTACHED)
+        return "kept: its VM is syncing"
+    try:
+        get_volume_backend().detach_volume(volume.volume_id)
+    except VolumeError as exc:
+        log.warning("detaching %s failed: %s", volume, exc)
+        return f"failed: {exc}"
+    release(volume)
+    DestinationVolume.objects.filter(pk=volume.pk).update(detaches=volume.detaches + 1)
+    return "detached"

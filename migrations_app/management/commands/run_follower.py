@@ -1,0 +1,59 @@
+import logging
+import signal
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand
+from django.db import close_old_connections
+
+from migrations_app.conf import workflow_conf
+from migrations_app.follower import Follower, drop_lease, follower_id, hold_lease
+
+log = logging.getLogger("migrations_app.follower")
+
+
+class Command(BaseCommand):
+    help = (
+        "The progress follower of this OMA node: follows every copy at the VMA, dispatches pending jobs "
+        "with their attach slots, recovers silent workers and starts due warm syncs. One per node (it holds "
+        "a lease on the node's row); production runs it as a systemd unit, the demo from the Procfile."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--interval", type=float, help="seconds between ticks (default: the poll interval)")
+        parser.add_argument("--once", action="store_true", help="one tick, then exit")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        interval = options["interval"] or workflow_conf().poll_interval
+        stopping = False
+
+        def stop(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        holder = follower_id()
+        follower = Follower()
+        waiting_said = False
+        try:
+            while not stopping:
+                started = time.monotonic()
+                try:
+                    if hold_lease(follower.node, holder):
+                        follower.tick()
+                        waiting_said = False
+                    elif not waiting_said:
+                        self.stderr.write(f"another follower holds node {follower.node.name}; standing by")
+                        waiting_said = True
+                except Exception:
+                    # A locked or restarting database, or one job's bad data, must not stop the follower
+                    # from following every other copy: it logs and tries again next tick.
+                    log.exception("follower tick failed; trying again")
+                    close_old_connections()
+                if options["once"]:
+                    break
+                time.sleep(max(0.0, started + interval - time.monotonic()))
+        finally:
+            drop_lease(follower.node, holder)
+            follower.close()

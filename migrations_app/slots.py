@@ -1,0 +1,115 @@
+"""Attach slots: a node's reserved resource (a KVM guest takes about 25 data disks).
+
+A volume holds a slot on a node while it is reserved, attached or detaching (``DestinationVolume.node``).
+Slots are reserved for all of a VM's disks at once, under the node row's lock, so two dispatchers never
+overfill a node; they are released when the volume leaves the node (eviction, cleanup, failover). When a
+job needs more slots than are free, idle volumes (attached, their VM without an active job) are detached,
+least recently used first; the VM's next sync attaches them again, and since its export points at the
+stable by-id device, the export is reused with no helper write and no reload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.utils import timezone
+
+from exports.conf import nbd_conf
+
+from .conf import workflow_conf
+from .models import ACTIVE_STATES, DestinationVolume, JobDisk, MigrationJob, OmaNode
+
+Volume = DestinationVolume
+State = DestinationVolume.State
+
+
+def this_node() -> OmaNode:
+    """This OMA's node row (OMA_NODE_NAME), registered with its configured slot count: the node's own
+    settings are the truth for its slots."""
+    slots = workflow_conf().attach_slots
+    node, created = OmaNode.objects.get_or_create(name=nbd_conf().node, defaults={"attach_slots": slots})
+    if not created and node.attach_slots != slots:
+        OmaNode.objects.filter(pk=node.pk).update(attach_slots=slots)
+        node.attach_slots = slots
+    return node
+
+
+def volumes_for(job: MigrationJob) -> list[DestinationVolume]:
+    """The job's destination volumes, one per VM disk (made when first needed)."""
+    disks = list(JobDisk.objects.filter(job=job).select_related("source_disk").order_by("source_disk__unit_number"))
+    volumes = []
+    for disk in disks:
+        volume, _ = DestinationVolume.objects.get_or_create(source_disk=disk.source_disk)
+        volumes.append(volume)
+    return volumes
+
+
+@dataclass
+class Reservation:
+    """What reserving a job's slots did: reserved (all or none), or why not, and what to evict for it."""
+
+    reserved: bool
+    wait_reason: str = ""
+    evict: list[DestinationVolume] | None = None
+
+
+def used_slots(node: OmaNode) -> int:
+    return DestinationVolume.objects.filter(node=node).count()
+
+
+def reserve(job: MigrationJob, node: OmaNode) -> Reservation:
+    """Reserve a slot on ``node`` for every volume of the job that holds none; all or none. Call inside a
+    transaction that has locked the node row. When slots are short, idle volumes to detach are chosen
+    (and marked detaching, so no one else picks them) and the job waits for them."""
+    volumes = volumes_for(job)
+    elsewhere = [v for v in volumes if v.node_id is not None and v.node_id != node.pk]
+    if elsewhere:
+        return Reservation(False, f"{len(elsewhere)} of its volumes are attached to another node")
+    if any(v.state == State.DETACHING for v in volumes):
+        return Reservation(False, "one of its volumes is being detached; it is attached again next")
+    needed = [v for v in volumes if v.node_id is None]
+    if not needed:
+        return Reservation(True)
+    free = node.attach_slots - used_slots(node)
+    if len(needed) <= free:
+        for volume in needed:
+            volume.node = node
+            volume.state = State.RESERVED
+            volume.save(update_fields=["node", "state", "updated_at"])
+        return Reservation(True)
+    short = len(needed) - max(free, 0)
+    detaching = DestinationVolume.objects.filter(node=node, state=State.DETACHING).count()
+    evict = idle_volumes(node)[: max(0, short - detaching)]
+    for volume in evict:
+        volume.state = State.DETACHING
+        volume.save(update_fields=["state", "updated_at"])
+    why = f"needs {len(needed)} attach slots; {max(free, 0)} of {node.attach_slots} free"
+    if detaching or evict:
+        why += f", {detaching + len(evict)} idle volume(s) being detached"
+    return Reservation(False, why, evict)
+
+
+def idle_volumes(node: OmaNode) -> list[DestinationVolume]:
+    """Attached volumes whose VM has no active job, least recently used first."""
+    busy_vms = MigrationJob.objects.filter(state__in=ACTIVE_STATES).values("vm_id")
+    return list(
+        DestinationVolume.objects.filter(node=node, state=State.ATTACHED)
+        .exclude(source_disk__vm_id__in=busy_vms)
+        .order_by("last_used_at", "pk")
+        .select_related("source_disk__vm")
+    )
+
+
+def mark_attached(volume: DestinationVolume, device: str) -> None:
+    DestinationVolume.objects.filter(pk=volume.pk).update(
+        state=State.ATTACHED, device_path=device, updated_at=timezone.now()
+    )
+
+
+@transaction.atomic
+def release(volume: DestinationVolume) -> None:
+    """The volume left its node (detached or deleted): its slot is free."""
+    DestinationVolume.objects.filter(pk=volume.pk).update(
+        node=None, state=State.DETACHED if volume.volume_id else State.NEW, device_path="", updated_at=timezone.now()
+    )
