@@ -310,7 +310,8 @@ class Replication:
     def _copy_changed(self, copy: DiskCopy, started: float) -> None:
         blocks = copy.disk.changed_since(copy.previous_change_id) or []
         copy.bytes_total = len(blocks) * BLOCK
-        self._copy_blocks(copy, started, blocks)
+        # The WAN link limits an incremental sync's changed blocks as it does a full copy.
+        self._copy_blocks(copy, started, blocks, self.faults.rate_bits_per_second)
 
     def _copy_blocks(self, copy: DiskCopy, started: float, blocks: list[int], rate_bits: int | None = None) -> None:
         match = NBD_URL_RE.fullmatch(copy.nbd_url)

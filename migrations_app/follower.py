@@ -20,11 +20,13 @@ import logging
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -35,7 +37,7 @@ from .conf import workflow_conf
 from .events import record_job_event
 from .groups import start_due_syncs
 from .models import ACTIVE_STATES, STEPS, DestinationVolume, JobDisk, JobEvent, JobState, MigrationJob, OmaNode
-from .slots import release, reserve, this_node
+from .slots import Placer, release, this_node
 from .topics import PROGRESS
 from .vma_client import DiskProgress, Replication, VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError
@@ -49,10 +51,12 @@ SPARKLINE_SAMPLES = 40
 DISPATCH_BATCH = 200
 # A queued worker task that never started (its worker died first) is queued again after this.
 REQUEUE_AFTER = timedelta(minutes=5)
-# A detach that has not finished in this long (its worker died) is asked for again.
-DETACH_RETRY_AFTER = timedelta(minutes=10)
+DISPATCH_FIELDS = ["node", "wait_reason", "queued_at", "runner", "replication_id"]
+# Detaches the follower runs at once (each a CloudStack job on that backend).
+DETACH_THREADS = 4
 
 type Enqueue = Callable[[str, int], None]
+type Detach = Callable[[int], None]
 
 
 def enqueue_task(task: str, pk: int) -> None:
@@ -90,18 +94,53 @@ class TickReport:
     recovered: list[str] = field(default_factory=list)
     detaching: list[int] = field(default_factory=list)
     scheduled: list[str] = field(default_factory=list)
+    still_detaching: int = 0  # volumes being detached for a waiting job
+
+    @property
+    def changed(self) -> bool:
+        """Something moved, or a job waits for a detach about to end: the next tick should come soon."""
+        return bool(self.finished or self.dispatched or self.recovered or self.detaching or self.scheduled) or bool(
+            self.waiting and self.still_detaching
+        )
 
 
 class Follower:
-    def __init__(self, enqueue: Enqueue = enqueue_task, vma: VmaClient | None = None) -> None:
+    def __init__(
+        self, enqueue: Enqueue = enqueue_task, vma: VmaClient | None = None, detach: Detach | None = None
+    ) -> None:
         self.enqueue = enqueue
         self.vma = vma or get_vma_client()
         self.unreachable: dict[int, int] = {}
         self.written: dict[tuple[int, int], tuple[int, int, int, str]] = {}
         self.node = this_node()
+        # Detaches free slots: the follower runs them itself, a few at a time beside its ticks (a CloudStack
+        # detach takes seconds), instead of queueing them behind the workers' steps.
+        self.detacher = ThreadPoolExecutor(max_workers=DETACH_THREADS, thread_name_prefix="detach")
+        self.in_flight: set[int] = set()
+        self.detach = detach or self._detach_in_thread
+        # Set when a detach freed a slot: the run loop ticks at once instead of sleeping on.
+        self.wake = threading.Event()
 
     def close(self) -> None:
+        self.detacher.shutdown(wait=True)
         self.vma.close()
+
+    def _detach_in_thread(self, volume_pk: int) -> None:
+        if volume_pk in self.in_flight:
+            return
+        self.in_flight.add(volume_pk)
+
+        def run() -> None:
+            try:
+                detach_volume(volume_pk)
+            except Exception:
+                log.exception("detaching volume %s failed", volume_pk)
+            finally:
+                self.in_flight.discard(volume_pk)
+                self.wake.set()
+                connections.close_all()
+
+        self.detacher.submit(run)
 
     def tick(self) -> TickReport:
         report = TickReport()
@@ -110,6 +149,9 @@ class Follower:
         self.recover(report)
         self.dispatch(report)
         report.scheduled = start_due_syncs(self.node)
+        report.still_detaching = DestinationVolume.objects.filter(
+            node=self.node, state=DestinationVolume.State.DETACHING
+        ).count()
         return report
 
     # --- 1. copies at the VMA ---------------------------------------------------------------
@@ -243,78 +285,90 @@ class Follower:
                 if MigrationJob.objects.filter(pk=job.pk, heartbeat_at=job.heartbeat_at).update(queued_at=now):
                     self.enqueue("run_job_task", job.pk)
                     report.recovered.append(job.job_id)
-        for volume in DestinationVolume.objects.filter(
-            node=self.node, state=DestinationVolume.State.DETACHING, updated_at__lt=now - DETACH_RETRY_AFTER
-        ):
-            with transaction.atomic():
-                DestinationVolume.objects.filter(pk=volume.pk).update(updated_at=now)
-                self.enqueue("detach_volume_task", volume.pk)
+        # A detach this follower is not running (it was chosen before a restart, or it failed): again.
+        for volume_pk in DestinationVolume.objects.filter(
+            node=self.node, state=DestinationVolume.State.DETACHING
+        ).values_list("pk", flat=True):
+            if volume_pk not in self.in_flight:
+                self.detach(volume_pk)
 
     # --- 3. pending jobs ------------------------------------------------------------------------
 
     def dispatch(self, report: TickReport) -> None:
+        """Place pending jobs, oldest first, in one transaction under the node row's lock: what each needs
+        is read in bulk, slots are counted once and handed out in memory. Once a job waits for slots,
+        younger ones only go if they need no new slot (the oldest is never starved); the idle volumes it
+        needs freed are chosen for detaching right away."""
         flow = workflow_conf()
-        pending = list(
-            MigrationJob.objects.filter(state=JobState.PENDING)
-            .filter(Q(node=self.node) | Q(node__isnull=True))
-            .order_by("created_at", "pk")[:DISPATCH_BATCH]
-        )
-        for job in pending:
+        waits: list[tuple[MigrationJob, str]] = []
+        evicted: list[DestinationVolume] = []
+        with transaction.atomic():
+            node = OmaNode.objects.select_for_update().get(pk=self.node.pk)
+            pending = list(
+                MigrationJob.objects.select_for_update()
+                .filter(state=JobState.PENDING)
+                .filter(Q(node=node) | Q(node__isnull=True))
+                .order_by("created_at", "pk")[:DISPATCH_BATCH]
+            )
+            if not pending:
+                return
+            disks: dict[int, list[int]] = {job.pk: [] for job in pending}
+            for job_pk, source_disk_pk in (
+                JobDisk.objects.filter(job__in=pending)
+                .order_by("source_disk__unit_number")
+                .values_list("job_id", "source_disk_id")
+            ):
+                disks[job_pk].append(source_disk_pk)
+            wanted = {sd for sds in disks.values() for sd in sds}
+            volumes = {v.source_disk_id: v for v in DestinationVolume.objects.filter(source_disk_id__in=wanted)}
+            for missing in wanted - volumes.keys():
+                volumes[missing], _ = DestinationVolume.objects.get_or_create(source_disk_id=missing)
             running = (
                 MigrationJob.objects.filter(state__in=[*STEPS, JobState.CANCELLING])
-                .filter(Q(node=self.node) | Q(node__isnull=True))
+                .filter(Q(node=node) | Q(node__isnull=True))
                 .count()
             )
-            if running >= flow.max_active_jobs:
-                self._wait(job, f"{running} jobs are active, the maximum is {flow.max_active_jobs}")
-                report.waiting += 1
-                continue
-            needed = job.disks.count()
-            if needed > self.node.attach_slots:
-                with transaction.atomic():
-                    locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
-                    if locked.state == JobState.PENDING:
-                        why = f"needs {needed} attach slots; node {self.node.name} has {self.node.attach_slots} in all"
-                        locked.transition_to(JobState.FAILED, error=why)
-                        locked.save(update_fields=TRANSITION_FIELDS)
-                        record_job_event(locked, "step.failed", message=why)
-                continue
-            with transaction.atomic():
-                OmaNode.objects.select_for_update().get(pk=self.node.pk)
-                locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
-                if locked.state != JobState.PENDING:
+            placer = Placer(node)
+            for job in pending:
+                job_volumes = [volumes[sd] for sd in disks[job.pk]]
+                if len(job_volumes) > node.attach_slots:
+                    why = f"needs {len(job_volumes)} attach slots; node {node.name} has {node.attach_slots} in all"
+                    job.transition_to(JobState.FAILED, error=why)
+                    job.save(update_fields=TRANSITION_FIELDS)
+                    record_job_event(job, "step.failed", message=why)
                     continue
-                reservation = reserve(locked, self.node)
-                if reservation.reserved:
-                    resume = JobState(locked.current_step or JobState.PROVISIONING)
-                    if resume in (JobState.EXPORTING, JobState.REPLICATING) and _volumes_detached(locked):
-                        resume = JobState.ATTACHING  # its volumes lost their slot meanwhile: attach them again
-                    locked.transition_to(resume)
-                    locked.node = self.node
-                    locked.wait_reason = ""
-                    locked.queued_at = timezone.now()
-                    locked.runner = ""
-                    locked.replication_id = ""
-                    locked.save(
-                        update_fields=[
-                            *TRANSITION_FIELDS,
-                            "node",
-                            "wait_reason",
-                            "queued_at",
-                            "runner",
-                            "replication_id",
-                        ]
-                    )
-                    record_job_event(locked, "job.started", step=resume, message=f"attempt {locked.attempt}")
-                    self.enqueue("run_job_task", locked.pk)
-                    report.dispatched.append(locked.job_id)
-                else:
-                    for volume in reservation.evict or []:
-                        self.enqueue("detach_volume_task", volume.pk)
-                        report.detaching.append(volume.pk)
-            if not reservation.reserved:
-                self._wait(job, reservation.wait_reason)
-                report.waiting += 1
+                if running >= flow.max_active_jobs:
+                    waits.append((job, f"{running} jobs are active, the maximum is {flow.max_active_jobs}"))
+                    continue
+                reservation = placer.place(job_volumes)
+                if not reservation.reserved:
+                    waits.append((job, reservation.wait_reason))
+                    evicted += reservation.evict or []
+                    continue
+                running += 1
+                resume = JobState(job.current_step or JobState.PROVISIONING)
+                if resume in (JobState.EXPORTING, JobState.REPLICATING) and any(
+                    v.state != DestinationVolume.State.ATTACHED for v in job_volumes
+                ):
+                    resume = JobState.ATTACHING  # its volumes lost their slot meanwhile: attach them again
+                job.transition_to(resume)
+                job.node = node
+                job.wait_reason = ""
+                job.queued_at = timezone.now()
+                job.runner = ""
+                job.replication_id = ""
+                job.save(
+                    update_fields=[*TRANSITION_FIELDS, "node", "wait_reason", "queued_at", "runner", "replication_id"]
+                )
+                record_job_event(job, "job.started", step=resume, message=f"attempt {job.attempt}")
+                self.enqueue("run_job_task", job.pk)
+                report.dispatched.append(job.job_id)
+        for volume in evicted:
+            self.detach(volume.pk)
+            report.detaching.append(volume.pk)
+        for job, why in waits:
+            self._wait(job, why)
+        report.waiting = len(waits)
 
     def _wait(self, job: MigrationJob, why: str) -> None:
         """A pending job says why it waits; the event log hears of it once per reason, not every tick."""
@@ -359,14 +413,6 @@ def record_progress(job: MigrationJob, reported: list[DiskProgress]) -> None:
     with transaction.atomic():
         disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
         write_progress(job, disks, reported)
-
-
-def _volumes_detached(job: MigrationJob) -> bool:
-    return (
-        DestinationVolume.objects.filter(source_disk__job_disks__job=job)
-        .exclude(state=DestinationVolume.State.ATTACHED)
-        .exists()
-    )
 
 
 def detach_volume(volume_pk: int) -> str:

@@ -58,36 +58,49 @@ def used_slots(node: OmaNode) -> int:
     return DestinationVolume.objects.filter(node=node).count()
 
 
-def reserve(job: MigrationJob, node: OmaNode) -> Reservation:
-    """Reserve a slot on ``node`` for every volume of the job that holds none; all or none. Call inside a
-    transaction that has locked the node row. When slots are short, idle volumes to detach are chosen
-    (and marked detaching, so no one else picks them) and the job waits for them."""
-    volumes = volumes_for(job)
-    elsewhere = [v for v in volumes if v.node_id is not None and v.node_id != node.pk]
-    if elsewhere:
-        return Reservation(False, f"{len(elsewhere)} of its volumes are attached to another node")
-    if any(v.state == State.DETACHING for v in volumes):
-        return Reservation(False, "one of its volumes is being detached; it is attached again next")
-    needed = [v for v in volumes if v.node_id is None]
-    if not needed:
-        return Reservation(True)
-    free = node.attach_slots - used_slots(node)
-    if len(needed) <= free:
-        for volume in needed:
-            volume.node = node
-            volume.state = State.RESERVED
-            volume.save(update_fields=["node", "state", "updated_at"])
-        return Reservation(True)
-    short = len(needed) - max(free, 0)
-    detaching = DestinationVolume.objects.filter(node=node, state=State.DETACHING).count()
-    evict = idle_volumes(node)[: max(0, short - detaching)]
-    for volume in evict:
-        volume.state = State.DETACHING
-        volume.save(update_fields=["state", "updated_at"])
-    why = f"needs {len(needed)} attach slots; {max(free, 0)} of {node.attach_slots} free"
-    if detaching or evict:
-        why += f", {detaching + len(evict)} idle volume(s) being detached"
-    return Reservation(False, why, evict)
+class Placer:
+    """One dispatch tick's slot bookkeeping on a node. Use it inside the transaction that locked the node
+    row: it counts the node's used slots once, then hands them out in memory, oldest job first."""
+
+    def __init__(self, node: OmaNode) -> None:
+        self.node = node
+        self.free = node.attach_slots - used_slots(node)
+        self.detaching = DestinationVolume.objects.filter(node=node, state=State.DETACHING).count()
+        self.blocked = False  # an older job waits for slots: younger ones may not take freed ones first
+
+    def place(self, volumes: list[DestinationVolume]) -> Reservation:
+        """Reserve a slot for every volume of one job that holds none: all or none. When slots are short,
+        idle volumes are chosen (and marked detaching) to free them, and the job waits for them."""
+        elsewhere = [v for v in volumes if v.node_id is not None and v.node_id != self.node.pk]
+        if elsewhere:
+            return Reservation(False, f"{len(elsewhere)} of its volumes are attached to another node")
+        if any(v.state == State.DETACHING for v in volumes):
+            return Reservation(False, "one of its volumes is being detached; it is attached again next")
+        needed = [v for v in volumes if v.node_id is None]
+        if not needed:
+            return Reservation(True)
+        if self.blocked:
+            return Reservation(False, "waits for attach slots behind an older job")
+        if len(needed) <= self.free:
+            DestinationVolume.objects.filter(pk__in=[v.pk for v in needed]).update(
+                node=self.node, state=State.RESERVED, updated_at=timezone.now()
+            )
+            for volume in needed:
+                volume.node, volume.state = self.node, State.RESERVED
+            self.free -= len(needed)
+            return Reservation(True)
+        self.blocked = True
+        short = len(needed) - max(self.free, 0)
+        evict = idle_volumes(self.node)[: max(0, short - self.detaching)]
+        if evict:
+            DestinationVolume.objects.filter(pk__in=[v.pk for v in evict]).update(
+                state=State.DETACHING, updated_at=timezone.now()
+            )
+        self.detaching += len(evict)
+        why = f"needs {len(needed)} attach slots; {max(self.free, 0)} of {self.node.attach_slots} free"
+        if self.detaching:
+            why += f", {self.detaching} idle volume(s) being detached"
+        return Reservation(False, why, evict)
 
 
 def idle_volumes(node: OmaNode) -> list[DestinationVolume]:

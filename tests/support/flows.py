@@ -47,7 +47,10 @@ class InProcess:
 
     def __init__(self) -> None:
         self.queue: list[tuple[str, int]] = []
-        self.follower = Follower(enqueue=lambda task, pk: self.queue.append((task, pk)))
+        self.follower = Follower(
+            enqueue=lambda task, pk: self.queue.append((task, pk)),
+            detach=lambda pk: self.queue.append(("detach_volume_task", pk)),
+        )
 
     def tick(self) -> TickReport:
         report = self.follower.tick()
