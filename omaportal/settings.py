@@ -130,7 +130,7 @@ _Q_TIMEOUT = int(os.environ.get("OMA_Q_TIMEOUT", "900"))
 Q_CLUSTER = {
     "name": "oma",
     "orm": "default",
-    "workers": int(os.environ.get("OMA_Q_WORKERS", "2")),
+    "workers": int(os.environ.get("OMA_Q_WORKERS", "4")),
     "timeout": _Q_TIMEOUT,
     "retry": _Q_TIMEOUT + 60,
     "catch_up": False,
