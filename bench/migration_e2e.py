@@ -5,8 +5,10 @@ run, a bare nbdcopy of the same bytes into fresh exports with the same paralleli
 
     .venv/bin/python -m bench.migration_e2e --vms 3 --disks 2 --size-mib 256
 
-Last line: one JSON object (jobs, completed, sha256_mismatches, reloads, data_mb, wall_s, mb_s,
-bare_nbdcopy_mb_s, ratio, overhead_p95_ms). Overhead = a job's wall time minus the VMA's copy time.
+With ``--repeat N`` bare and stack runs alternate N times on fresh VMs (this VM is noisy: one 2-second
+run measured 0.55 and 1.31 within an hour). Last line: one JSON object (jobs, completed,
+sha256_mismatches, reloads, data_mb, wall_s, mb_s, bare_nbdcopy_mb_s, ratio = the median round's, ratios,
+ratio_spread, overhead_p95_ms). Overhead = a job's wall time minus the VMA's copy time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -75,74 +78,31 @@ def bare_copy(layout: DevServerLayout, vms: list[Any], backend: str, round_no: i
     return wall
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vms", type=int, default=3)
-    parser.add_argument("--disks", type=int, default=2)
-    parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--backend", choices=["nbdkit", "nbd-server"], default="nbdkit")
-    parser.add_argument("--workers", type=int, default=4, help="django-q2 workers")
-    parser.add_argument("--sparse", action="store_true", help="mostly sparse disks instead of fully written ones")
-    parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
-    parser.add_argument(
-        "--storage",
-        choices=["tmpfs", "disk"],
-        default="tmpfs",
-        help="where images and volumes live: tmpfs (/dev/shm) compares the stack with bare nbdcopy on CPU alone; "
-        "on disk, writeback noise of this VM's disk swamps the ratio (the same copy took 0.8 s to 4.4 s)",
-    )
-    args = parser.parse_args()
+def measure_round(
+    number: int, layout: DevServerLayout, args: argparse.Namespace, root: Path, vma_port: int
+) -> dict[str, Any]:
+    """One measured round on fresh VMs: bare nbdcopy of their images, then the whole stack on the same
+    bytes, then bare nbdcopy again (the reference is the faster bare run: drift of this shared VM during
+    the round cannot flatter the ratio). The round's images and volumes are removed afterwards."""
+    from devtools.vma_sim import VmaSimulator, make_inventory
+    from exports.models import NbdServerState
+    from migrations_app.actions import start_migration, sync_inventory
+    from migrations_app.models import JobDisk, JobEvent, JobState, MigrationJob
+    from migrations_app.vma_client import VmaClient
 
-    needed = 3 * args.vms * args.disks * args.size_mib << 20
-    shm = Path("/dev/shm")
-    on_tmpfs = args.storage == "tmpfs" and shm.is_dir() and shutil.disk_usage(shm).free > needed
-    root = Path(tempfile.mkdtemp(prefix="oma-e2e-", dir=shm if on_tmpfs else None))
-    drop = None
-    cluster = None
+    specs = [(f"bench-r{number}-vm-{n}", args.disks) for n in range(args.vms)]
+    vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
+    sim = VmaSimulator(vms, TOKEN)
+    server = sim.serve("127.0.0.1", vma_port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        database_url = None
-        if args.postgres:
-            database_url, drop = scratch_postgres(args.postgres)
-        layout = write_layout(root / "nbd", args.backend, "127.0.0.1", free_port())
-        env = portal_env(layout, root / "var", 2.0, database_url)
-        vma_port = free_port()
-        env.update(
-            {
-                "OMA_VOLUME_ROOT": str(layout.volume_root),
-                "OMA_VMA_URL": f"http://127.0.0.1:{vma_port}",
-                "OMA_VMA_TOKEN": TOKEN,
-                "OMA_VMA_NBD_PORT": str(layout.port),
-                "OMA_PROGRESS_POLL_INTERVAL": "0.1",
-                "OMA_Q_WORKERS": str(args.workers),
-            }
-        )
-        worker_init(env)
-        from django.core.management import call_command
-        from django.db import connections
-
-        call_command("migrate", verbosity=0)
-        from devtools.vma_sim import VmaSimulator, make_inventory
-        from exports.models import NbdServerState
-        from migrations_app.actions import start_migration, sync_inventory
-        from migrations_app.models import JobDisk, JobEvent, JobState, MigrationJob
-        from migrations_app.vma_client import VmaClient
-
-        if not helper(layout, "start")["ok"]:
-            raise SystemExit(f"cannot start {args.backend}")
-        specs = [(f"bench-vm-{n}", args.disks) for n in range(args.vms)]
-        vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
-        sim = VmaSimulator(vms, TOKEN)
-        server = sim.serve("127.0.0.1", vma_port)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
         client = VmaClient(f"http://127.0.0.1:{vma_port}", TOKEN)
         sync_inventory(client.inventory())
         client.close()
-        connections.close_all()
-        cluster = start_oma(env)
-        bare_walls = [bare_copy(layout, vms, args.backend, 0)]
-        time.sleep(3)  # let the cluster's workers start before the clock runs
+        bare_walls = [bare_copy(layout, vms, args.backend, 2 * number)]
         # Both phases start with no dirty pages, so neither pays the other's writeback (--flush waits).
         os.sync()
+        reloads_before = getattr(NbdServerState.objects.first(), "reload_count", 0)
 
         t0 = time.perf_counter()
         jobs = [start_migration(vm_id=vm.id, requested_by="bench") for vm in vms]
@@ -192,21 +152,13 @@ def main() -> None:
         steps: dict[str, list[float]] = {}
         for event in JobEvent.objects.filter(job__in=jobs, kind="step.finished"):
             steps.setdefault(event.step, []).append(event.duration_ms or 0)
-        state = NbdServerState.objects.first()
-        reloads = state.reload_count if state else 0
-
-        # Bare nbdcopy, once after the jobs as well as once before them: the reference speed is the
-        # better of the two, so drift of this shared VM during the run cannot flatter the ratio.
-        bare_walls = [bare_walls[0], bare_copy(layout, vms, args.backend, 1)]
+        reloads = getattr(NbdServerState.objects.first(), "reload_count", 0) - reloads_before
+        bare_walls.append(bare_copy(layout, vms, args.backend, 2 * number + 1))
         bare_wall = min(bare_walls)
         bare_bytes = sum(d.capacity_bytes for vm in vms for d in vm.disks)
-
         mb_s = data_bytes / 1e6 / wall if wall else 0.0
         bare_mb_s = bare_bytes / 1e6 / bare_wall if bare_wall else 0.0
-        result: dict[str, Any] = {
-            "backend": args.backend,
-            "database": "postgresql" if database_url else "sqlite",
-            "storage": "tmpfs" if on_tmpfs else "disk",
+        return {
             "jobs": len(jobs),
             "completed": completed,
             "sha256_mismatches": mismatches,
@@ -226,7 +178,71 @@ def main() -> None:
             "queue_pickup_p50_ms": percentile(pickups, 50),
             "copy_end_to_job_end_p50_ms": percentile(tails, 50),
         }
+    finally:
         server.shutdown()
+        server.server_close()
+        for sim_vm in vms:
+            for sim_disk in sim_vm.disks:
+                sim_disk.image.unlink(missing_ok=True)
+        for volume in layout.volume_root.glob("*.img"):
+            volume.unlink()  # checked already; the next round needs the room (tmpfs is memory)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vms", type=int, default=3)
+    parser.add_argument("--disks", type=int, default=2)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--backend", choices=["nbdkit", "nbd-server"], default="nbdkit")
+    parser.add_argument("--workers", type=int, default=4, help="django-q2 workers")
+    parser.add_argument("--sparse", action="store_true", help="mostly sparse disks instead of fully written ones")
+    parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of bare copy then stack, each on fresh VMs: median and spread"
+    )
+    parser.add_argument(
+        "--storage",
+        choices=["tmpfs", "disk"],
+        default="tmpfs",
+        help="where images and volumes live: tmpfs (/dev/shm) compares the stack with bare nbdcopy on CPU alone; "
+        "on disk, writeback noise of this VM's disk swamps the ratio (the same copy took 0.8 s to 4.4 s)",
+    )
+    args = parser.parse_args()
+
+    needed = 3 * args.vms * args.disks * args.size_mib << 20
+    shm = Path("/dev/shm")
+    on_tmpfs = args.storage == "tmpfs" and shm.is_dir() and shutil.disk_usage(shm).free > needed
+    root = Path(tempfile.mkdtemp(prefix="oma-e2e-", dir=shm if on_tmpfs else None))
+    drop = None
+    cluster = None
+    try:
+        database_url = None
+        if args.postgres:
+            database_url, drop = scratch_postgres(args.postgres)
+        layout = write_layout(root / "nbd", args.backend, "127.0.0.1", free_port())
+        env = portal_env(layout, root / "var", 2.0, database_url)
+        vma_port = free_port()
+        env.update(
+            {
+                "OMA_VOLUME_ROOT": str(layout.volume_root),
+                "OMA_VMA_URL": f"http://127.0.0.1:{vma_port}",
+                "OMA_VMA_TOKEN": TOKEN,
+                "OMA_VMA_NBD_PORT": str(layout.port),
+                "OMA_PROGRESS_POLL_INTERVAL": "0.1",
+                "OMA_Q_WORKERS": str(args.workers),
+            }
+        )
+        worker_init(env)
+        from django.core.management import call_command
+        from django.db import connections
+
+        call_command("migrate", verbosity=0)
+        if not helper(layout, "start")["ok"]:
+            raise SystemExit(f"cannot start {args.backend}")
+        connections.close_all()
+        cluster = start_oma(env)
+        time.sleep(3)  # let the workers and the follower start before the clock runs
+        rounds = [measure_round(n, layout, args, root, vma_port) for n in range(args.repeat)]
         helper(layout, "stop")
     finally:
         if cluster is not None:
@@ -234,6 +250,22 @@ def main() -> None:
         if drop is not None:
             drop()
         shutil.rmtree(root, ignore_errors=True)
+    ratios = sorted(r["ratio"] for r in rounds if r["ratio"] is not None)
+    result: dict[str, Any] = {
+        **rounds[len(rounds) // 2],  # the median round's own figures
+        "backend": args.backend,
+        "database": "postgresql" if database_url else "sqlite",
+        "storage": "tmpfs" if on_tmpfs else "disk",
+        "jobs": sum(r["jobs"] for r in rounds),
+        "completed": sum(r["completed"] for r in rounds),
+        "sha256_mismatches": sum(r["sha256_mismatches"] for r in rounds),
+        "reloads": sum(r["reloads"] for r in rounds),
+        "repeat": args.repeat,
+        "ratio": statistics.median(ratios) if ratios else None,
+        "ratios": ratios,
+        "ratio_spread": round(ratios[-1] - ratios[0], 3) if ratios else None,
+        "overhead_p95_ms": statistics.median(r["overhead_p95_ms"] for r in rounds),
+    }
     print(json.dumps(result, sort_keys=True))
 
 

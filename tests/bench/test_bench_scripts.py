@@ -29,15 +29,16 @@ def test_export_storm_prints_its_json_line_last() -> None:
 
 def test_migration_e2e_prints_its_json_line_last() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.migration_e2e", "--vms", "1", "--disks", "2", "--size-mib", "8"],
+        [sys.executable, "-m", "bench.migration_e2e", "--vms", "1", "--disks", "2", "--size-mib", "8", "--repeat", "2"],
         capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("jobs", "completed", "sha256_mismatches", "reloads", "data_mb", "wall_s", "mb_s",
+    for key in ("jobs", "completed", "sha256_mismatches", "reloads", "data_mb", "wall_s", "mb_s", "ratios",
                 "bare_nbdcopy_mb_s", "ratio", "overhead_p95_ms"):  # fmt: skip
         assert key in result, key
-    assert result["jobs"] == result["completed"] == 1 and result["sha256_mismatches"] == 0
+    assert result["jobs"] == result["completed"] == 2 and result["sha256_mismatches"] == 0
+    assert len(result["ratios"]) == 2 and result["ratio_spread"] >= 0
 
 
 def run_bench(*args: str) -> dict[str, object]:
@@ -76,3 +77,19 @@ def test_page_scale_prints_its_json_line_last() -> None:
     for page in pages.values():
         assert {"p95_ms", "queries", "queries_at_10"} <= set(page)
     assert result["constant_queries"] is True
+
+
+def test_fleet_prints_its_json_line_last() -> None:
+    result = run_bench(
+        "bench.fleet", "--vms", "3", "--disks", "2", "--size-mib", "8", "--slots", "4", "--rounds", "2",
+        "--rate-mbit", "400",
+    )  # fmt: skip
+    for key in ("vms", "rounds", "completed", "sha256_mismatches", "slots", "max_attached", "max_concurrent_copies",
+                "detaches", "reattaches", "helper_writes_after_reattach", "reloads", "duplicate_tasks",
+                "worker_processes", "peak_rss_mb", "slot_utilization", "overhead_p95_ms", "data_mb", "wall_s",
+                "ideal_wall_s", "ratio"):  # fmt: skip
+        assert key in result, key
+    assert result["completed"] == 6 and result["sha256_mismatches"] == 0
+    attached, detaches = int(str(result["max_attached"])), int(str(result["detaches"]))
+    assert attached <= 4 and detaches > 0, "3 two-disk VMs through 4 slots must evict"
+    assert result["helper_writes_after_reattach"] == 0 and result["reloads"] == 0
