@@ -29,6 +29,16 @@ class Sim:
     def vm(self, name: str) -> SimVM:
         return next(vm for vm in self.vms if vm.name == name)
 
+    def go_offline(self) -> None:
+        """The VMA becomes unreachable (its copies go on, as a real agent's would behind a dead link)."""
+        self.server.shutdown()
+        self.server.server_close()
+
+    def come_back(self) -> None:
+        """Reachable again on the same port, with the same replications."""
+        self.server = self.sim.serve(port=int(self.url.rsplit(":", 1)[1]))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
     def close(self) -> None:
         if self.closed:
             return

@@ -1,0 +1,51 @@
+"""The progress follower on its own: its node lease, and cancels that must reach the VMA."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from devtools.vma_sim import Faults
+from migrations_app import actions
+from migrations_app.follower import drop_lease, hold_lease
+from migrations_app.models import JobState, OmaNode
+from migrations_app.slots import this_node
+from tests.support.flows import drive, run_until, wire
+from tests.support.nbd import RunningServer
+from tests.support.vma import SimFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_one_follower_per_node_holds_the_lease_until_it_goes_quiet() -> None:
+    node = this_node()
+    assert hold_lease(node, "follower-a") and hold_lease(node, "follower-a"), "the holder renews it"
+    assert not hold_lease(node, "follower-b"), "a second follower stands by"
+    OmaNode.objects.filter(pk=node.pk).update(follower_beat_at=timezone.now() - timedelta(hours=1))
+    assert hold_lease(node, "follower-b"), "a silent holder's lease is taken over"
+    drop_lease(node, "follower-a")  # the old one, waking up, drops nothing of the new one's
+    assert OmaNode.objects.get(pk=node.pk).follower == "follower-b"
+    drop_lease(node, "follower-b")
+    assert OmaNode.objects.get(pk=node.pk).follower == ""
+
+
+def test_a_cancel_while_the_vma_is_unreachable_waits_and_reaches_it(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    sim = make_sim(Faults(stall=True))
+    wire(settings, nbdkit_server, sim)
+    job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    drive(job, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
+    sim.go_offline()
+    actions.cancel_job(job_id=job.job_id, actor="tester")
+    for _ in range(10):  # ticks while the VMA is away: the cancel is kept, never dropped
+        run_until(lambda: True)
+    job.refresh_from_db()
+    assert job.state == JobState.CANCELLING
+    assert sim.sim.replications[job.replication_id].state == "running", "the copy goes on, untold"
+    sim.come_back()
+    (job,) = drive(job)
+    assert job.state == JobState.CANCELLED
+    assert sim.sim.replications[job.replication_id].state == "cancelled", "the VMA stopped the copy"
