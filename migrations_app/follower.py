@@ -21,13 +21,14 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.db import connections, transaction
-from django.db.models import Q
+from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from live.outbox import announce
@@ -52,6 +53,8 @@ DISPATCH_BATCH = 200
 # A queued worker task that never started (its worker died first) is queued again after this.
 REQUEUE_AFTER = timedelta(minutes=5)
 DISPATCH_FIELDS = ["node", "wait_reason", "queued_at", "runner", "replication_id"]
+# Pending jobs are placed again at least this often even when nothing seemed to change.
+DISPATCH_AT_LEAST_EVERY = 2.0
 # Detaches the follower runs at once (each a CloudStack job on that backend).
 DETACH_THREADS = 4
 
@@ -98,10 +101,10 @@ class TickReport:
 
     @property
     def changed(self) -> bool:
-        """Something moved, or a job waits for a detach about to end: the next tick should come soon."""
-        return bool(self.finished or self.dispatched or self.recovered or self.detaching or self.scheduled) or bool(
-            self.waiting and self.still_detaching
-        )
+        """Something moved, or jobs wait for capacity that a running copy or a detach is about to free:
+        the next tick should come soon (a slot left idle is a copy not running)."""
+        moved = self.finished or self.dispatched or self.recovered or self.detaching or self.scheduled
+        return bool(moved) or bool(self.waiting and (self.still_detaching or self.followed))
 
 
 class Follower:
@@ -120,6 +123,10 @@ class Follower:
         self.detach = detach or self._detach_in_thread
         # Set when a detach freed a slot: the run loop ticks at once instead of sleeping on.
         self.wake = threading.Event()
+        self.freed = True
+        self.waiting = 0
+        self.pending_signature: tuple[int, int | None] = (-1, None)
+        self.dispatched_at = 0.0
 
     def close(self) -> None:
         self.detacher.shutdown(wait=True)
@@ -137,6 +144,7 @@ class Follower:
                 log.exception("detaching volume %s failed", volume_pk)
             finally:
                 self.in_flight.discard(volume_pk)
+                self.freed = True
                 self.wake.set()
                 connections.close_all()
 
@@ -147,7 +155,11 @@ class Follower:
         self.node = OmaNode.objects.get(pk=self.node.pk)
         self.follow(report)
         self.recover(report)
-        self.dispatch(report)
+        if self._dispatch_due(report):
+            self.dispatch(report)
+            self.waiting = report.waiting
+        else:
+            report.waiting = self.waiting  # as the last placement left them
         report.scheduled = start_due_syncs(self.node)
         report.still_detaching = DestinationVolume.objects.filter(
             node=self.node, state=DestinationVolume.State.DETACHING
@@ -293,6 +305,25 @@ class Follower:
                 self.detach(volume_pk)
 
     # --- 3. pending jobs ------------------------------------------------------------------------
+
+    def _dispatch_due(self, report: TickReport) -> bool:
+        """Whether placing pending jobs could come out differently from the last time: a job ended, a slot
+        was freed, the pending jobs changed, or a while passed (settings, another node's moves). Placing
+        takes the node's lock; on SQLite that is the write lock every worker needs."""
+        pending = MigrationJob.objects.filter(state=JobState.PENDING).aggregate(n=Count("pk"), last=Max("pk"))
+        signature = (pending["n"], pending["last"])
+        now = time.monotonic()
+        due = (
+            bool(report.finished or report.recovered)
+            or self.freed
+            or signature != self.pending_signature
+            or now - self.dispatched_at > DISPATCH_AT_LEAST_EVERY
+        )
+        if due:
+            self.freed = False
+            self.pending_signature = signature
+            self.dispatched_at = now
+        return due and bool(pending["n"])
 
     def dispatch(self, report: TickReport) -> None:
         """Place pending jobs, oldest first, in one transaction under the node row's lock: what each needs

@@ -57,6 +57,8 @@ class InProcess:
         while self.queue:
             task, pk = self.queue.pop(0)
             getattr(tasks, task)(pk)
+            if task == "detach_volume_task":
+                self.follower.freed = True  # as the follower's own detach thread says when it is done
         return report
 
     def close(self) -> None:
