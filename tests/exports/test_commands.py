@@ -45,9 +45,32 @@ def test_retire_export_command(nbd_server: RunningServer) -> None:
         run("retire_export", "--vm-id", VM, "--disk", "5")
 
 
+def status(*args: str) -> tuple[int, str]:
+    """nbd_status's exit code (monitoring-plugin style) and what it printed."""
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exited:
+        call_command("nbd_status", *args, stdout=out, stderr=io.StringIO())
+    return int(exited.value.code or 0), out.getvalue()
+
+
+def test_nbd_status_exit_code_says_healthy_degraded_or_down(nbd_server: RunningServer) -> None:
+    actions.ensure_export(vm_id=VM, vm_name="web", disk_unit=0, device=nbd_server.volume("a.img"))
+    assert status()[0] == 0
+    # The export's link goes behind the portal's back: not served any more.
+    nbd_server.helper("unlink", NAME0)
+    if nbd_server.backend == "nbd-server":
+        assert nbd_server.helper("restart").returncode == 0  # nbd-server only drops an export on restart
+    code, out = status()
+    assert code == 1 and f"missing: {NAME0}" in out
+    assert nbd_server.helper("stop").returncode == 0
+    assert status()[0] == 2
+
+
 def test_nbd_status_json_reports_served_and_expected(nbd_server: RunningServer) -> None:
     actions.ensure_export(vm_id=VM, vm_name="web", disk_unit=0, device=nbd_server.volume("a.img"))
-    data = json.loads(run("nbd_status", "--json"))
+    code, out = status("--json")
+    data = json.loads(out)
+    assert code == 0
     assert data["backend"] == nbd_server.backend
     assert data["health"] == "ok"
     assert data["pid"] == nbd_server.main_pid()

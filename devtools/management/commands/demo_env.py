@@ -69,6 +69,8 @@ class Command(BaseCommand):
         self.stdout.write(
             f"OMA_WEB_PORT={web}\nOMA_NBD_PORT={nbd}\nOMA_VMA_PORT={vma}\n"
             f"OMA_VMA_URL=http://127.0.0.1:{vma}\nOMA_VMA_TOKEN={token}\nOMA_VMA_NBD_PORT={nbd}\n"
+            # Recorded, so a command in a second terminal (make demo-jobs, nbd_status) sees the same server.
+            f"OMA_NBD_BACKEND={nbd_conf().backend}\n"
         )
         sys.stderr.write(
             "\n"

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import close_old_connections
 
 from devtools.devserver import write_layout
 from exports import actions
@@ -11,6 +12,7 @@ from exports.backends import get_backend
 from exports.conf import nbd_conf
 from exports.health import check_nbd_server
 from exports.helper_client import HelperFailed
+from exports.reconcile import reconcile_exports
 
 
 class Command(BaseCommand):
@@ -34,8 +36,12 @@ class Command(BaseCommand):
         try:
             started = backend.start()
         except HelperFailed as exc:
-            raise CommandError(str(exc)) from exc
+            # A server this supervisor did not start holds the port (one per node): say so, never a second.
+            raise CommandError(f"{exc}; is another NBD server running for this node?") from exc
         self.stdout.write(f"{backend.name} serving nbd://{backend.host}:{backend.port}/ (pid {started['pid']})")
+        # The database is the truth: every live mapping is published (link, conf file) and served again,
+        # whatever backend or server wrote it before.
+        self._publish_all()
         stopping = False
 
         def stop(signum: int, frame: object) -> None:
@@ -48,15 +54,37 @@ class Command(BaseCommand):
             for n in range(options["demo_exports"]):
                 self._demo_export(layout.volume_root, n)
             while not stopping:
-                check = check_nbd_server(repair=True, actor="run_nbd_server")
-                for incident in check.incidents:
-                    self.stderr.write(f"incident: {incident}")
+                try:
+                    check = check_nbd_server(repair=True, actor="run_nbd_server")
+                    for incident in check.incidents:
+                        self.stderr.write(f"incident: {incident}")
+                    if check.incidents:
+                        self._publish_all()  # a repaired server serves what the database says again
+                except Exception as exc:
+                    # A database error (locked, restarting) must not take the server down with it: every
+                    # transfer in flight would die. Report, and check again later.
+                    self.stderr.write(f"check failed, trying again: {exc}")
+                    close_old_connections()
                 deadline = time.monotonic() + options["interval"]
                 while not stopping and time.monotonic() < deadline:
                     time.sleep(0.2)
         finally:
-            backend.stop()
-            self.stdout.write("NBD server stopped")
+            if stopping:  # asked to stop (honcho, Ctrl-C); never on its own error path
+                backend.stop()
+                self.stdout.write("NBD server stopped")
+            else:
+                self.stderr.write("supervisor exits; the NBD server keeps serving")
+
+    def _publish_all(self) -> None:
+        try:
+            report = reconcile_exports(fix=True, actor="run_nbd_server")
+        except Exception as exc:
+            self.stderr.write(f"publishing the mappings failed: {exc}")
+            return
+        for line in report.fixed:
+            self.stdout.write(f"republished: {line}")
+        for line in report.unfixed:
+            self.stderr.write(f"not fixed: {line}")
 
     def _demo_export(self, volume_root: Path, n: int) -> None:
         vm_id = f"4210{n:04x}-0000-4000-8000-{n:012x}"
