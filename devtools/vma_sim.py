@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from exports.nbd_protocol import NbdConnection, NbdError
-from migrations_app.vma_client import DiskProgress, VmaVM
+from migrations_app.vma_client import Digest, DiskProgress, VmaVM
 from migrations_app.vma_client import Replication as ReplicationJson
 
 BLOCK = 1 << 20
@@ -45,6 +45,36 @@ class Faults:
     stall: bool = False
     rate_bits_per_second: int | None = None  # slow full copies down, as a WAN link would
     gate: threading.Event | None = None  # copies wait until it is set (tests: hold a copy in flight)
+    # After a disk is copied, its first written block is zeroed on the way (a silent corruption the
+    # VMA does not see): its digest is still the source's.
+    corrupt: bool = False
+
+
+def coalesce(blocks: list[int]) -> list[list[int]]:
+    """Sorted block numbers as [offset, length] byte ranges, neighbours merged."""
+    ranges: list[list[int]] = []
+    for block in blocks:
+        if ranges and ranges[-1][0] + ranges[-1][1] == block * BLOCK:
+            ranges[-1][1] += BLOCK
+        else:
+            ranges.append([block * BLOCK, BLOCK])
+    return ranges
+
+
+def digest_of(image: Path, ranges: list[list[int]]) -> Digest:
+    """The sha256 of ``ranges`` of a file, read in order."""
+    hasher = hashlib.sha256()
+    with open(image, "rb") as fh:
+        for offset, length in ranges:
+            fh.seek(offset)
+            left = length
+            while left:
+                chunk = fh.read(min(left, 8 << 20))
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                left -= len(chunk)
+    return {"algorithm": "sha256", "ranges": ranges, "value": hasher.hexdigest()}
 
 
 def block_bytes(seed: str, block: int, generation: int) -> bytes:
@@ -175,9 +205,10 @@ class DiskCopy:
     throughput_bps: int = 0
     change_id: str = ""
     error: str = ""
+    digest: Digest | None = None
 
     def as_json(self) -> DiskProgress:
-        return {
+        progress: DiskProgress = {
             "unit_number": self.disk.unit_number,
             "state": self.state,
             "mode": self.mode,
@@ -187,6 +218,9 @@ class DiskCopy:
             "change_id": self.change_id,
             "error": self.error,
         }
+        if self.digest is not None:
+            progress["digest"] = self.digest
+        return progress
 
 
 class ApiError(Exception):
@@ -271,6 +305,8 @@ class Replication:
         if self.cancel_requested.is_set():
             copy.state = "cancelled"
             return
+        if self.faults.corrupt:
+            self._corrupt(copy)
         copy.state = "done"
         copy.change_id = copy.disk.change_id
 
@@ -306,6 +342,7 @@ class Replication:
             copy.state, copy.error = "failed", f"nbdcopy exited {proc.returncode}: {stderr.decode()[-300:]}"
         elif copy.state != "failed" and not self.cancel_requested.is_set():
             copy.bytes_done = copy.bytes_total
+            copy.digest = digest_of(copy.disk.image, [[0, copy.disk.capacity_bytes]])
 
     def _copy_changed(self, copy: DiskCopy, started: float) -> None:
         blocks = copy.disk.changed_since(copy.previous_change_id) or []
@@ -317,13 +354,16 @@ class Replication:
         match = NBD_URL_RE.fullmatch(copy.nbd_url)
         if match is None:
             raise ValueError(f"bad NBD URL {copy.nbd_url!r}")
+        hasher = hashlib.sha256()
         with NbdConnection(match["host"].strip("[]"), int(match["port"])) as conn, open(copy.disk.image, "rb") as src:
             conn.open(match["export"])
             for n, block in enumerate(blocks, start=1):
                 if self.cancel_requested.is_set():
                     return
                 src.seek(block * BLOCK)
-                conn.pwrite(block * BLOCK, src.read(BLOCK))
+                data = src.read(BLOCK)
+                conn.pwrite(block * BLOCK, data)
+                hasher.update(data)
                 copy.bytes_done = n * BLOCK
                 if rate_bits:
                     ahead = started + copy.bytes_done * 8 / rate_bits - time.monotonic()
@@ -334,6 +374,17 @@ class Replication:
                 if fault:
                     copy.state, copy.error = "failed", fault
                     return
+            conn.flush()
+        copy.digest = {"algorithm": "sha256", "ranges": coalesce(blocks), "value": hasher.hexdigest()}
+
+    def _corrupt(self, copy: DiskCopy) -> None:
+        match = NBD_URL_RE.fullmatch(copy.nbd_url)
+        if copy.digest is None or match is None:
+            return
+        offset, length = copy.digest["ranges"][0]
+        with NbdConnection(match["host"].strip("[]"), int(match["port"])) as conn:
+            conn.open(match["export"])
+            conn.pwrite(offset, bytes(min(length, 4096)))
             conn.flush()
 
 

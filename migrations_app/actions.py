@@ -146,7 +146,9 @@ def cancel_job(*, job_id: str, actor: str = "system") -> MigrationJob:
 
 @transaction.atomic(durable=True)
 def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
-    """A failed or cancelled job goes back to pending and resumes from the step it stopped in."""
+    """A failed or cancelled job goes back to pending and resumes from the step it stopped in; after a
+    cleanup (its volumes deleted) from provisioning, with a full copy for each disk that lost its volume.
+    A job a newer job of its VM superseded is not retried: that would copy into the newer job's volumes."""
     job = _job_for_update(job_id)
     # The VM's row lock orders this retry with start_migration and with another retry of the same VM.
     SourceVM.objects.select_for_update().filter(pk=job.vm_id).first()
@@ -157,7 +159,25 @@ def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     other = job.vm.jobs.filter(state__in=ACTIVE_STATES).exclude(pk=job.pk).first()
     if other is not None:
         raise MigrationError(f"{job.vm.name} already has an active job {other.job_id} ({other.state}); not retrying")
+    newer = job.vm.jobs.filter(created_at__gt=job.created_at).order_by("-created_at").first()
+    if newer is not None:
+        raise MigrationError(
+            f"{job.job_id} was superseded by {newer.job_id} ({newer.state}); start a new migration of "
+            f"{job.vm.name} instead"
+        )
+    if job.current_step == JobState.VERIFYING:
+        # What it wrote did not check out (or its device went): every step again, from a volume that
+        # exists and is attached, to a new copy.
+        job.current_step = JobState.PROVISIONING
+    if job.cleanup_requested:
+        # The cleanup removed its exports and volumes: everything is provisioned again, and a disk whose
+        # volume went gets a full copy.
+        job.current_step = JobState.PROVISIONING
+        job.cleanup_requested = False
+        job.disks.filter(volume_id="").update(previous_change_id="", new_change_id="", bytes_done=0, mapping=None)
     job.runner = ""
+    job.step_errors = 0
+    job.retry_at = None
     _save_active(job)
     record_job_event(job, "job.retried", step=job.current_step, message=f"attempt {job.attempt}", actor=actor)
     return job

@@ -55,6 +55,8 @@ class WorkflowConf:
     attach_slots: int  # volumes one node attaches at most (a KVM guest takes about 25 data disks)
     poll_interval: float  # seconds between two progress polls of the VMA
     heartbeat_stale_seconds: float  # a running job whose worker is silent this long is resumed by another
+    step_retry_seconds: float  # the first back-off after an unexpected step error (doubling after)
+    verify_writes: bool  # re-read what the VMA wrote and compare it with its digest before completing
 
 
 @functools.cache
@@ -103,6 +105,8 @@ def workflow_conf() -> WorkflowConf:
         attach_slots=int(raw.get("ATTACH_SLOTS", raw.get("MAX_ATTACHED_VOLUMES", 25))),
         poll_interval=float(raw["POLL_INTERVAL"]),
         heartbeat_stale_seconds=float(raw["HEARTBEAT_STALE_SECONDS"]),
+        step_retry_seconds=float(raw.get("STEP_RETRY_SECONDS", 5.0)),
+        verify_writes=bool(raw.get("VERIFY_WRITES", True)),
     )
 
 

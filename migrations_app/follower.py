@@ -42,7 +42,7 @@ from .slots import Placer, release, this_node
 from .topics import PROGRESS
 from .vma_client import DiskProgress, Replication, VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError
-from .workflow import TRANSITION_FIELDS, stale_before
+from .workflow import TRANSITION_FIELDS, complete, stale_before
 
 log = logging.getLogger(__name__)
 # Consecutive failed polls of one copy before the VMA counts as gone.
@@ -236,12 +236,19 @@ class Follower:
             disks = {d.source_disk.unit_number: d for d in locked.disks.select_related("source_disk")}
             if state is not None:
                 write_progress(locked, disks, state["disks"])
-            locked.transition_to(to, error=error)
-            locked.save(update_fields=TRANSITION_FIELDS)
-            if to == JobState.COMPLETED:
-                DestinationVolume.objects.filter(source_disk__in=[d.source_disk for d in disks.values()]).update(
-                    last_used_at=timezone.now()
-                )
+            verify = to == JobState.COMPLETED and workflow_conf().verify_writes
+            if verify:
+                # Not complete before the portal has re-read what the VMA says it wrote: a worker's step.
+                to = JobState.VERIFYING
+                for item in state["disks"] if state is not None else []:
+                    disk = disks.get(item["unit_number"])
+                    if disk is not None:
+                        JobDisk.objects.filter(pk=disk.pk).update(digest=item.get("digest") or {})
+            if to != JobState.COMPLETED:  # complete() below makes that transition itself
+                locked.transition_to(to, error=error)
+                locked.queued_at = timezone.now() if verify else locked.queued_at
+                locked.save(update_fields=[*TRANSITION_FIELDS, "queued_at"])
+            if to in (JobState.COMPLETED, JobState.VERIFYING):
                 started = (
                     JobEvent.objects.filter(job=locked, kind="step.started", step=JobState.REPLICATING)
                     .order_by("-id")
@@ -250,7 +257,10 @@ class Follower:
                 )
                 took = int((timezone.now() - started).total_seconds() * 1000) if started else None
                 record_job_event(locked, "step.finished", step=JobState.REPLICATING, duration_ms=took)
-                record_job_event(locked, "job.completed")
+            if to == JobState.VERIFYING:
+                self.enqueue("run_job_task", locked.pk)
+            elif to == JobState.COMPLETED:
+                complete(locked)
             elif to == JobState.CANCELLED:
                 record_job_event(
                     locked,
@@ -269,25 +279,24 @@ class Follower:
     def recover(self, report: TickReport) -> None:
         stale = stale_before()
         now = timezone.now()
+        # A step that failed unexpectedly is tried again once its back-off is over.
+        for job in MigrationJob.objects.filter(
+            node=self.node, state__in=STEPS, runner="", retry_at__lte=now, queued_at__isnull=True
+        ):
+            with transaction.atomic():
+                if MigrationJob.objects.filter(pk=job.pk, runner="", queued_at__isnull=True).update(queued_at=now):
+                    self.enqueue("run_job_task", job.pk)
+                    report.recovered.append(job.job_id)
         silent = MigrationJob.objects.filter(node=self.node, state__in=[*STEPS, JobState.CANCELLING]).filter(
             Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True)
         )
         for job in silent:
             if job.replication_id and job.state in (JobState.REPLICATING, JobState.CANCELLING):
                 continue  # the follower's own
+            if job.retry_at is not None:
+                continue  # waits out an error's back-off (above)
             if job.state == JobState.CANCELLING:
-                with transaction.atomic():
-                    locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
-                    if locked.state == JobState.CANCELLING and not locked.replication_id:
-                        locked.transition_to(JobState.CANCELLED)
-                        locked.runner = ""
-                        locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
-                        record_job_event(
-                            locked,
-                            "job.cancelled",
-                            step=locked.current_step,
-                            message="its worker was gone; nothing was copying",
-                        )
+                self._cancel_without_worker(job)
                 report.recovered.append(job.job_id)
                 continue
             if job.queued_at is not None and job.queued_at > now - REQUEUE_AFTER:
@@ -303,6 +312,35 @@ class Follower:
         ).values_list("pk", flat=True):
             if volume_pk not in self.in_flight:
                 self.detach(volume_pk)
+
+    def _cancel_without_worker(self, job: MigrationJob) -> None:
+        """A cancelling job whose worker died: its worker may have asked the VMA to copy before it could
+        record so, so the VMA is asked to stop this attempt's replication (by its name) first. Only when
+        the VMA says none runs is the job cancelled; while it cannot be asked, the job stays cancelling."""
+        replication_id = f"{job.job_id}-{job.attempt}"
+        try:
+            self.vma.cancel(replication_id)
+        except VmaUnavailable:
+            return  # asked again next tick: a cancel is never dropped
+        except VmaError as exc:
+            if exc.status != 404:
+                log.warning("cancelling %s at the VMA: %s", replication_id, exc)
+                return
+            with transaction.atomic():
+                locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
+                if locked.state == JobState.CANCELLING and not locked.replication_id:
+                    locked.transition_to(JobState.CANCELLED)
+                    locked.runner = ""
+                    locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
+                    record_job_event(
+                        locked,
+                        "job.cancelled",
+                        step=locked.current_step,
+                        message="its worker was gone; nothing was copying",
+                    )
+            return
+        # A copy was running: the follower follows it until the VMA says it stopped.
+        MigrationJob.objects.filter(pk=job.pk, replication_id="").update(replication_id=replication_id)
 
     # --- 3. pending jobs ------------------------------------------------------------------------
 

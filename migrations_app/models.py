@@ -141,6 +141,7 @@ class JobState(models.TextChoices):
     ATTACHING = "attaching", "Attaching volumes"
     EXPORTING = "exporting", "Exporting over NBD"
     REPLICATING = "replicating", "Replicating"
+    VERIFYING = "verifying", "Verifying what was written"
     COMPLETED = "completed", "Completed"
     FAILED = "failed", "Failed"
     CANCELLING = "cancelling", "Cancelling"
@@ -148,7 +149,9 @@ class JobState(models.TextChoices):
 
 
 # The workflow's steps, in order; a job's current_step is one of these.
-STEPS = [JobState.PROVISIONING, JobState.ATTACHING, JobState.EXPORTING, JobState.REPLICATING]
+STEPS = [JobState.PROVISIONING, JobState.ATTACHING, JobState.EXPORTING, JobState.REPLICATING, JobState.VERIFYING]
+# The steps a worker runs to get a copy going; the copy is the follower's; a worker verifies it after.
+STEPS_TO_COPY = STEPS[: STEPS.index(JobState.REPLICATING) + 1]
 ACTIVE_STATES = {JobState.PENDING, JobState.CANCELLING, *STEPS}
 FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
 
@@ -157,7 +160,8 @@ TRANSITIONS: dict[str, set[str]] = {
     JobState.PROVISIONING: {JobState.ATTACHING, JobState.FAILED, JobState.CANCELLING},
     JobState.ATTACHING: {JobState.EXPORTING, JobState.FAILED, JobState.CANCELLING},
     JobState.EXPORTING: {JobState.REPLICATING, JobState.FAILED, JobState.CANCELLING},
-    JobState.REPLICATING: {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLING},
+    JobState.REPLICATING: {JobState.VERIFYING, JobState.COMPLETED, JobState.FAILED, JobState.CANCELLING},
+    JobState.VERIFYING: {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLING},
     JobState.CANCELLING: {JobState.CANCELLED, JobState.FAILED},
     # Retry: back to pending, keeping current_step so the job resumes where it stopped.
     JobState.FAILED: {JobState.PENDING},
@@ -199,6 +203,9 @@ class MigrationJob(models.Model):
     wait_reason = models.CharField(max_length=255, blank=True)
     # A worker task is queued for the job: the dispatcher never queues a second one.
     queued_at = models.DateTimeField(null=True, blank=True)
+    # Unexpected errors of the current step in a row; it is tried again at retry_at, a few times at most.
+    step_errors = models.PositiveSmallIntegerField(default=0)
+    retry_at = models.DateTimeField(null=True, blank=True)
     # Recent total throughput samples (bytes/s), newest last: the dashboard's sparkline.
     throughput_samples = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -274,6 +281,9 @@ class JobDisk(models.Model):
     throughput_bps = models.BigIntegerField(default=0)
     previous_change_id = models.CharField(max_length=255, blank=True)
     new_change_id = models.CharField(max_length=255, blank=True)
+    # What the VMA says it wrote in this sync: {"algorithm", "ranges": [[offset, length], ...], "value"}.
+    digest = models.JSONField(default=dict, blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["job", "source_disk__unit_number"]

@@ -40,6 +40,15 @@ class ReplicationTarget(TypedDict):
     previous_change_id: str  # empty: a full copy
 
 
+class Digest(TypedDict):
+    """What a disk's sync wrote: the sha256 of the bytes of ``ranges`` ([offset, length] pairs, in order:
+    the whole disk for a full copy, the changed ranges of an incremental)."""
+
+    algorithm: str
+    ranges: list[list[int]]
+    value: str
+
+
 class DiskProgress(TypedDict):
     unit_number: int
     state: str  # queued, copying, done, failed, cancelled
@@ -49,6 +58,7 @@ class DiskProgress(TypedDict):
     throughput_bps: int
     change_id: str  # set when the disk is done: the next sync's previous_change_id
     error: NotRequired[str]
+    digest: NotRequired[Digest]  # set when the disk is done
 
 
 class Replication(TypedDict):

@@ -11,7 +11,10 @@ background thread, so a slow CloudStack job is never mistaken for a dead worker.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,11 +24,13 @@ from django.db import connections, transaction
 from django.utils import timezone
 
 from exports.actions import ExportError, ExportRequest, ensure_exports
+from exports.conf import nbd_conf
+from exports.nbd_protocol import NbdConnection, NbdError
 
 from .backends import get_vma_client, get_volume_backend
 from .conf import vma_conf, workflow_conf
 from .events import record_job_event
-from .models import STEPS, DestinationVolume, JobDisk, JobState, MigrationJob
+from .models import STEPS, STEPS_TO_COPY, DestinationVolume, JobDisk, JobState, MigrationJob
 from .slots import mark_attached, volumes_for
 from .vma_client import ReplicationTarget, VmaError
 from .volumes import VolumeError, volume_name_for
@@ -58,15 +63,26 @@ def claim(job_pk: int, runner: str) -> MigrationJob | None:
             return None
         if job.state == JobState.REPLICATING and job.replication_id:
             return None  # the copy runs at the VMA; the follower has it
+        if job.retry_at is not None and job.retry_at > timezone.now():
+            return None  # an error's back-off: the follower queues it again when it is due
         alive = job.runner and job.runner != runner and job.heartbeat_at and job.heartbeat_at > stale_before()
         if alive:
             return None
         if job.runner and job.runner != runner:
-            record_job_event(job, "job.recovered", step=job.current_step, message=f"previous worker {job.runner} lost")
+            silent = int((timezone.now() - job.heartbeat_at).total_seconds()) if job.heartbeat_at else None
+            record_job_event(
+                job,
+                "job.recovered",
+                step=job.current_step,
+                message=f"worker {job.runner} went silent in {job.current_step}"
+                + (f" ({silent} s without a heartbeat)" if silent is not None else "")
+                + f"; resuming at {job.current_step}",
+            )
         job.runner = runner
         job.heartbeat_at = timezone.now()
         job.queued_at = None
-        job.save(update_fields=["runner", "heartbeat_at", "queued_at"])
+        job.retry_at = None
+        job.save(update_fields=["runner", "heartbeat_at", "queued_at", "retry_at"])
         return job
 
 
@@ -117,16 +133,21 @@ TRANSITION_FIELDS = ["state", "current_step", "started_at", "finished_at", "erro
 
 
 def run_job(job_pk: int, runner: str) -> MigrationJob | None:
-    """Run the job's worker steps from its current step up to starting the copy. Returns the job, or
-    None if not taken (not due, or run by a live worker)."""
+    """Run the job's worker steps: from its current step up to starting the copy, or, once the copy
+    ended, verifying what it wrote and completing the job. Returns the job, or None if not taken (not
+    due, or run by a live worker)."""
     job = claim(job_pk, runner)
     if job is None:
         return None
     try:
         if job.state == JobState.CANCELLING:
             raise Cancelled(job.job_id)
-        for index in range(STEPS.index(JobState(job.current_step)), len(STEPS)):
-            step = STEPS[index]
+        if job.state == JobState.VERIFYING:
+            _run_step(job, JobState.VERIFYING, runner)
+            complete(job)
+            return job
+        for index in range(STEPS_TO_COPY.index(JobState(job.current_step)), len(STEPS_TO_COPY)):
+            step = STEPS_TO_COPY[index]
             if job.state != step:
                 _move(job, step)
             _run_step(job, step, runner)
@@ -138,7 +159,60 @@ def run_job(job_pk: int, runner: str) -> MigrationJob | None:
         log.warning("job %s was taken over by another worker; stopping here", job.job_id)
     except StepFailed as exc:
         fail(job, str(exc))
+    except Exception as exc:  # a bug or an unforeseen system error: recorded, tried again, then a failure
+        log.exception("job %s: unexpected error in %s", job.job_id, job.current_step)
+        step_error(job, runner, describe_error(exc))
     return job
+
+
+# An unexpected error in a step is tried again this many times in all, waiting longer each time.
+MAX_STEP_ATTEMPTS = 3
+
+
+def step_error(job: MigrationJob, runner: str, message: str) -> None:
+    """Record an unexpected error on the job; try the step again after a back-off, or fail it when it
+    failed MAX_STEP_ATTEMPTS times in a row."""
+    job.refresh_from_db(fields=["step_errors", "state", "current_step"])
+    attempts = job.step_errors + 1
+    step = job.current_step
+    if attempts >= MAX_STEP_ATTEMPTS or job.state not in STEPS:
+        fail(job, f"{step}: {message} (failed {attempts} times in a row)")
+        return
+    wait = workflow_conf().step_retry_seconds * 2 ** (attempts - 1)
+    with transaction.atomic():
+        MigrationJob.objects.filter(pk=job.pk, runner=runner).update(
+            step_errors=attempts, retry_at=timezone.now() + timedelta(seconds=wait), runner=""
+        )
+        record_job_event(
+            job,
+            "step.error",
+            step=step,
+            message=f"{message}; trying {step} again in {wait:g} s (attempt {attempts + 1} of {MAX_STEP_ATTEMPTS})",
+        )
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error in words: an OSError by its errno's name and text (never a bare 'error 28')."""
+    if isinstance(exc, OSError) and exc.errno:
+        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or os.strerror(exc.errno)} [{name}]{where}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def complete(job: MigrationJob) -> None:
+    """The job's sync is done (and verified, when verification is on): completed, its volumes marked used
+    now (the least recently used idle volume is the first detached)."""
+    with transaction.atomic():
+        locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
+        if locked.state not in (JobState.REPLICATING, JobState.VERIFYING):
+            return
+        locked.transition_to(JobState.COMPLETED)
+        locked.runner = ""
+        locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
+        DestinationVolume.objects.filter(source_disk__job_disks__job=locked).update(last_used_at=timezone.now())
+        record_job_event(locked, "job.completed")
+    job.refresh_from_db()
 
 
 def fail(job: MigrationJob, error: str) -> None:
@@ -158,6 +232,9 @@ def _run_step(job: MigrationJob, step: str, runner: str) -> None:
         STEP_FUNCTIONS[step](job, runner)
     except (VolumeError, ExportError, VmaError) as exc:
         raise StepFailed(f"{step}: {exc}") from exc
+    if job.step_errors:
+        MigrationJob.objects.filter(pk=job.pk).update(step_errors=0, retry_at=None)
+        job.step_errors = 0
     if step != JobState.REPLICATING:  # the copy's step finishes when the copy does (the follower)
         record_job_event(job, "step.finished", step=step, duration_ms=int((time.monotonic() - started) * 1000))
 
@@ -180,9 +257,24 @@ def provision(job: MigrationJob, runner: str) -> None:
         with heartbeat_kept(job, runner):
             created = backend.create_volume(name, disk.source_disk.capacity_bytes)
         with transaction.atomic():
-            DestinationVolume.objects.filter(pk=volume.pk).update(volume_id=created.id)
-            JobDisk.objects.filter(pk=disk.pk).update(volume_id=created.id)
-            record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({created.id})")
+            replaced = bool(volume.volume_id)
+            # A new volume holds none of the earlier syncs: it is attached afresh and gets a full copy.
+            DestinationVolume.objects.filter(pk=volume.pk).update(
+                volume_id=created.id,
+                device_path="",
+                state=DestinationVolume.State.RESERVED if volume.node_id else DestinationVolume.State.DETACHED,
+            )
+            JobDisk.objects.filter(pk=disk.pk).update(volume_id=created.id, device_path="", previous_change_id="")
+            if replaced:
+                record_job_event(
+                    job,
+                    "volume.replaced",
+                    step=JobState.PROVISIONING,
+                    message=f"disk {disk.source_disk.unit_number}: volume {volume.volume_id} is gone; "
+                    f"{name} ({created.id}) replaces it and gets a full copy",
+                )
+            else:
+                record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({created.id})")
         beat(job, runner)
 
 
@@ -251,11 +343,70 @@ def finish_cancel(job: MigrationJob) -> None:
         record_job_event(job, "job.cancelled", step=job.current_step, message="volumes and exports kept for a retry")
 
 
+def verify(job: MigrationJob, runner: str) -> None:
+    """Before a sync counts: each disk's device is still there and is the volume this job provisioned,
+    it is as large as its source, and the ranges the VMA says it wrote read back, through the export,
+    with the VMA's digest. Anything else fails the job, saying which disk and why."""
+    conf = nbd_conf()
+    checked, unverified = 0, []
+    for disk in _disks(job):
+        unit = disk.source_disk.unit_number
+        volume = DestinationVolume.objects.filter(source_disk=disk.source_disk).first()
+        if volume is None or volume.volume_id != disk.volume_id:
+            raise StepFailed(f"verifying: disk {unit}: its volume was replaced during the sync; sync it again")
+        if not os.path.exists(disk.device_path):
+            raise StepFailed(
+                f"verifying: disk {unit}: its device {disk.device_path} is gone (the volume was deleted or "
+                "detached during the copy); nothing it wrote can be trusted: retry to provision it again"
+            )
+        if disk.mapping is None:
+            raise StepFailed(f"verifying: disk {unit} has no export to read back")
+        digest = disk.digest
+        with heartbeat_kept(job, runner):
+            try:
+                with NbdConnection(conf.host, conf.port, timeout=30) as conn:
+                    size = conn.open(disk.mapping.export_name).size
+                    if size < disk.source_disk.capacity_bytes:
+                        raise StepFailed(
+                            f"verifying: disk {unit}: the volume holds {size} bytes, the source "
+                            f"{disk.source_disk.capacity_bytes}: it must be grown first"
+                        )
+                    if not digest:
+                        unverified.append(unit)
+                        continue
+                    value = _read_digest(conn, digest["ranges"])
+            except NbdError as exc:
+                raise StepFailed(f"verifying: disk {unit}: cannot read it back through its export: {exc}") from exc
+        if value != digest.get("value"):
+            raise StepFailed(
+                f"verifying: disk {unit}: what the volume holds differs from what the VMA sent "
+                f"(sha256 {value[:12]}... read back, {str(digest.get('value'))[:12]}... sent); sync it again"
+            )
+        JobDisk.objects.filter(pk=disk.pk).update(verified_at=timezone.now())
+        checked += 1
+    message = f"{checked} disk(s) read back and matched the VMA's digests"
+    if unverified:
+        message += f"; disk(s) {', '.join(map(str, unverified))}: the VMA sent no digest, not compared"
+    record_job_event(job, "sync.verified", step=JobState.VERIFYING, message=message)
+
+
+VERIFY_CHUNK = 4 << 20
+
+
+def _read_digest(conn: NbdConnection, ranges: list[list[int]]) -> str:
+    hasher = hashlib.sha256()
+    for offset, length in ranges:
+        for start in range(offset, offset + length, VERIFY_CHUNK):
+            hasher.update(conn.pread(start, min(VERIFY_CHUNK, offset + length - start)))
+    return hasher.hexdigest()
+
+
 STEP_FUNCTIONS.update(
     {
         JobState.PROVISIONING: provision,
         JobState.ATTACHING: attach,
         JobState.EXPORTING: export,
         JobState.REPLICATING: replicate,
+        JobState.VERIFYING: verify,
     }
 )

@@ -216,4 +216,8 @@ OMA_WORKFLOW: dict[str, Any] = {
     "ATTACH_SLOTS": int(os.environ.get("OMA_ATTACH_SLOTS", os.environ.get("OMA_MAX_ATTACHED_VOLUMES", "25"))),
     "POLL_INTERVAL": float(os.environ.get("OMA_PROGRESS_POLL_INTERVAL", "0.5")),
     "HEARTBEAT_STALE_SECONDS": float(os.environ.get("OMA_HEARTBEAT_STALE_SECONDS", "60")),
+    # An unexpected error in a step: tried again after this many seconds, then twice as long, then failed.
+    "STEP_RETRY_SECONDS": float(os.environ.get("OMA_STEP_RETRY_SECONDS", "5")),
+    # A sync completes only after the portal re-read what the VMA wrote and it matched the VMA's digest.
+    "VERIFY_WRITES": env_bool("OMA_VERIFY_WRITES", True),
 }

@@ -20,12 +20,12 @@ def old_jobs(count: int, state: str = JobState.CANCELLED) -> list[MigrationJob]:
 
 
 def test_a_retry_is_refused_while_another_job_of_the_vm_is_active() -> None:
-    first, second = old_jobs(2)
-    actions.retry_job(job_id=first.job_id)
+    older, newest = old_jobs(2)
+    actions.retry_job(job_id=newest.job_id)
     with pytest.raises(actions.MigrationError, match="already has an active job"):
-        actions.retry_job(job_id=second.job_id)
-    second.refresh_from_db()
-    assert second.state == JobState.CANCELLED and second.attempt == 1
+        actions.retry_job(job_id=older.job_id)
+    older.refresh_from_db()
+    assert older.state == JobState.CANCELLED and older.attempt == 1
     assert MigrationJob.objects.filter(state__in=ACTIVE_STATES).count() == 1
 
 
@@ -51,6 +51,13 @@ def test_two_retry_presses_at_once_on_old_jobs_of_one_vm_start_at_most_one() -> 
         thread.join(30)
     assert len(outcomes) == 2 and outcomes.count("retried") == 1, outcomes
     assert MigrationJob.objects.filter(state__in=ACTIVE_STATES).count() == 1
+
+
+def test_only_the_newest_job_of_a_vm_can_be_retried() -> None:
+    older, newest = old_jobs(2)
+    with pytest.raises(actions.MigrationError, match=f"superseded by {newest.job_id}"):
+        actions.retry_job(job_id=older.job_id)
+    assert not MigrationJob.objects.filter(state__in=ACTIVE_STATES).exists()
 
 
 def test_start_is_refused_while_a_job_of_the_vm_is_active() -> None:

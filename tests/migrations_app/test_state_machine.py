@@ -48,7 +48,7 @@ def test_happy_path_records_step_and_times() -> None:
         job.transition_to(step)
         assert job.current_step == step and job.started_at is not None
     job.transition_to(JobState.COMPLETED)
-    assert job.finished_at is not None and job.current_step == JobState.REPLICATING
+    assert job.finished_at is not None and job.current_step == JobState.VERIFYING
 
 
 def test_retry_keeps_the_failed_step_and_counts_the_attempt() -> None:

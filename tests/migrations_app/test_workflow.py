@@ -28,8 +28,11 @@ def test_job_completes_and_every_volume_matches_its_source(
     disks = list(job.disks.all())
     assert len(disks) == 2 and all(d.new_change_id and d.bytes_done == d.bytes_total for d in disks)
     finished = JobEvent.objects.filter(job=job, kind="step.finished").values_list("step", flat=True)
-    assert list(finished) == ["provisioning", "attaching", "exporting", "replicating"]
+    assert list(finished) == ["provisioning", "attaching", "exporting", "replicating", "verifying"]
     assert all(e.duration_ms is not None for e in JobEvent.objects.filter(job=job, kind="step.finished"))
+    verified = job.events.get(kind="sync.verified").message
+    assert verified == "2 disk(s) read back and matched the VMA's digests"
+    assert all(d.digest["ranges"] == [[0, d.source_disk.capacity_bytes]] and d.verified_at for d in disks)
 
 
 def test_second_job_is_an_incremental_sync_on_the_same_volume_and_export(

@@ -38,6 +38,7 @@ def wire(settings: object, server: RunningServer, sim: Sim) -> None:
         "ATTACH_SLOTS": 25,
         "POLL_INTERVAL": 0.05,
         "HEARTBEAT_STALE_SECONDS": 60,
+        "STEP_RETRY_SECONDS": 0.05,
     }
     actions.sync_inventory(sim.client.inventory())
 

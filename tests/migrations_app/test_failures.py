@@ -1,0 +1,133 @@
+"""Failures are failures: an unexpected error in a step is recorded in words and tried again a bounded
+number of times; retries after a cleanup, or of a superseded job, do what an operator expects."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+import pytest
+
+from devtools.vma_sim import Faults
+from migrations_app import actions, workflow
+from migrations_app.backends import get_volume_backend
+from migrations_app.models import JobDisk, JobState, MigrationJob
+from migrations_app.workflow import describe_error
+from tests.support.flows import assert_copied, drive, migrate, wire
+from tests.support.nbd import RunningServer
+from tests.support.vma import Sim, SimFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def failing(times: int, real: Callable[[MigrationJob, str], None]) -> Callable[[MigrationJob, str], None]:
+    """A step that hits a full disk ``times`` times, then works."""
+    calls = {"n": 0}
+
+    def step(job: MigrationJob, runner: str) -> None:
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise OSError(errno.ENOSPC, "No space left on device", "/var/lib/oma/volumes/x.img")
+        real(job, runner)
+
+    return step
+
+
+def test_an_errno_reads_as_words_not_a_number() -> None:
+    text = describe_error(OSError(errno.ENOSPC, "No space left on device", "/v/x.img"))
+    assert text == "No space left on device [ENOSPC] (/v/x.img)"
+    assert describe_error(KeyError("unit_number")) == "KeyError: 'unit_number'"
+
+
+def test_an_unexpected_error_is_recorded_and_the_step_tried_again(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wire(settings, nbdkit_server, sim)
+    real = workflow.STEP_FUNCTIONS[JobState.ATTACHING]
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.ATTACHING, failing(2, real))
+    job = migrate("web-01", sim)
+    assert job.state == JobState.COMPLETED, job.error
+    errors = list(job.events.filter(kind="step.error").values_list("message", flat=True))
+    assert len(errors) == 2 and all("No space left on device [ENOSPC]" in m for m in errors)
+    assert "attempt 2 of 3" in errors[0] and "attempt 3 of 3" in errors[1]
+    assert_copied(job, sim)
+
+
+def test_a_step_that_keeps_failing_fails_the_job_with_its_reason(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wire(settings, nbdkit_server, sim)
+    real = workflow.STEP_FUNCTIONS[JobState.ATTACHING]
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.ATTACHING, failing(99, real))
+    job = migrate("web-01", sim)
+    assert job.state == JobState.FAILED and job.current_step == JobState.ATTACHING
+    assert job.error == (
+        "attaching: No space left on device [ENOSPC] (/var/lib/oma/volumes/x.img) (failed 3 times in a row)"
+    )
+    assert job.events.filter(kind="step.error").count() == 2
+
+
+def test_retry_after_a_cleanup_provisions_again_and_copies_whole(
+    nbdkit_server: RunningServer, sim: Sim, settings: object
+) -> None:
+    wire(settings, nbdkit_server, sim)
+    first = migrate("web-01", sim)
+    assert first.state == JobState.COMPLETED
+    second = actions.start_migration(vm_id=sim.vm("web-01").id)
+    actions.cancel_job(job_id=second.job_id)
+    # The cancelled incremental's volume holds the first sync: cleanup keeps it. Lose it anyway.
+    volume = JobDisk.objects.get(job=first).volume_id
+    JobDisk.objects.filter(volume_id=volume).update(volume_id="")
+    actions.cleanup_job(job_id=second.job_id)
+    retried = actions.retry_job(job_id=second.job_id)
+    assert retried.current_step == JobState.PROVISIONING
+    assert not retried.disks.exclude(previous_change_id="").exists(), "a new volume gets a full copy"
+    (done,) = drive(retried)
+    assert done.state == JobState.COMPLETED, done.error
+    assert_copied(done, sim)
+
+
+def test_a_superseded_job_is_not_retried(nbdkit_server: RunningServer, sim: Sim, settings: object) -> None:
+    wire(settings, nbdkit_server, sim)
+    old = actions.start_migration(vm_id=sim.vm("web-01").id)
+    actions.cancel_job(job_id=old.job_id)
+    newer = migrate("web-01", sim)
+    assert newer.state == JobState.COMPLETED
+    with pytest.raises(actions.MigrationError, match=f"superseded by {newer.job_id}"):
+        actions.retry_job(job_id=old.job_id)
+    assert MigrationJob.objects.get(pk=old.pk).state == JobState.CANCELLED
+
+
+def test_what_differs_from_the_vmas_digest_fails_the_sync(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """The simulator zeroes a block of each disk after writing it but reports its source's digest: the
+    portal reads the ranges back, sees the difference and fails the job instead of completing it."""
+    corrupting = make_sim(Faults(corrupt=True))
+    wire(settings, nbdkit_server, corrupting)
+    job = migrate("web-01", corrupting)
+    assert job.state == JobState.FAILED and job.current_step == JobState.VERIFYING
+    assert job.error.startswith("verifying: disk 0: what the volume holds differs from what the VMA sent")
+    assert not job.disks.exclude(verified_at=None).exists()
+
+
+def test_a_volume_deleted_during_the_copy_never_gives_a_completed_job(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    held = make_sim(Faults(rate_bits_per_second=16_000_000))  # 16 MiB: about 8 s
+    wire(settings, nbdkit_server, held)
+    job = actions.start_migration(vm_id=held.vm("web-01").id)
+    drive(job, until=lambda j: j.state == JobState.REPLICATING and j.disks.get().bytes_done > 0)
+    disk = job.disks.get()
+    backend = get_volume_backend()
+    backend.detach_volume(disk.volume_id)  # mid-copy, someone detaches and deletes it behind our back
+    backend.delete_volume(disk.volume_id)
+    (job,) = drive(job)
+    assert job.state == JobState.FAILED
+    assert job.error.startswith("verifying: disk 0: its device") and "is gone" in job.error
+    # A retry provisions a new volume and copies it whole.
+    retried = actions.retry_job(job_id=job.job_id)
+    (done,) = drive(retried)
+    assert done.state == JobState.COMPLETED, done.error
+    assert done.events.filter(kind="volume.replaced").exists()
+    assert_copied(done, held)
