@@ -30,6 +30,8 @@ from migrations_app.vma_client import Digest, DiskProgress, VmaVM
 from migrations_app.vma_client import Replication as ReplicationJson
 
 BLOCK = 1 << 20
+# A copy flushes and reports a checkpoint every this many blocks.
+CHECKPOINT_BLOCKS = 4
 NBDCOPY = shutil.which("nbdcopy") or "/usr/bin/nbdcopy"
 NBDKIT = shutil.which("nbdkit") or "/usr/bin/nbdkit"
 # Written part of each data block: the images stay mostly sparse, so they are quick to make.
@@ -206,6 +208,11 @@ class DiskCopy:
     change_id: str = ""
     error: str = ""
     digest: Digest | None = None
+    resume_from: str = ""  # a checkpoint this sync continues from (a resumed replication)
+    checkpoint: str = ""  # what is confirmed written (flushed) so far: <mode>:<generation>:<blocks done>
+    checkpoint_bytes: int = 0
+    written: int = 0  # bytes this replication really wrote (a resumed one skips what was confirmed)
+    transient: bool = False  # the failure was the NBD target or the network: worth resuming
 
     def as_json(self) -> DiskProgress:
         progress: DiskProgress = {
@@ -220,7 +227,19 @@ class DiskCopy:
         }
         if self.digest is not None:
             progress["digest"] = self.digest
+        if self.checkpoint:
+            progress["checkpoint"] = self.checkpoint
+            progress["checkpoint_bytes"] = self.checkpoint_bytes
         return progress
+
+    def resume_skip(self) -> int:
+        """Blocks of this sync confirmed written before, when the checkpoint fits this sync (same mode,
+        and the source has not changed since); else 0: the sync starts over."""
+        mode, _, rest = self.resume_from.partition(":")
+        generation, _, done = rest.partition(":")
+        if mode != self.mode or not generation.isdigit() or not done.isdigit():
+            return 0
+        return int(done) if int(generation) == self.disk.generation else 0
 
 
 class ApiError(Exception):
@@ -248,7 +267,8 @@ class Replication:
                 changed = copy.disk.changed_since(copy.previous_change_id)
                 if changed is not None:
                     copy.mode = "incremental"
-                    copy.disk.guest_writes()
+                    if not copy.resume_from:  # a resumed sync continues the same changes
+                        copy.disk.guest_writes()
         for thread in self.threads:
             thread.start()
         threading.Thread(target=self._finish, daemon=True).start()
@@ -267,18 +287,23 @@ class Replication:
             self.state = "completed"
 
     def as_json(self) -> ReplicationJson:
-        return {
+        body: ReplicationJson = {
             "replication_id": self.id,
             "vm_id": self.vm.id,
             "state": self.state,
             "error": self.error,
             "disks": [c.as_json() for c in self.copies],
         }
+        if self.state == "failed":
+            failed = [c for c in self.copies if c.state == "failed"]
+            body["error_kind"] = "transient" if failed and all(c.transient for c in failed) else "permanent"
+        return body
 
     def _fault(self, copy: DiskCopy, percent: int) -> str | None:
         if self.faults.fail_at_percent is not None and percent >= self.faults.fail_at_percent:
             return f"injected failure at {self.faults.fail_at_percent}%"
         if self.faults.drop_at_percent is not None and percent >= self.faults.drop_at_percent:
+            copy.transient = True
             return f"NBD connection dropped at {self.faults.drop_at_percent}%"
         return None
 
@@ -297,7 +322,11 @@ class Replication:
                 self._copy_changed(copy, started)
             else:
                 self._copy_full(copy, started)
-        except (NbdError, OSError, ValueError) as exc:
+        except (NbdError, OSError) as exc:
+            # The NBD target (or the network to it) went away: the portal may resume from the checkpoint.
+            copy.state, copy.error, copy.transient = "failed", str(exc) or type(exc).__name__, True
+            return
+        except ValueError as exc:
             copy.state, copy.error = "failed", str(exc)
             return
         if copy.state == "failed":
@@ -340,8 +369,10 @@ class Replication:
         _, stderr = proc.communicate()
         if proc.returncode != 0 and copy.state != "failed" and not self.cancel_requested.is_set():
             copy.state, copy.error = "failed", f"nbdcopy exited {proc.returncode}: {stderr.decode()[-300:]}"
+            copy.transient = True  # nbdcopy fails when its target does
         elif copy.state != "failed" and not self.cancel_requested.is_set():
             copy.bytes_done = copy.bytes_total
+            copy.written = copy.bytes_total
             copy.digest = digest_of(copy.disk.image, [[0, copy.disk.capacity_bytes]])
 
     def _copy_changed(self, copy: DiskCopy, started: float) -> None:
@@ -354,28 +385,34 @@ class Replication:
         match = NBD_URL_RE.fullmatch(copy.nbd_url)
         if match is None:
             raise ValueError(f"bad NBD URL {copy.nbd_url!r}")
-        hasher = hashlib.sha256()
+        skip = min(copy.resume_skip(), len(blocks))
         with NbdConnection(match["host"].strip("[]"), int(match["port"])) as conn, open(copy.disk.image, "rb") as src:
             conn.open(match["export"])
-            for n, block in enumerate(blocks, start=1):
+            for n, block in enumerate(blocks[skip:], start=skip + 1):
                 if self.cancel_requested.is_set():
                     return
                 src.seek(block * BLOCK)
-                data = src.read(BLOCK)
-                conn.pwrite(block * BLOCK, data)
-                hasher.update(data)
+                conn.pwrite(block * BLOCK, src.read(BLOCK))
+                copy.written += BLOCK
                 copy.bytes_done = n * BLOCK
                 if rate_bits:
-                    ahead = started + copy.bytes_done * 8 / rate_bits - time.monotonic()
+                    ahead = started + copy.written * 8 / rate_bits - time.monotonic()
                     if ahead > 0 and self.cancel_requested.wait(ahead):
                         return
-                copy.throughput_bps = int(copy.bytes_done / max(time.monotonic() - started, 1e-3))
+                copy.throughput_bps = int(copy.written / max(time.monotonic() - started, 1e-3))
+                if n % CHECKPOINT_BLOCKS == 0:
+                    conn.flush()  # confirmed on the target: a resumed sync need not write these again
+                    copy.checkpoint = f"{copy.mode}:{copy.disk.generation}:{n}"
+                    copy.checkpoint_bytes = n * BLOCK
                 fault = self._fault(copy, 100 * n // max(len(blocks), 1))
                 if fault:
                     copy.state, copy.error = "failed", fault
                     return
             conn.flush()
-        copy.digest = {"algorithm": "sha256", "ranges": coalesce(blocks), "value": hasher.hexdigest()}
+        copy.checkpoint = f"{copy.mode}:{copy.disk.generation}:{len(blocks)}"
+        copy.checkpoint_bytes = len(blocks) * BLOCK
+        # What this sync wrote in all, including blocks an earlier, interrupted replication confirmed.
+        copy.digest = digest_of(copy.disk.image, coalesce(blocks))
 
     def _corrupt(self, copy: DiskCopy) -> None:
         match = NBD_URL_RE.fullmatch(copy.nbd_url)
@@ -424,7 +461,14 @@ class VmaSimulator:
                 url = str(item.get("nbd_url", ""))
                 if not NBD_URL_RE.fullmatch(url):
                     raise ApiError(400, "bad_request", f"nbd_url {url!r} is not nbd://host:port/export")
-                copies.append(DiskCopy(disk, url, str(item.get("previous_change_id") or "")))
+                copies.append(
+                    DiskCopy(
+                        disk,
+                        url,
+                        str(item.get("previous_change_id") or ""),
+                        resume_from=str(item.get("resume_from") or ""),
+                    )
+                )
             replication = Replication(replication_id, vm, copies, self.faults)
             self.replications[replication_id] = replication
         replication.start()
@@ -435,6 +479,17 @@ class VmaSimulator:
         if replication is None:
             raise ApiError(404, "not_found", f"no replication {replication_id}")
         return replication
+
+    def restart(self) -> None:
+        """What a VMA agent restart does: every copy stops where it is and every replication is forgotten
+        (the portal asks again, with its checkpoints)."""
+        for replication in list(self.replications.values()):
+            replication.cancel_requested.set()
+        for replication in list(self.replications.values()):
+            for thread in replication.threads:
+                thread.join(10)
+        with self.lock:
+            self.replications.clear()
 
     def cancel(self, replication_id: str) -> Replication:
         replication = self.get(replication_id)

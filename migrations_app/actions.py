@@ -167,14 +167,17 @@ def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
         )
     if job.current_step == JobState.VERIFYING:
         # What it wrote did not check out (or its device went): every step again, from a volume that
-        # exists and is attached, to a new copy.
+        # exists and is attached, to a new copy (nothing it confirmed counts).
         job.current_step = JobState.PROVISIONING
+        job.disks.update(checkpoint="", checkpoint_bytes=0)
     if job.cleanup_requested:
         # The cleanup removed its exports and volumes: everything is provisioned again, and a disk whose
         # volume went gets a full copy.
         job.current_step = JobState.PROVISIONING
         job.cleanup_requested = False
-        job.disks.filter(volume_id="").update(previous_change_id="", new_change_id="", bytes_done=0, mapping=None)
+        job.disks.filter(volume_id="").update(
+            previous_change_id="", new_change_id="", bytes_done=0, mapping=None, checkpoint="", checkpoint_bytes=0
+        )
     job.runner = ""
     job.step_errors = 0
     job.retry_at = None

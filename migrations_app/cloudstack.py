@@ -195,6 +195,17 @@ class CloudStackVolumeBackend:
             raise VolumeError(f"volume {raw['name']} is attached to another VM; not detaching it")
         self._call("detachVolume", id=volume_id)
 
+    def resize_volume(self, volume_id: str, size_bytes: int) -> Volume:
+        """Grow the volume (resizeVolume, whole GiB, never shrink); KVM grows an attached one online."""
+        raw = self._raw(volume_id)
+        if raw is None:
+            raise VolumeError(f"no CloudStack volume {volume_id}")
+        size_gib = round_up_gib(size_bytes) // GIB
+        if int(raw.get("size", 0)) >= size_gib * GIB:
+            return self._volume(raw)
+        result = self._call("resizeVolume", id=volume_id, size=size_gib, shrinkok=False)
+        return self._volume(result["volume"])
+
     def delete_volume(self, volume_id: str) -> None:
         raw = self._raw(volume_id)
         if raw is None:

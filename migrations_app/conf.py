@@ -57,6 +57,7 @@ class WorkflowConf:
     heartbeat_stale_seconds: float  # a running job whose worker is silent this long is resumed by another
     step_retry_seconds: float  # the first back-off after an unexpected step error (doubling after)
     verify_writes: bool  # re-read what the VMA wrote and compare it with its digest before completing
+    outage_window_seconds: float  # how long a copy rides out an outage (resuming) before it fails
 
 
 @functools.cache
@@ -107,6 +108,7 @@ def workflow_conf() -> WorkflowConf:
         heartbeat_stale_seconds=float(raw["HEARTBEAT_STALE_SECONDS"]),
         step_retry_seconds=float(raw.get("STEP_RETRY_SECONDS", 5.0)),
         verify_writes=bool(raw.get("VERIFY_WRITES", True)),
+        outage_window_seconds=float(raw.get("OUTAGE_WINDOW_SECONDS", 600)),
     )
 
 

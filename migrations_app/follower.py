@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import connections, transaction
 from django.db.models import Count, Max, Q
@@ -39,14 +39,13 @@ from .events import record_job_event
 from .groups import start_due_syncs
 from .models import ACTIVE_STATES, STEPS, DestinationVolume, JobDisk, JobEvent, JobState, MigrationJob, OmaNode
 from .slots import Placer, release, this_node
-from .topics import PROGRESS
+from .topics import JOB, PROGRESS
 from .vma_client import DiskProgress, Replication, VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError
-from .workflow import TRANSITION_FIELDS, complete, stale_before
+from .workflow import TRANSITION_FIELDS, complete, replication_targets, stale_before
 
 log = logging.getLogger(__name__)
 # Consecutive failed polls of one copy before the VMA counts as gone.
-MAX_UNREACHABLE_POLLS = 5
 SPARKLINE_SAMPLES = 40
 # At most this many pending jobs are looked at per tick (the rest wait for the next one).
 DISPATCH_BATCH = 200
@@ -113,8 +112,8 @@ class Follower:
     ) -> None:
         self.enqueue = enqueue
         self.vma = vma or get_vma_client()
-        self.unreachable: dict[int, int] = {}
-        self.written: dict[tuple[int, int], tuple[int, int, int, str]] = {}
+        self.resumed_at_bytes: dict[int, int] = {}  # job -> its bytes done when it was last resumed
+        self.written: dict[tuple[int, int], tuple[int, int, int, str, str, int]] = {}
         self.node = this_node()
         # Detaches free slots: the follower runs them itself, a few at a time beside its ticks (a CloudStack
         # detach takes seconds), instead of queueing them behind the workers' steps.
@@ -176,36 +175,119 @@ class Follower:
         )
         report.followed = len(jobs)
         progress: list[tuple[MigrationJob, Replication]] = []
+        now = timezone.now()
         for job in jobs:
+            if job.state == JobState.REPLICATING and job.retry_at is not None and job.retry_at > now:
+                continue  # backing off before the next resume
             try:
                 if job.state == JobState.CANCELLING:
                     state = self.vma.cancel(job.replication_id)
                 else:
                     state = self.vma.replication(job.replication_id)
             except VmaUnavailable as exc:
-                misses = self.unreachable[job.pk] = self.unreachable.get(job.pk, 0) + 1
-                if misses >= MAX_UNREACHABLE_POLLS and job.state == JobState.REPLICATING:
-                    self._finish(job, None, JobState.FAILED, f"replicating: {exc}")
-                    report.finished.append(job.job_id)
+                if job.state == JobState.REPLICATING:
+                    # The copy may well go on at the VMA: wait for it, within the outage window.
+                    self._outage(job, f"the VMA is unreachable ({exc.message})", report, resume=False)
                 continue  # a cancel waits for the VMA to come back: it is never dropped
             except VmaError as exc:
-                self._finish(job, None, JobState.FAILED, f"replicating: {exc}")
-                report.finished.append(job.job_id)
+                if exc.status == 404 and job.state == JobState.REPLICATING:
+                    self._outage(job, "the VMA no longer knows the copy (it restarted)", report, resume=True)
+                elif exc.status == 404:
+                    self._finish(job, None, JobState.CANCELLED, "")  # cancelling, and nothing runs there
+                    report.finished.append(job.job_id)
+                else:
+                    self._finish(job, None, JobState.FAILED, f"replicating: {exc}")
+                    report.finished.append(job.job_id)
                 continue
-            self.unreachable.pop(job.pk, None)
             if state["state"] in ("running", "cancelling"):
+                self._outage_over(job, state)
                 progress.append((job, state))
                 continue
             if job.state == JobState.CANCELLING:
                 self._finish(job, state, JobState.CANCELLED, "")
             elif state["state"] == "completed":
                 self._finish(job, state, JobState.COMPLETED, "")
+            elif state.get("error_kind") == "transient":
+                # The NBD server or the network cut the copy: continue it from what was confirmed.
+                self._write_progress([(job, state)])
+                self._outage(job, f"the copy was cut: {state.get('error') or '-'}", report, resume=True)
+                continue
             else:
                 why = f"replicating: the VMA reports the replication {state['state']}: {state.get('error') or '-'}"
                 self._finish(job, state, JobState.FAILED, why)
             report.finished.append(job.job_id)
         if progress:
             self._write_progress(progress)
+
+    def _outage(self, job: MigrationJob, why: str, report: TickReport, *, resume: bool) -> None:
+        """A copy interrupted (its VMA unreachable or restarted, its NBD target gone): within the outage
+        window it is waited for, or resumed from its checkpoints, backing off; after it, the job fails."""
+        now = timezone.now()
+        window = workflow_conf().outage_window_seconds
+        since = job.outage_since or now
+        waited = (now - since).total_seconds()
+        if waited > window:
+            self._finish(job, None, JobState.FAILED, f"replicating: {why}; still so after {waited:.0f} s")
+            report.finished.append(job.job_id)
+            return
+        if job.outage_since is None:
+            job.outage_since = since
+            with transaction.atomic():
+                MigrationJob.objects.filter(pk=job.pk).update(outage_since=since)
+                record_job_event(job, "replication.interrupted", step=JobState.REPLICATING, message=why)
+        # Backing off: 1 s, then longer as the outage lasts (at most 30 s between two tries).
+        pause = min(30.0, max(1.0, waited / 4))
+        retry_at = now + timedelta(seconds=pause)
+        if not resume:
+            self._set_wait(job, f"{why}; waiting since {since:%H:%M:%S}", None)
+            return
+        attempt = job.resumes + 1
+        replication_id = f"{job.job_id}-{job.attempt}-r{attempt}"
+        disks = list(job.disks.select_related("source_disk", "mapping").order_by("source_disk__unit_number"))
+        try:
+            self.vma.start_replication(replication_id, job.vm.vm_id, replication_targets(disks, resume=True))
+        except VmaError as exc:
+            self._set_wait(job, f"{why}; resuming failed ({exc.message}), next try in {pause:.0f} s", retry_at)
+            return
+        confirmed = sum(d.checkpoint_bytes for d in disks)
+        with transaction.atomic():
+            MigrationJob.objects.filter(pk=job.pk).update(
+                replication_id=replication_id, resumes=attempt, retry_at=None, wait_reason=f"resumed after: {why}"
+            )
+            record_job_event(
+                job,
+                "replication.resumed",
+                step=JobState.REPLICATING,
+                message=f"{replication_id}: resumed from what was confirmed written ({confirmed >> 20} MiB) "
+                f"after: {why}",
+            )
+        self.resumed_at_bytes[job.pk] = sum(d.bytes_done for d in disks)
+        report.recovered.append(job.job_id)
+
+    def _outage_over(self, job: MigrationJob, state: Replication) -> None:
+        """The copy runs again: once it has written something new (not merely started again and about to
+        be cut once more), the outage is over and its window starts afresh next time."""
+        if job.outage_since is None and not job.wait_reason:
+            return
+        done = sum(int(item.get("bytes_done") or 0) for item in state["disks"])
+        if done <= self.resumed_at_bytes.get(job.pk, -1):
+            return
+        self.resumed_at_bytes.pop(job.pk, None)
+        with transaction.atomic():
+            MigrationJob.objects.filter(pk=job.pk).update(outage_since=None, wait_reason="", retry_at=None)
+            if job.outage_since is not None:
+                lasted = (timezone.now() - job.outage_since).total_seconds()
+                record_job_event(
+                    job, "replication.continues", step=JobState.REPLICATING, message=f"after {lasted:.0f} s"
+                )
+
+    def _set_wait(self, job: MigrationJob, why: str, retry_at: datetime | None) -> None:
+        if job.wait_reason == why[:255] and job.retry_at == retry_at:
+            return
+        with transaction.atomic():
+            MigrationJob.objects.filter(pk=job.pk).update(wait_reason=why[:255], retry_at=retry_at)
+            announce(JOB, job.pk)
+        job.wait_reason, job.retry_at = why[:255], retry_at
 
     def _write_progress(self, batch: list[tuple[MigrationJob, Replication]]) -> None:
         """Every moving job's disks and a sparkline sample, in one transaction (one write lock on SQLite
@@ -236,6 +318,9 @@ class Follower:
             disks = {d.source_disk.unit_number: d for d in locked.disks.select_related("source_disk")}
             if state is not None:
                 write_progress(locked, disks, state["disks"])
+            if locked.outage_since or locked.wait_reason or locked.retry_at:
+                # The copy ended: whatever outage it rode out is over.
+                MigrationJob.objects.filter(pk=locked.pk).update(outage_since=None, wait_reason="", retry_at=None)
             verify = to == JobState.COMPLETED and workflow_conf().verify_writes
             if verify:
                 # Not complete before the portal has re-read what the VMA says it wrote: a worker's step.
@@ -272,7 +357,7 @@ class Follower:
                 record_job_event(locked, "step.failed", step=locked.current_step, message=error)
         for key in [k for k in self.written if k[0] == job.pk]:
             del self.written[key]
-        self.unreachable.pop(job.pk, None)
+        self.resumed_at_bytes.pop(job.pk, None)
 
     # --- 2. silent workers ------------------------------------------------------------------
 
@@ -449,7 +534,7 @@ class Follower:
         job.wait_reason = why
 
 
-def _values(item: DiskProgress, disk: JobDisk | None) -> tuple[int, int, int, str] | None:
+def _values(item: DiskProgress, disk: JobDisk | None) -> tuple[int, int, int, str, str, int] | None:
     if disk is None:
         return None
     return (
@@ -457,6 +542,8 @@ def _values(item: DiskProgress, disk: JobDisk | None) -> tuple[int, int, int, st
         int(item["bytes_total"] or disk.bytes_total),
         int(item["throughput_bps"]),
         str(item.get("change_id", "")),
+        str(item.get("checkpoint") or disk.checkpoint),
+        int(item.get("checkpoint_bytes") or disk.checkpoint_bytes),
     )
 
 
@@ -467,9 +554,14 @@ def write_progress(job: MigrationJob, disks: dict[int, JobDisk], reported: list[
         values = _values(item, disks.get(item["unit_number"]))
         if values is None:
             continue
-        done, total, rate, change_id = values
+        done, total, rate, change_id, checkpoint, checkpoint_bytes = values
         JobDisk.objects.filter(pk=disks[item["unit_number"]].pk).update(
-            bytes_done=done, bytes_total=total, throughput_bps=rate, new_change_id=change_id
+            bytes_done=done,
+            bytes_total=total,
+            throughput_bps=rate,
+            new_change_id=change_id,
+            checkpoint=checkpoint[:255],
+            checkpoint_bytes=checkpoint_bytes,
         )
     samples = MigrationJob.objects.filter(pk=job.pk).values_list("throughput_samples", flat=True).first() or []
     rate = sum(int(item.get("throughput_bps") or 0) for item in reported)

@@ -179,8 +179,9 @@ class IllegalTransition(Exception):
 
 
 def new_job_id() -> str:
-    """A readable, sortable job id such as job-20250812-080802-ab12."""
-    return f"job-{timezone.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    """A readable, sortable job id such as job-20250812-080802-ab12cd (six hex digits: a burst of jobs in
+    one second does not collide)."""
+    return f"job-{timezone.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 class MigrationJob(models.Model):
@@ -206,6 +207,9 @@ class MigrationJob(models.Model):
     # Unexpected errors of the current step in a row; it is tried again at retry_at, a few times at most.
     step_errors = models.PositiveSmallIntegerField(default=0)
     retry_at = models.DateTimeField(null=True, blank=True)
+    # A copy interrupted by an outage (VMA, network, NBD server): since when, and how often it was resumed.
+    outage_since = models.DateTimeField(null=True, blank=True)
+    resumes = models.PositiveSmallIntegerField(default=0)
     # Recent total throughput samples (bytes/s), newest last: the dashboard's sparkline.
     throughput_samples = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -284,6 +288,9 @@ class JobDisk(models.Model):
     # What the VMA says it wrote in this sync: {"algorithm", "ranges": [[offset, length], ...], "value"}.
     digest = models.JSONField(default=dict, blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
+    # What the VMA confirmed written so far in this sync: a resumed copy continues from there.
+    checkpoint = models.CharField(max_length=255, blank=True)
+    checkpoint_bytes = models.BigIntegerField(default=0)
 
     class Meta:
         ordering = ["job", "source_disk__unit_number"]

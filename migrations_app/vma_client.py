@@ -38,6 +38,7 @@ class ReplicationTarget(TypedDict):
     unit_number: int
     nbd_url: str
     previous_change_id: str  # empty: a full copy
+    resume_from: NotRequired[str]  # a checkpoint of an interrupted replication of this sync
 
 
 class Digest(TypedDict):
@@ -59,6 +60,8 @@ class DiskProgress(TypedDict):
     change_id: str  # set when the disk is done: the next sync's previous_change_id
     error: NotRequired[str]
     digest: NotRequired[Digest]  # set when the disk is done
+    checkpoint: NotRequired[str]  # what is confirmed written so far: hand it back as resume_from
+    checkpoint_bytes: NotRequired[int]
 
 
 class Replication(TypedDict):
@@ -67,6 +70,7 @@ class Replication(TypedDict):
     state: str  # running, completed, failed, cancelling, cancelled
     error: str
     disks: list[DiskProgress]
+    error_kind: NotRequired[str]  # when failed: "transient" (the NBD target or network: resume) or "permanent"
 
 
 class VmaError(Exception):

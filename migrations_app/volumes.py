@@ -47,6 +47,7 @@ class VolumeBackend(Protocol):
     def attach_volume(self, volume_id: str) -> str: ...
     def detach_volume(self, volume_id: str) -> None: ...
     def delete_volume(self, volume_id: str) -> None: ...
+    def resize_volume(self, volume_id: str, size_bytes: int) -> Volume: ...
     def get_volume(self, volume_id: str) -> Volume | None: ...
     def find_volume(self, name: str) -> Volume | None: ...
     def list_volumes(self) -> list[Volume]: ...
@@ -183,6 +184,21 @@ class LocalVolumeBackend:
                 self.device_path(volume_id).unlink(missing_ok=True)
             volume.attached_device = ""
             self._save(volume)
+
+    def resize_volume(self, volume_id: str, size_bytes: int) -> Volume:
+        """Grow the volume to at least ``size_bytes`` (whole GiB), attached or not; never shrink it."""
+        size = round_up_gib(size_bytes)
+        with self._locked():
+            volume = self._require(volume_id)
+            if volume.size_bytes >= size:
+                return volume
+            with open(self.image_path(volume_id), "r+b") as fh:
+                fh.truncate(size)
+            if self.loop and volume.attached_device:
+                subprocess.run([LOSETUP, "-c", volume.attached_device], check=False)  # noqa: S603
+            volume.size_bytes = size
+            self._save(volume)
+            return volume
 
     def delete_volume(self, volume_id: str) -> None:
         with self._locked():

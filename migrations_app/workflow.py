@@ -249,9 +249,21 @@ def provision(job: MigrationJob, runner: str) -> None:
     for disk in _disks(job):
         volume = volumes[disk.source_disk_id]
         with heartbeat_kept(job, runner):
-            exists = bool(volume.volume_id) and backend.get_volume(volume.volume_id) is not None
-        if exists:
-            JobDisk.objects.filter(pk=disk.pk).update(volume_id=volume.volume_id)
+            existing = backend.get_volume(volume.volume_id) if volume.volume_id else None
+        if existing is not None:
+            capacity = disk.source_disk.capacity_bytes
+            if existing.size_bytes < capacity:
+                # The source disk grew since the last sync: the volume grows first (its export serves on).
+                with heartbeat_kept(job, runner):
+                    grown = backend.resize_volume(existing.id, capacity)
+                record_job_event(
+                    job,
+                    "volume.grown",
+                    step=JobState.PROVISIONING,
+                    message=f"disk {disk.source_disk.unit_number}: the source disk grew to {capacity >> 20} MiB; "
+                    f"its volume grew from {existing.size_bytes >> 20} MiB to {grown.size_bytes >> 20} MiB",
+                )
+            JobDisk.objects.filter(pk=disk.pk).update(volume_id=volume.volume_id, bytes_total=capacity)
             continue
         name = volume_name_for(job.vm.vm_id, disk.source_disk.unit_number)
         with heartbeat_kept(job, runner):
@@ -312,16 +324,9 @@ def export(job: MigrationJob, runner: str) -> None:
 def replicate(job: MigrationJob, runner: str) -> None:
     """Ask the VMA to copy every disk into its export, and return: the follower follows the copy. The
     replication id names the attempt, so asking again (a worker that died here) starts nothing new."""
-    conf = vma_conf()
     replication_id = f"{job.job_id}-{job.attempt}"
-    targets: list[ReplicationTarget] = [
-        {
-            "unit_number": disk.source_disk.unit_number,
-            "nbd_url": f"nbd://{conf.nbd_host}:{conf.nbd_port}/{disk.mapping.export_name}",  # type: ignore[union-attr]
-            "previous_change_id": disk.previous_change_id,
-        }
-        for disk in _disks(job)
-    ]
+    # A retried job continues from what its earlier attempt confirmed written (none: from the start).
+    targets = replication_targets(_disks(job), resume=True)
     vma = get_vma_client()
     try:
         with heartbeat_kept(job, runner):
@@ -332,6 +337,25 @@ def replicate(job: MigrationJob, runner: str) -> None:
         if not MigrationJob.objects.filter(pk=job.pk, runner=runner).update(replication_id=replication_id):
             raise LostOwnership(job.job_id)
         record_job_event(job, "replication.started", step=JobState.REPLICATING, message=replication_id)
+
+
+def replication_targets(disks: list[JobDisk], resume: bool = False) -> list[ReplicationTarget]:
+    """What the VMA is asked to copy: each disk into its export, from its previous change id; resumed,
+    from the checkpoint the VMA last confirmed."""
+    conf = vma_conf()
+    targets: list[ReplicationTarget] = []
+    for disk in disks:
+        if disk.mapping is None:
+            raise StepFailed(f"disk {disk.source_disk.unit_number} has no export to copy into")
+        target: ReplicationTarget = {
+            "unit_number": disk.source_disk.unit_number,
+            "nbd_url": f"nbd://{conf.nbd_host}:{conf.nbd_port}/{disk.mapping.export_name}",
+            "previous_change_id": disk.previous_change_id,
+        }
+        if resume and disk.checkpoint:
+            target["resume_from"] = disk.checkpoint
+        targets.append(target)
+    return targets
 
 
 def finish_cancel(job: MigrationJob) -> None:

@@ -220,4 +220,7 @@ OMA_WORKFLOW: dict[str, Any] = {
     "STEP_RETRY_SECONDS": float(os.environ.get("OMA_STEP_RETRY_SECONDS", "5")),
     # A sync completes only after the portal re-read what the VMA wrote and it matched the VMA's digest.
     "VERIFY_WRITES": env_bool("OMA_VERIFY_WRITES", True),
+    # A copy cut by an outage (the VMA, the network, the NBD server) is resumed from its checkpoint for
+    # this long, backing off, before its job fails.
+    "OUTAGE_WINDOW_SECONDS": float(os.environ.get("OMA_OUTAGE_WINDOW_SECONDS", "600")),
 }

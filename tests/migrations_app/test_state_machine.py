@@ -64,7 +64,7 @@ def test_retry_keeps_the_failed_step_and_counts_the_attempt() -> None:
 
 def test_job_ids_are_readable_and_unique() -> None:
     ids = {new_job_id() for _ in range(200)}
-    assert all(re.fullmatch(r"job-\d{8}-\d{6}-[0-9a-f]{4}", i) for i in ids)
+    assert all(re.fullmatch(r"job-\d{8}-\d{6}-[0-9a-f]{6}", i) for i in ids)
     assert len(ids) > 190  # 4 hex digits per second: collisions are possible but rare
 
 

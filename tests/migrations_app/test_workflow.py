@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,22 @@ def test_jobs_wait_when_the_active_job_limit_is_reached(
     assert "1 jobs are active, the maximum is 1" in waiting.events.get(kind="job.queued").message
     actions.cancel_job(job_id=busy.job_id)
     drive(busy, waiting, until=lambda j: j.state == JobState.CANCELLED or j.state == JobState.REPLICATING)
+
+
+def test_a_grown_source_disk_grows_its_volume_first(nbdkit_server: RunningServer, sim: Sim, settings: object) -> None:
+    wire(settings, nbdkit_server, sim)
+    first = migrate("web-01", sim)
+    assert first.state == JobState.COMPLETED, first.error
+    source = sim.vm("web-01").disks[0]
+    source.capacity_bytes = (1 << 30) + (16 << 20)  # past the volume's whole GiB
+    with open(source.image, "r+b") as fh:
+        fh.truncate(source.capacity_bytes)
+    actions.sync_inventory(sim.client.inventory())
+    second = migrate("web-01", sim)
+    assert second.state == JobState.COMPLETED, second.error
+    grown = second.events.get(kind="volume.grown").message
+    assert grown == "disk 0: the source disk grew to 1040 MiB; its volume grew from 1024 MiB to 2048 MiB"
+    disk = second.disks.get()
+    assert disk.previous_change_id, "still incremental: the volume kept its data"
+    assert os.path.getsize(os.path.realpath(disk.device_path)) == 2 << 30
+    assert_copied(second, sim)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlparse
 
-ASYNC = {"createVolume", "attachVolume", "detachVolume", "createTags"}
+ASYNC = {"createVolume", "attachVolume", "detachVolume", "createTags", "resizeVolume"}
 
 
 def cloudstack_signature(params: dict[str, str], secret: str) -> str:
@@ -206,6 +206,22 @@ class FakeCloudStack:
             return {"volume": dict(volume)}
 
         return 200, {key: {"jobid": self._job("detachVolume", work)}}
+
+    def api_resizeVolume(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        volume = self.volumes.get(params.get("id", ""))
+        if volume is None:
+            return 431, {key: {"errorcode": 431, "errortext": "Unable to find volume"}}
+        size = int(params.get("size", 0)) << 30
+        if size < volume["size"] and params.get("shrinkok") != "true":
+            return 431, {key: {"errorcode": 431, "errortext": "Going from existing size to new size is shrinking"}}
+
+        def work() -> dict[str, Any]:
+            volume["size"] = size
+            with open(self.file_of(volume["id"]), "r+b") as fh:
+                fh.truncate(size)
+            return {"volume": dict(volume)}
+
+        return 200, {key: {"jobid": self._job("resizeVolume", work)}}
 
     def api_createTags(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
         if params.get("resourcetype") != "Volume":

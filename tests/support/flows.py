@@ -3,6 +3,7 @@ migrate, check the bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from django.conf import settings as django_settings
 from django.db import connection
 
@@ -39,6 +41,7 @@ def wire(settings: object, server: RunningServer, sim: Sim) -> None:
         "POLL_INTERVAL": 0.05,
         "HEARTBEAT_STALE_SECONDS": 60,
         "STEP_RETRY_SECONDS": 0.05,
+        "OUTAGE_WINDOW_SECONDS": 30,
     }
     actions.sync_inventory(sim.client.inventory())
 
@@ -148,7 +151,7 @@ class Cluster:
 
     def start(self, *which: str) -> Cluster:
         """Start the worker cluster and the follower (or only the ones named)."""
-        commands = {"worker": "qcluster", "follower": "run_follower"}
+        commands = {"worker": "run_workers", "follower": "run_follower"}
         for name in which or tuple(commands):
             self.procs[name] = subprocess.Popen(
                 [sys.executable, str(REPO / "manage.py"), commands[name]],
@@ -167,6 +170,13 @@ class Cluster:
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if sig == signal.SIGKILL:
+        # A dead worker host: every process of it goes at once (run_workers runs the cluster in a session
+        # of its own, which a group signal alone would not reach).
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
     try:
         os.killpg(proc.pid, sig)
         proc.wait(timeout=15)
