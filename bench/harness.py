@@ -91,7 +91,7 @@ def start_oma(env: dict[str, str], log: Path | None = None) -> list[subprocess.P
             stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
             start_new_session=True,
         )
-        for command in ("qcluster", "run_follower")
+        for command in ("run_workers", "run_follower")
     ]
 
 

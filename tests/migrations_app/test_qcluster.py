@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from devtools.vma_sim import Faults
@@ -168,3 +170,20 @@ def test_a_worker_killed_in_a_step_is_recovered_and_its_step_resumed(
         assert_copied(done, sim)
     finally:
         cluster.kill(signal.SIGTERM)
+
+
+def test_the_workers_stop_within_seconds_when_their_process_group_gets_sigterm(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, tmp_path: Path
+) -> None:
+    """What honcho and systemd send: a plain qcluster hung here with its sentinel killed mid-stop."""
+    wire(settings, nbdkit_server, sim)
+    cluster = Cluster(nbdkit_server, sim, tmp_path / "cluster.log").start("worker")
+    proc = cluster.procs["worker"]
+    deadline = time.monotonic() + 30
+    while "running." not in (tmp_path / "cluster.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=20)  # raises if it hangs
+    assert psutil.pid_exists(proc.pid) is False or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+    assert "has stopped" in (tmp_path / "cluster.log").read_text(), "the cluster's own orderly stop ran"
+    cluster.procs.pop("worker")
