@@ -201,6 +201,11 @@ def main() -> None:
         "--repeat", type=int, default=1, help="rounds of bare copy then stack, each on fresh VMs: median and spread"
     )
     parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also run the rounds with verification off (OMA_VERIFY_WRITES=0) and report what verifying costs",
+    )
+    parser.add_argument(
         "--storage",
         choices=["tmpfs", "disk"],
         default="tmpfs",
@@ -243,6 +248,13 @@ def main() -> None:
         cluster = start_oma(env)
         time.sleep(3)  # let the workers and the follower start before the clock runs
         rounds = [measure_round(n, layout, args, root, vma_port) for n in range(args.repeat)]
+        unverified: list[dict[str, Any]] = []
+        if args.verify:
+            # The same rounds with the portal trusting the VMA's word (no read-back): what verifying costs.
+            stop_oma(cluster)
+            cluster = start_oma({**env, "OMA_VERIFY_WRITES": "0"})
+            time.sleep(3)
+            unverified = [measure_round(args.repeat + n, layout, args, root, vma_port) for n in range(args.repeat)]
         helper(layout, "stop")
     finally:
         if cluster is not None:
@@ -265,7 +277,20 @@ def main() -> None:
         "ratios": ratios,
         "ratio_spread": round(ratios[-1] - ratios[0], 3) if ratios else None,
         "overhead_p95_ms": statistics.median(r["overhead_p95_ms"] for r in rounds),
+        "verify_ms_p50": statistics.median(r["step_p50_ms"].get("verifying", 0) for r in rounds),
     }
+    if unverified:
+        plain = sorted(r["ratio"] for r in unverified if r["ratio"] is not None)
+        result["ratio_without_verify"] = statistics.median(plain) if plain else None
+        result["ratios_without_verify"] = plain
+        result["jobs"] += sum(r["jobs"] for r in unverified)
+        result["completed"] += sum(r["completed"] for r in unverified)
+        result["sha256_mismatches"] += sum(r["sha256_mismatches"] for r in unverified)
+        result["verify_cost"] = (
+            round(1 - result["ratio"] / result["ratio_without_verify"], 3)
+            if result["ratio"] and result["ratio_without_verify"]
+            else None
+        )
     print(json.dumps(result, sort_keys=True))
 
 

@@ -50,6 +50,7 @@ class Faults:
     # After a disk is copied, its first written block is zeroed on the way (a silent corruption the
     # VMA does not see): its digest is still the source's.
     corrupt: bool = False
+    malformed: bool = False  # progress answers break the contract (a byte count that is not a number)
 
 
 def coalesce(blocks: list[int]) -> list[list[int]]:
@@ -95,6 +96,13 @@ class SimDisk:
     dense: bool = False  # every byte written (a full guest disk), not a mostly sparse one
     generation: int = 0
     changes: dict[int, list[int]] = field(default_factory=dict)
+    # The whole image's digest at a generation: a full copy's, made once (a real VMA hashes as it reads).
+    full_digest: tuple[int, Digest] | None = None
+
+    def whole_digest(self) -> Digest:
+        if self.full_digest is None or self.full_digest[0] != self.generation:
+            self.full_digest = (self.generation, digest_of(self.image, [[0, self.capacity_bytes]]))
+        return self.full_digest[1]
 
     @property
     def blocks(self) -> int:
@@ -187,6 +195,7 @@ def make_inventory(
         ]
         for disk in disks:
             disk.make_image()
+            disk.whole_digest()  # ahead of any copy, as a VMA reading the source would have it
         vms.append(SimVM(vm_id, name, disks))
     return vms
 
@@ -294,6 +303,8 @@ class Replication:
             "error": self.error,
             "disks": [c.as_json() for c in self.copies],
         }
+        if self.faults.malformed:
+            body["disks"][0]["bytes_done"] = "lots"  # type: ignore[typeddict-item]
         if self.state == "failed":
             failed = [c for c in self.copies if c.state == "failed"]
             body["error_kind"] = "transient" if failed and all(c.transient for c in failed) else "permanent"
@@ -373,7 +384,7 @@ class Replication:
         elif copy.state != "failed" and not self.cancel_requested.is_set():
             copy.bytes_done = copy.bytes_total
             copy.written = copy.bytes_total
-            copy.digest = digest_of(copy.disk.image, [[0, copy.disk.capacity_bytes]])
+            copy.digest = copy.disk.whole_digest()
 
     def _copy_changed(self, copy: DiskCopy, started: float) -> None:
         blocks = copy.disk.changed_since(copy.previous_change_id) or []

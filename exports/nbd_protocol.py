@@ -9,6 +9,8 @@ Reference: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -61,14 +63,17 @@ class ExportInfo:
     can_flush: bool
 
 
-def _recv_exact(sock: socket.socket, count: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < count:
-        chunk = sock.recv(count - len(buf))
-        if not chunk:
-            raise NbdError(f"connection closed after {len(buf)} of {count} bytes")
-        buf += chunk
-    return bytes(buf)
+def _recv_exact(sock: socket.socket, count: int) -> bytearray:
+    """Exactly ``count`` bytes, received into one buffer (a verification reads whole disks this way)."""
+    buf = bytearray(count)
+    view = memoryview(buf)
+    got = 0
+    while got < count:
+        n = sock.recv_into(view[got:], count - got)
+        if not n:
+            raise NbdError(f"connection closed after {got} of {count} bytes")
+        got += n
+    return buf
 
 
 class NbdConnection:
@@ -115,7 +120,7 @@ class NbdConnection:
         if rtype & REP_FLAG_ERROR:
             message = data.decode("utf-8", errors="replace")
             raise NbdError(f"server refused option {option}: error {rtype & ~REP_FLAG_ERROR} {message}".strip())
-        return rtype, data
+        return rtype, bytes(data)
 
     def list_exports(self) -> list[str]:
         """Names only: one NBD_OPT_LIST round trip, no export is opened."""
@@ -148,7 +153,7 @@ class NbdConnection:
         self.export = ExportInfo(name, size, bool(tflags & TFLAG_READ_ONLY), bool(tflags & TFLAG_SEND_FLUSH))
         return self.export
 
-    def _command(self, cmd: int, offset: int, length: int, payload: bytes = b"") -> bytes:
+    def _command(self, cmd: int, offset: int, length: int, payload: bytes = b"") -> bytearray:
         if self.export is None:
             raise NbdError("no export is open")
         self._handle += 1
@@ -158,10 +163,12 @@ class NbdConnection:
         if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
             raise NbdError("unexpected transmission reply")
         if error:
-            raise NbdError(f"server returned error {error} for command {cmd} at offset {offset}")
-        return _recv_exact(self.sock, length) if cmd == CMD_READ else b""
+            # NBD errors are errno values: say which ("No space left on device [ENOSPC]", not "error 28").
+            name = errno.errorcode.get(error, str(error))
+            raise NbdError(f"server returned {os.strerror(error)} [{name}] for command {cmd} at offset {offset}")
+        return _recv_exact(self.sock, length) if cmd == CMD_READ else bytearray()
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytearray:
         return self._command(CMD_READ, offset, length)
 
     def pwrite(self, offset: int, data: bytes) -> None:

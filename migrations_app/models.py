@@ -254,6 +254,18 @@ class MigrationJob(models.Model):
     def can_retry(self) -> bool:
         return self.can_transition_to(JobState.PENDING)
 
+    @property
+    def worker_silent_for(self) -> int | None:
+        """Seconds since the worker running this job's step last beat, once past the stale threshold
+        (another worker is about to take the step over); None while all is well."""
+        from .conf import workflow_conf
+
+        followed = self.state == JobState.REPLICATING and bool(self.replication_id)
+        if self.state not in STEPS or followed or not self.runner or self.heartbeat_at is None:
+            return None
+        silent = (timezone.now() - self.heartbeat_at).total_seconds()
+        return int(silent) if silent > workflow_conf().heartbeat_stale_seconds else None
+
     def transition_to(self, to: str, *, error: str = "") -> None:
         """Move to state ``to`` (not saved). Raises IllegalTransition for anything the machine forbids."""
         if not self.can_transition_to(to):

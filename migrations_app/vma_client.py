@@ -127,10 +127,41 @@ class VmaClient:
 
     def start_replication(self, replication_id: str, vm_id: str, disks: Sequence[ReplicationTarget]) -> Replication:
         payload = {"replication_id": replication_id, "vm_id": vm_id, "disks": disks}
-        return cast(Replication, self._request("POST", "/replications", json=payload))
+        return checked_replication(self._request("POST", "/replications", json=payload))
 
     def replication(self, replication_id: str) -> Replication:
-        return cast(Replication, self._request("GET", f"/replications/{replication_id}"))
+        return checked_replication(self._request("GET", f"/replications/{replication_id}"))
 
     def cancel(self, replication_id: str) -> Replication:
-        return cast(Replication, self._request("POST", f"/replications/{replication_id}/cancel"))
+        return checked_replication(self._request("POST", f"/replications/{replication_id}/cancel"))
+
+
+REPLICATION_STATES = {"running", "completed", "failed", "cancelling", "cancelled"}
+DISK_COUNTERS = ("bytes_done", "bytes_total", "throughput_bps")
+
+
+def checked_replication(body: dict[str, Any]) -> Replication:
+    """A replication as the contract says it looks, or VmaError("malformed"): a job is never left
+    following numbers that mean nothing."""
+
+    def bad(what: str) -> VmaError:
+        return VmaError("malformed", f"the VMA answered a replication the contract does not allow: {what}")
+
+    if body.get("state") not in REPLICATION_STATES:
+        raise bad(f"state {str(body.get('state'))[:40]!r}")
+    disks = body.get("disks")
+    if not isinstance(disks, list):
+        raise bad("disks is not a list")
+    for disk in disks:
+        if not isinstance(disk, dict):
+            raise bad("a disk is not an object")
+        unit = disk.get("unit_number")
+        if not isinstance(unit, int) or isinstance(unit, bool) or not 0 <= unit <= 63:
+            raise bad(f"unit_number {str(unit)[:20]!r}")
+        for counter in DISK_COUNTERS:
+            value = disk.get(counter)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(f"disk {unit} {counter} {str(value)[:20]!r}")
+        if not isinstance(disk.get("change_id", ""), str) or not isinstance(disk.get("checkpoint", ""), str):
+            raise bad(f"disk {unit} change_id or checkpoint is not text")
+    return cast(Replication, body)

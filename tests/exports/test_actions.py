@@ -31,7 +31,7 @@ def reloads() -> int:
     return state.reload_count if state else 0
 
 
-def read_export(server: RunningServer, name: str, length: int) -> bytes:
+def read_export(server: RunningServer, name: str, length: int) -> bytearray:
     with NbdConnection("127.0.0.1", server.layout.port) as conn:
         conn.open(name)
         return conn.pread(0, length)

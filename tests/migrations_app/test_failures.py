@@ -131,3 +131,16 @@ def test_a_volume_deleted_during_the_copy_never_gives_a_completed_job(
     assert done.state == JobState.COMPLETED, done.error
     assert done.events.filter(kind="volume.replaced").exists()
     assert_copied(done, held)
+
+
+def test_malformed_progress_from_the_vma_fails_the_job_in_words(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    broken = make_sim(Faults(malformed=True))
+    wire(settings, nbdkit_server, broken)
+    job = migrate("web-01", broken)
+    assert job.state == JobState.FAILED
+    assert job.error == (
+        "replicating: VMA malformed: the VMA answered a replication the contract does not allow: "
+        "disk 0 bytes_done 'lots'"
+    )

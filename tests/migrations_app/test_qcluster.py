@@ -187,3 +187,66 @@ def test_the_workers_stop_within_seconds_when_their_process_group_gets_sigterm(
     assert psutil.pid_exists(proc.pid) is False or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
     assert "has stopped" in (tmp_path / "cluster.log").read_text(), "the cluster's own orderly stop ran"
     cluster.procs.pop("worker")
+
+
+def test_a_cancel_after_the_oma_side_was_killed_stops_the_vmas_copy_and_a_retry_completes(
+    nbdkit_server: RunningServer, gated: tuple[Sim, threading.Event], settings: object, tmp_path: Path
+) -> None:
+    slow, gate = gated
+    wire(settings, nbdkit_server, slow)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "HEARTBEAT_STALE_SECONDS": STALE_SECONDS}  # type: ignore[attr-defined]
+    cluster = Cluster(nbdkit_server, slow, tmp_path / "cluster.log").start()
+    try:
+        job = actions.start_migration(vm_id=slow.vm("web-01").id)
+        deadline = time.monotonic() + 30
+        while not MigrationJob.objects.get(pk=job.pk).replication_id and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster.kill(signal.SIGKILL)  # workers and follower die; the VMA copies on (held at the gate)
+        actions.cancel_job(job_id=job.job_id, actor="tester")
+        cluster.start()
+        done = wait_for(job, FINISHED, log=cluster.log)
+        assert done.state == JobState.CANCELLED
+        assert slow.sim.replications[done.replication_id].state == "cancelled", "the VMA's copy was stopped"
+        gate.set()
+        retried = actions.retry_job(job_id=job.job_id)
+        finished = wait_for(retried, FINISHED, log=cluster.log)
+        assert finished.state == JobState.COMPLETED, finished.error
+        assert_copied(finished, slow)
+    finally:
+        cluster.kill(signal.SIGTERM)
+
+
+def test_a_copy_rides_out_an_nbd_server_restart_and_a_vma_outage(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object, tmp_path: Path
+) -> None:
+    """Mid-copy, the NBD server is down for 3 s, later the VMA is unreachable for 10 s: the job
+    completes with no operator, resumed from its checkpoint, not copied again (< 1.2x the disk)."""
+    sim = make_sim(Faults(rate_bits_per_second=16_000_000), size_mib=64)  # 64 MiB: about 35 s
+    wire(settings, nbdkit_server, sim)
+    cluster = Cluster(nbdkit_server, sim, tmp_path / "cluster.log", OMA_OUTAGE_WINDOW_SECONDS="60").start()
+    try:
+        job = actions.start_migration(vm_id=sim.vm("web-01").id)
+
+        def confirmed() -> int:
+            return sum(MigrationJob.objects.get(pk=job.pk).disks.values_list("checkpoint_bytes", flat=True))
+
+        deadline = time.monotonic() + 60
+        while confirmed() < 8 << 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert nbdkit_server.helper("stop").returncode == 0
+        time.sleep(3)
+        assert nbdkit_server.helper("start").returncode == 0
+        while confirmed() < 32 << 20 and time.monotonic() < deadline + 60:
+            time.sleep(0.1)
+        sim.go_offline()
+        time.sleep(10)
+        sim.come_back()
+        done = wait_for(job, FINISHED, timeout=120, log=cluster.log)
+        assert done.state == JobState.COMPLETED, done.error
+        kinds = list(done.events.values_list("kind", flat=True))
+        assert "replication.interrupted" in kinds and "replication.resumed" in kinds
+        written = sum(c.written for r in sim.sim.replications.values() for c in r.copies)
+        assert written < 1.2 * (64 << 20), f"copied {written} bytes for a 64 MiB disk"
+        assert_copied(done, sim)
+    finally:
+        cluster.kill(signal.SIGTERM)

@@ -3,6 +3,7 @@ run a constant number of queries however many rows there are."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -163,3 +164,23 @@ def test_operators_create_groups_and_viewers_only_see_them(operator: Client, vie
     assert viewer.get(reverse("group-edit", args=[group.pk])).status_code == 403
     listing = viewer.get(reverse("group-list")).content.decode()
     assert "wave 1" in listing and "New group" not in listing
+
+
+def test_a_job_says_what_it_waits_for_and_when_its_worker_went_silent(viewer: Client) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    waiting, silent = make_jobs(2, state=JobState.REPLICATING)
+    MigrationJob.objects.filter(pk=waiting.pk).update(wait_reason="the VMA is unreachable; waiting since 10:00:00")
+    MigrationJob.objects.filter(pk=silent.pk).update(
+        state=JobState.ATTACHING,
+        current_step=JobState.ATTACHING,
+        runner="worker-1",
+        heartbeat_at=timezone.now() - timedelta(minutes=5),
+    )
+    dashboard = viewer.get(reverse("dashboard")).content.decode()
+    assert "the VMA is unreachable; waiting since 10:00:00" in dashboard
+    assert re.search(r"Its worker went silent 30\d s ago; another worker takes attaching over\.", dashboard)
+    page = viewer.get(reverse("job-detail", args=[silent.job_id])).content.decode()
+    assert "Its worker went silent" in page
