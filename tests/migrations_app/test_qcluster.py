@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -248,5 +250,39 @@ def test_a_copy_rides_out_an_nbd_server_restart_and_a_vma_outage(
         written = sum(c.written for r in sim.sim.replications.values() for c in r.copies)
         assert written < 1.2 * (64 << 20), f"copied {written} bytes for a 64 MiB disk"
         assert_copied(done, sim)
+    finally:
+        cluster.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def frozen_volume_root(nbdkit_server: RunningServer) -> Iterator[Path]:
+    """The volume folder made immutable (EPERM even for root), then thawed again."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("needs root and chattr")
+    root = nbdkit_server.layout.volume_root
+    (root / ".volumes.lock").touch()
+    if subprocess.run(["chattr", "+i", str(root)], check=False).returncode != 0:
+        pytest.skip("this file system does not take chattr +i")
+    yield root
+    subprocess.run(["chattr", "-i", str(root)], check=False)
+
+
+def test_a_system_error_in_a_step_is_shown_tried_again_and_then_fails_the_job(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, tmp_path: Path, frozen_volume_root: Path
+) -> None:
+    wire(settings, nbdkit_server, sim)
+    cluster = Cluster(nbdkit_server, sim, tmp_path / "cluster.log", OMA_STEP_RETRY_SECONDS="0.3").start()
+    try:
+        job = actions.start_migration(vm_id=sim.vm("web-01").id)
+        done = wait_for(job, FINISHED, log=cluster.log)
+        assert done.state == JobState.FAILED and done.current_step == JobState.PROVISIONING
+        assert "Operation not permitted [EPERM]" in done.error and "(failed 3 times in a row)" in done.error
+        errors = list(done.events.filter(kind="step.error").values_list("message", flat=True))
+        assert len(errors) == 2 and all("[EPERM]" in e and "trying provisioning again in" in e for e in errors)
+        # Fixed, a retry goes through.
+        subprocess.run(["chattr", "-i", str(frozen_volume_root)], check=True)
+        finished = wait_for(actions.retry_job(job_id=job.job_id), FINISHED, log=cluster.log)
+        assert finished.state == JobState.COMPLETED, finished.error
+        assert_copied(finished, sim)
     finally:
         cluster.kill(signal.SIGTERM)
