@@ -2,15 +2,16 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nbdkit nbd-server libnbd-bin sudo chromium
-# chromium: the browser tests drive Debian's /usr/bin/chromium through Playwright (no browser download).
+APT_PACKAGES := nbdkit nbd-server libnbd-bin sudo chromium gnutls-bin
+# gnutls-bin: psktool, to inspect NBD TLS key files. chromium: the browser tests drive Debian's /usr/bin/chromium through Playwright (no browser download).
 
 .PHONY: demo demo-migrate demo-jobs test setup system-packages venv check lint clean bench
 
-# Python >= 3.12: PYTHON=... if given, else the newest pyenv 3.12+, else python3.1x on PATH.
-PYTHON ?= $(shell for p in $$(ls -d $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV) \
-	$$(command -v python3.14 python3.13 python3.12 python3 2>/dev/null); do \
-	$$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; done)
+# Python >= 3.13 (Django 6 needs 3.12; NBD over TLS with pre-shared keys needs 3.13's ssl PSK support):
+# PYTHON=... if given, else the newest pyenv 3.13+, else python3.1x on PATH.
+PYTHON ?= $(shell for p in $$(ls -d $$HOME/.pyenv/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV) \
+	$$(command -v python3.14 python3.13 python3 2>/dev/null); do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null && { echo $$p; break; }; done)
 
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,7 +23,7 @@ system-packages:
 
 $(VENV)/.installed: requirements.txt
 	@if [ -z "$(PYTHON)" ]; then \
-	  echo "No Python >= 3.12 found. Django 6 needs it: install one (e.g. 'pyenv install 3.13' or Debian backports python3.12) or run make PYTHON=/path/to/python3.12"; exit 1; fi
+	  echo "No Python >= 3.13 found. The portal needs it (Django 6, and ssl pre-shared keys for NBD over TLS): install one (e.g. 'pyenv install 3.13') or run make PYTHON=/path/to/python3.13"; exit 1; fi
 	@echo "Using $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -115,7 +115,8 @@ def server_state() -> dict[str, int]:
 
 
 def storm(args: argparse.Namespace, root: Path, database_url: str | None) -> dict[str, Any]:
-    layout = write_layout(root / "nbd", args.backend, "127.0.0.1", free_port())
+    # Plain NBD: this bench measures export churn and reloads, not the data path's TLS.
+    layout = write_layout(root / "nbd", args.backend, "127.0.0.1", free_port(), tls=False)
     env = portal_env(layout, root / "var", args.min_reload_spacing, database_url)
     worker_init(env)
     from django.core.management import call_command

@@ -36,7 +36,17 @@ from typing import Any
 
 import psutil
 
-from bench.harness import HELPER, helper, percentile, portal_env, scratch_postgres, start_oma, stop_oma, worker_init
+from bench.harness import (
+    HELPER,
+    helper,
+    nbd_target,
+    percentile,
+    portal_env,
+    scratch_postgres,
+    start_oma,
+    stop_oma,
+    worker_init,
+)
 from devtools.devserver import DevServerLayout, free_port, write_layout
 
 TOKEN = "bench-vma-token"  # noqa: S105 - the simulator's, on loopback
@@ -134,7 +144,7 @@ def bare_copy(layout: DevServerLayout, images: list[tuple[Path, int]], concurren
             # default lets a fresh connection burst for two seconds).
             rate = f"rate={int(rate_mbit * 1_000_000)}"
             source = ["[", "nbdkit", "--filter=rate", "file", str(image), rate, "burstiness=0.1", "]"]
-        targets.append((source, f"nbd://127.0.0.1:{layout.port}/{name}"))
+        targets.append((source, nbd_target(layout, name)))
     for start in range(0, len(made), 64):
         batch = made[start : start + 64]
         if not helper(layout, "link", *(part for name, volume in batch for part in (name, str(volume))))["ok"]:
@@ -202,6 +212,7 @@ def main() -> None:
         help="each disk copy's WAN link, full or incremental, for the stack and the bare copy alike (0: no limit)",
     )
     parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
+    parser.add_argument("--tls", action="store_true", help="NBD over TLS (the production default) for both runs")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a round may take")
     args = parser.parse_args()
 
@@ -217,7 +228,7 @@ def main() -> None:
         database_url = None
         if args.postgres:
             database_url, drop = scratch_postgres(args.postgres)
-        layout = write_layout(root / "nbd", "nbdkit", "127.0.0.1", free_port())
+        layout = write_layout(root / "nbd", "nbdkit", "127.0.0.1", free_port(), tls=args.tls)
         env = portal_env(layout, root / "var", 2.0, database_url)
         wrapper, calls = counting_helper(root)
         vma_port = free_port()
@@ -253,7 +264,7 @@ def main() -> None:
         vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
         by_name = {vm.name: vm for vm in vms}
         rate = int(args.rate_mbit * 1_000_000) or None
-        sim = VmaSimulator(vms, TOKEN, Faults(rate_bits_per_second=rate))
+        sim = VmaSimulator(vms, TOKEN, Faults(rate_bits_per_second=rate), layout.vma_psk_file if layout.tls else None)
         server = sim.serve("127.0.0.1", vma_port)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         client = VmaClient(f"http://127.0.0.1:{vma_port}", TOKEN)

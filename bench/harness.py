@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from devtools.devserver import DevServerLayout
+from devtools.devserver import VMA_IDENTITY, DevServerLayout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,14 @@ def helper(layout: DevServerLayout, *args: str) -> dict[str, Any]:
     return result
 
 
+def nbd_target(layout: DevServerLayout, name: str, port: int | None = None) -> str:
+    """An nbdcopy URI for export ``name``: over TLS with the simulated VMA's key when the layout has TLS."""
+    port = port or layout.port
+    if not layout.tls:
+        return f"nbd://127.0.0.1:{port}/{name}"
+    return f"nbds://{VMA_IDENTITY}@127.0.0.1:{port}/{name}?tls-psk-file={layout.vma_psk_file}"
+
+
 def portal_env(layout: DevServerLayout, var_dir: Path, spacing: float, database_url: str | None) -> dict[str, str]:
     env = {
         "DJANGO_SETTINGS_MODULE": "omaportal.settings",
@@ -47,6 +55,8 @@ def portal_env(layout: DevServerLayout, var_dir: Path, spacing: float, database_
         "OMA_NBD_EXPORT_ROOT": str(layout.export_root),
         "OMA_NBD_STATE_DIR": str(layout.state_dir),
         "OMA_NBD_MIN_RELOAD_SPACING": str(spacing),
+        "OMA_NBD_TLS_PSK_FILE": str(layout.portal_psk_file) if layout.tls else "",
+        "OMA_VMA_NBD_TLS": "1" if layout.tls else "0",
         "OMA_LOG_LEVEL": "WARNING",
     }
     if database_url:

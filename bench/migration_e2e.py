@@ -9,6 +9,10 @@ With ``--repeat N`` bare and stack runs alternate N times on fresh VMs (this VM 
 run measured 0.55 and 1.31 within an hour). Last line: one JSON object (jobs, completed,
 sha256_mismatches, reloads, data_mb, wall_s, mb_s, bare_nbdcopy_mb_s, ratio = the median round's, ratios,
 ratio_spread, overhead_p95_ms). Overhead = a job's wall time minus the VMA's copy time.
+
+With ``--tls`` the server requires TLS with pre-shared keys (the production default): the stack and the
+bare nbdcopy both copy over TLS (ratio), and a plain nbdkit on a side port over the same exports gives
+bare nbdcopy without TLS in the same round: ``tls_vs_plain`` = plain wall / TLS wall (1.0: TLS is free).
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.harness import helper, percentile, portal_env, scratch_postgres, start_oma, stop_oma, worker_init
+from bench.harness import (
+    helper,
+    nbd_target,
+    percentile,
+    portal_env,
+    scratch_postgres,
+    start_oma,
+    stop_oma,
+    worker_init,
+)
 from devtools.devserver import DevServerLayout, free_port, write_layout
 
 TOKEN = "bench-vma-token"  # noqa: S105 - the simulator's, on loopback
@@ -46,9 +59,10 @@ def sha(path: Path, length: int) -> str:
     return digest.hexdigest()
 
 
-def bare_copy(layout: DevServerLayout, vms: list[Any], backend: str, round_no: int) -> float:
+def bare_copy(layout: DevServerLayout, vms: list[Any], backend: str, round_no: int, port: int | None = None) -> float:
     """Copy every image with plain nbdcopy into fresh exports, all disks in parallel as the simulator
-    copies them; returns the wall time. The volumes are removed again afterwards."""
+    copies them; returns the wall time. The volumes are removed again afterwards. ``port``: another
+    server over the same exports (the plain side port of a --tls run)."""
     targets, volumes = [], []
     sim_disks = [sim_disk for vm in vms for sim_disk in vm.disks]
     for n, sim_disk in enumerate(sim_disks):
@@ -58,7 +72,8 @@ def bare_copy(layout: DevServerLayout, vms: list[Any], backend: str, round_no: i
             fh.truncate(sim_disk.capacity_bytes)
         if not helper(layout, "link", name, str(volume))["ok"]:
             raise SystemExit("cannot link a bare-copy export")
-        targets.append((sim_disk.image, f"nbd://127.0.0.1:{layout.port}/{name}"))
+        target = nbd_target(layout, name) if port is None else f"nbd://127.0.0.1:{port}/{name}"
+        targets.append((sim_disk.image, target))
         volumes.append((name, volume))
     if backend == "nbd-server":
         helper(layout, "reload")
@@ -79,7 +94,12 @@ def bare_copy(layout: DevServerLayout, vms: list[Any], backend: str, round_no: i
 
 
 def measure_round(
-    number: int, layout: DevServerLayout, args: argparse.Namespace, root: Path, vma_port: int
+    number: int,
+    layout: DevServerLayout,
+    args: argparse.Namespace,
+    root: Path,
+    vma_port: int,
+    plain_port: int | None = None,
 ) -> dict[str, Any]:
     """One measured round on fresh VMs: bare nbdcopy of their images, then the whole stack on the same
     bytes, then bare nbdcopy again (the reference is the faster bare run: drift of this shared VM during
@@ -92,7 +112,7 @@ def measure_round(
 
     specs = [(f"bench-r{number}-vm-{n}", args.disks) for n in range(args.vms)]
     vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
-    sim = VmaSimulator(vms, TOKEN)
+    sim = VmaSimulator(vms, TOKEN, psk_file=layout.vma_psk_file if layout.tls else None)
     server = sim.serve("127.0.0.1", vma_port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -100,6 +120,7 @@ def measure_round(
         sync_inventory(client.inventory())
         client.close()
         bare_walls = [bare_copy(layout, vms, args.backend, 2 * number)]
+        plain_walls = [bare_copy(layout, vms, args.backend, 2 * number, plain_port)] if plain_port else []
         # Both phases start with no dirty pages, so neither pays the other's writeback (--flush waits).
         os.sync()
         reloads_before = getattr(NbdServerState.objects.first(), "reload_count", 0)
@@ -154,6 +175,8 @@ def measure_round(
             steps.setdefault(event.step, []).append(event.duration_ms or 0)
         reloads = getattr(NbdServerState.objects.first(), "reload_count", 0) - reloads_before
         bare_walls.append(bare_copy(layout, vms, args.backend, 2 * number + 1))
+        if plain_port:
+            plain_walls.append(bare_copy(layout, vms, args.backend, 2 * number + 1, plain_port))
         bare_wall = min(bare_walls)
         bare_bytes = sum(d.capacity_bytes for vm in vms for d in vm.disks)
         mb_s = data_bytes / 1e6 / wall if wall else 0.0
@@ -170,6 +193,8 @@ def measure_round(
             "bare_nbdcopy_walls_s": [round(w, 2) for w in bare_walls],
             "bare_nbdcopy_mb_s": round(bare_mb_s, 1),
             "ratio": round(mb_s / bare_mb_s, 3) if bare_mb_s else None,
+            "bare_plain_walls_s": [round(w, 2) for w in plain_walls],
+            "tls_vs_plain": round(min(plain_walls) / bare_wall, 3) if plain_walls and bare_wall else None,
             "overhead_p50_ms": percentile(overheads, 50),
             "overhead_p95_ms": percentile(overheads, 95),
             "overheads_ms": sorted(round(o) for o in overheads),
@@ -197,6 +222,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="django-q2 workers")
     parser.add_argument("--sparse", action="store_true", help="mostly sparse disks instead of fully written ones")
     parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
+    parser.add_argument("--tls", action="store_true", help="NBD over TLS with pre-shared keys (nbdkit)")
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of bare copy then stack, each on fresh VMs: median and spread"
     )
@@ -220,11 +246,12 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="oma-e2e-", dir=shm if on_tmpfs else None))
     drop = None
     cluster = None
+    plain_server: subprocess.Popen[bytes] | None = None
     try:
         database_url = None
         if args.postgres:
             database_url, drop = scratch_postgres(args.postgres)
-        layout = write_layout(root / "nbd", args.backend, "127.0.0.1", free_port())
+        layout = write_layout(root / "nbd", args.backend, "127.0.0.1", free_port(), tls=args.tls)
         env = portal_env(layout, root / "var", 2.0, database_url)
         vma_port = free_port()
         env.update(
@@ -247,7 +274,15 @@ def main() -> None:
         connections.close_all()
         cluster = start_oma(env)
         time.sleep(3)  # let the workers and the follower start before the clock runs
-        rounds = [measure_round(n, layout, args, root, vma_port) for n in range(args.repeat)]
+        plain_port = None
+        if args.tls:
+            # bare nbdcopy without TLS, same exports, same round: what TLS itself costs on this machine
+            plain_port = free_port()
+            plain_server = subprocess.Popen(
+                ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(plain_port), "file", f"dir={layout.export_root}"]
+            )
+            time.sleep(0.5)
+        rounds = [measure_round(n, layout, args, root, vma_port, plain_port) for n in range(args.repeat)]
         unverified: list[dict[str, Any]] = []
         if args.verify:
             # The same rounds with the portal trusting the VMA's word (no read-back): what verifying costs.
@@ -257,6 +292,9 @@ def main() -> None:
             unverified = [measure_round(args.repeat + n, layout, args, root, vma_port) for n in range(args.repeat)]
         helper(layout, "stop")
     finally:
+        if plain_server is not None:
+            plain_server.terminate()
+            plain_server.wait()
         if cluster is not None:
             stop_oma(cluster)
         if drop is not None:
@@ -278,7 +316,12 @@ def main() -> None:
         "ratio_spread": round(ratios[-1] - ratios[0], 3) if ratios else None,
         "overhead_p95_ms": statistics.median(r["overhead_p95_ms"] for r in rounds),
         "verify_ms_p50": statistics.median(r["step_p50_ms"].get("verifying", 0) for r in rounds),
+        "tls": bool(args.tls),
     }
+    tls_costs = sorted(r["tls_vs_plain"] for r in rounds if r["tls_vs_plain"] is not None)
+    if tls_costs:
+        result["tls_vs_plain"] = statistics.median(tls_costs)
+        result["tls_vs_plain_all"] = tls_costs
     if unverified:
         plain = sorted(r["ratio"] for r in unverified if r["ratio"] is not None)
         result["ratio_without_verify"] = statistics.median(plain) if plain else None

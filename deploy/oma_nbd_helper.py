@@ -18,6 +18,11 @@ Verbs (one JSON line on stdout, always with "ok"):
   restart            nbd-server: SIGKILL the verified main only (its children keep serving their
                      transfers; SIGTERM would end them), then start; nbdkit: SIGTERM, then start
   stop               SIGTERM the verified main process (ends nbd-server transfers)
+  psk-add ID         create a TLS pre-shared key for client identity ID (a VMA, or the portal itself)
+                     in the server's key file (tls_psk_file); prints the key once
+  psk-rotate ID      replace ID's key; connections already open keep going, new ones need the new key
+  psk-remove ID      remove ID's key; idempotent
+  psk-list           the identities (never the keys)
 
 Exit codes:
   0 done   2 usage   3 input refused (nothing changed)   4 bad helper config
@@ -60,6 +65,11 @@ LOCK_TIMEOUT = 30.0
 START_TIMEOUT = 10.0
 PORT_WAIT = 5.0
 BACKENDS = ("nbdkit", "nbd-server")
+# The portal's rule too (exports/nbd_protocol.py IDENTITY_RE; a test checks they agree).
+IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PSK_LINE_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63}):((?:[0-9a-f]{2}){32})")
+PSK_BYTES = 32
+MAX_IDENTITIES = 1024
 
 
 class HelperError(Exception):
@@ -118,6 +128,8 @@ class Config(NamedTuple):
     device_prefixes: tuple[str, ...]
     dev_volume_root: Path | None
     service: str
+    tls_psk_file: Path | None  # nbdkit only: --tls=require --tls-psk=FILE
+    tls_group: str | None  # the server's group, which may read the key file (it does not run as root)
 
 
 def _config_path(value: str, key: str) -> Path:
@@ -166,6 +178,12 @@ def load_config() -> Config:
 
         address = section.get("listen_address", "127.0.0.1")
         socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        psk = section.get("tls_psk_file", "").strip()
+        if psk and backend != "nbdkit":
+            raise HelperError(EXIT_CONFIG, "bad_config", "tls_psk_file needs backend nbdkit (nbd-server has no PSK)")
+        tls_group = section.get("tls_group", "").strip() or None
+        if tls_group is not None and not IDENTITY_RE.fullmatch(tls_group):
+            raise HelperError(EXIT_CONFIG, "bad_config", f"tls_group {tls_group!r} is not a group name")
         return Config(
             backend=backend,
             export_root=_config_path(section["export_root"], "export_root"),
@@ -179,6 +197,8 @@ def load_config() -> Config:
             device_prefixes=prefixes,
             dev_volume_root=_config_path(dev_root, "dev_volume_root") if dev_root else None,
             service=section.get("service", "direct"),
+            tls_psk_file=_config_path(psk, "tls_psk_file") if psk else None,
+            tls_group=tls_group,
         )
     except HelperError:
         raise
@@ -606,6 +626,7 @@ def verb_status(config: Config) -> dict[str, object]:
         "verified": main is not None,
         "why": why,
         "listening": bool(main and is_listening(main.pid, config.port)),
+        "tls": config.tls_psk_file is not None,
         "links": links,
         "confs": confs,
     }
@@ -630,6 +651,7 @@ def _server_argv(config: Config) -> list[str]:
             str(config.port),
             "-P",
             str(config.pidfile),
+            *(["--tls=require", f"--tls-psk={config.tls_psk_file}"] if config.tls_psk_file else []),
             "file",
             f"dir={config.export_root}",
         ]
@@ -665,6 +687,8 @@ def _start(config: Config, old_pid: int | None) -> MainProcess:
         time.sleep(0.1)
     if config.backend == "nbd-server":
         check_confd(config)
+    if config.tls_psk_file is not None and not config.tls_psk_file.exists():
+        write_psks(config, {})  # nbdkit will not start without the file; no identity can connect yet
     remove_durably(config.pidfile)
     result = subprocess.run(
         _server_argv(config),
@@ -746,10 +770,105 @@ def verb_stop(config: Config) -> dict[str, object]:
     return {"stopped": True, "pid": main.pid}
 
 
+# --- TLS pre-shared keys ------------------------------------------------------------------
+
+
+def validate_identity(identity: str) -> str:
+    check_text("identity", identity)
+    if not IDENTITY_RE.fullmatch(identity):
+        raise refuse("invalid_identity", f"identity {identity!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return identity
+
+
+def _psk_file(config: Config) -> Path:
+    if config.tls_psk_file is None:
+        raise refuse("tls_off", "this server has no tls_psk_file in the helper config: TLS is off")
+    return config.tls_psk_file
+
+
+def read_psks(config: Config) -> dict[str, str]:
+    """The key file as identity -> hex key. Anything this helper did not write is an error, not ignored."""
+    path = _psk_file(config)
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HelperError(EXIT_CONFIG, "bad_psk_file", f"cannot read {path}: {exc}") from exc
+    keys: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        match = PSK_LINE_RE.fullmatch(line)
+        if not match or match[1] in keys:
+            raise HelperError(EXIT_CONFIG, "bad_psk_file", f"{path} line {number} is not a key this helper wrote")
+        keys[match[1]] = match[2]
+    return keys
+
+
+def write_psks(config: Config, keys: dict[str, str]) -> None:
+    """Atomically: nbdkit reads the file at every handshake, so it never sees half a file."""
+    path = _psk_file(config)
+    text = "".join(f"{identity}:{key}\n" for identity, key in sorted(keys.items()))
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if config.tls_group is not None:
+            import grp
+
+            try:
+                gid = grp.getgrnam(config.tls_group).gr_gid
+            except KeyError as exc:
+                raise HelperError(EXIT_CONFIG, "bad_config", f"tls_group {config.tls_group} does not exist") from exc
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, 0o640)  # the server reads it after dropping root; nobody else
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def verb_psk_add(config: Config, identity: str, replace: bool = False) -> dict[str, object]:
+    validate_identity(identity)
+    with locked(config):
+        keys = read_psks(config)
+        if identity in keys and not replace:
+            raise refuse("exists", f"identity {identity!r} already has a key; use psk-rotate to replace it")
+        if identity not in keys and replace:
+            raise refuse("unknown_identity", f"identity {identity!r} has no key to rotate")
+        if identity not in keys and len(keys) >= MAX_IDENTITIES:
+            raise refuse("too_many", f"the key file already holds {MAX_IDENTITIES} identities")
+        keys[identity] = os.urandom(PSK_BYTES).hex()
+        write_psks(config, keys)
+    return {"identity": identity, "key": keys[identity], "rotated": replace}
+
+
+def verb_psk_rotate(config: Config, identity: str) -> dict[str, object]:
+    return verb_psk_add(config, identity, replace=True)
+
+
+def verb_psk_remove(config: Config, identity: str) -> dict[str, object]:
+    validate_identity(identity)
+    with locked(config):
+        keys = read_psks(config)
+        removed = keys.pop(identity, None) is not None
+        if removed:
+            write_psks(config, keys)
+    return {"identity": identity, "removed": removed}
+
+
+def verb_psk_list(config: Config) -> dict[str, object]:
+    return {"identities": sorted(read_psks(config)), "tls": config.tls_psk_file is not None}
+
+
 MAX_LINK_PAIRS = 64
 USAGE = (
     "usage: oma-nbd-helper {link NAME DEVICE [NAME DEVICE ...] | unlink NAME "
-    "| reload | status | start | restart | stop}"
+    "| reload | status | start | restart | stop | psk-add ID | psk-rotate ID | psk-remove ID | psk-list}"
 )
 VERBS = {
     "link": (2, verb_link),
@@ -759,6 +878,10 @@ VERBS = {
     "start": (0, verb_start),
     "restart": (0, verb_restart),
     "stop": (0, verb_stop),
+    "psk-add": (1, verb_psk_add),
+    "psk-rotate": (1, verb_psk_rotate),
+    "psk-remove": (1, verb_psk_remove),
+    "psk-list": (0, verb_psk_list),
 }
 
 

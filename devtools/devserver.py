@@ -7,6 +7,7 @@ the nbd-server config with ``includedir``, and a systemd unit (see deploy/).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 from dataclasses import dataclass
@@ -22,6 +23,22 @@ class DevServerLayout:
     backend: str
     host: str
     port: int
+    tls: bool = False  # nbdkit --tls=require with pre-shared keys
+
+    @property
+    def psk_file(self) -> Path:
+        """The server's key file: every client identity and its key (the helper's psk-* verbs edit it)."""
+        return self.root / "nbd.psk"
+
+    @property
+    def portal_psk_file(self) -> Path:
+        """The portal's own key (its health probes and verification reads)."""
+        return self.root / "portal.psk"
+
+    @property
+    def vma_psk_file(self) -> Path:
+        """The simulated VMA's key, as an operator would install it on a VMA."""
+        return self.root / "vma.psk"
 
     @property
     def helper_config(self) -> Path:
@@ -64,7 +81,17 @@ class DevServerLayout:
             "MIN_RELOAD_SPACING": min_reload_spacing,
             "SERVE_TIMEOUT": 15.0,
             "NODE": "local",
+            "TLS_PSK_FILE": str(self.portal_psk_file) if self.tls else "",
+            "TLS_IDENTITY": PORTAL_IDENTITY,
         }
+
+    def vma_settings(self) -> dict[str, Any]:
+        """The OMA_VMA keys that hand the VMA URLs for this layout."""
+        return {"NBD_HOST": self.host, "NBD_PORT": self.port, "NBD_TLS": self.tls, "NBD_IDENTITY": VMA_IDENTITY}
+
+
+PORTAL_IDENTITY = "oma-portal"
+VMA_IDENTITY = "vma"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -73,16 +100,37 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="ascii")
-    os.chmod(tmp, 0o644)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(text)
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 
-def write_layout(root: Path, backend: str, host: str, port: int) -> DevServerLayout:
-    """Create the folders and write the helper and nbd-server configs (dev mode: volumes are files)."""
-    layout = DevServerLayout(root.resolve(), backend, host, port)
+def _write_keys(layout: DevServerLayout) -> None:
+    """Keys for the portal and the simulated VMA, kept across runs: the server's file and one client file
+    each (psktool's format), readable by their owner only."""
+    keys: dict[str, str] = {}
+    if layout.psk_file.exists():
+        for line in layout.psk_file.read_text(encoding="ascii").splitlines():
+            identity, _, key = line.partition(":")
+            keys[identity] = key
+    for identity, client_file in ((PORTAL_IDENTITY, layout.portal_psk_file), (VMA_IDENTITY, layout.vma_psk_file)):
+        keys.setdefault(identity, secrets.token_hex(32))
+        _write(client_file, f"{identity}:{keys[identity]}\n", mode=0o600)
+    _write(layout.psk_file, "".join(f"{i}:{k}\n" for i, k in sorted(keys.items())), mode=0o600)
+
+
+def write_layout(root: Path, backend: str, host: str, port: int, tls: bool | None = None) -> DevServerLayout:
+    """Create the folders and write the helper and nbd-server configs (dev mode: volumes are files).
+    TLS (by default with nbdkit; nbd-server has no pre-shared keys) adds the key files."""
+    tls = backend == "nbdkit" if tls is None else tls
+    if tls and backend != "nbdkit":
+        raise ValueError("NBD over TLS with pre-shared keys needs the nbdkit backend")
+    layout = DevServerLayout(root.resolve(), backend, host, port, tls)
     for folder in (layout.root, layout.confd, layout.export_root, layout.volume_root, layout.state_dir):
         folder.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("nbdkit" if backend == "nbdkit" else "nbd-server") or f"/usr/bin/{backend}"
@@ -98,8 +146,10 @@ def write_layout(root: Path, backend: str, host: str, port: int) -> DevServerLay
         f"lock_file = {layout.root / 'helper.lock'}\n"
         f"listen_address = {host}\n"
         f"port = {port}\n"
-        f"dev_volume_root = {layout.volume_root}\n",
+        f"dev_volume_root = {layout.volume_root}\n" + (f"tls_psk_file = {layout.psk_file}\n" if tls else ""),
     )
+    if tls:
+        _write_keys(layout)
     # nbd-server refuses to start with no export at all: a tiny read-only probe export keeps it up.
     probe = layout.root / "health-probe.img"
     if not probe.exists():

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from exports.nbd_protocol import NbdConnection, NbdError
+from exports.nbd_protocol import NbdConnection, NbdError, TlsPsk
 from migrations_app.vma_client import Digest, DiskProgress, VmaVM
 from migrations_app.vma_client import Replication as ReplicationJson
 
@@ -37,7 +37,11 @@ NBDKIT = shutil.which("nbdkit") or "/usr/bin/nbdkit"
 # Written part of each data block: the images stay mostly sparse, so they are quick to make.
 DATA_PER_BLOCK = 64 << 10
 DEMO_VMS = [("web-01", 1), ("db-01", 2), ("app-01", 3), ("file-01", 2)]
-NBD_URL_RE = re.compile(r"nbd://(?P<host>[0-9.]+|\[[0-9a-f:]+\]|localhost):(?P<port>\d+)/(?P<export>[A-Za-z0-9._-]+)")
+# nbd://host:port/export, or nbds://identity@host:port/export (TLS with the VMA's pre-shared key).
+NBD_URL_RE = re.compile(
+    r"(?P<scheme>nbds?)://(?:(?P<identity>[A-Za-z0-9][A-Za-z0-9._-]{0,63})@)?"
+    r"(?P<host>[0-9.]+|\[[0-9a-f:]+\]|localhost):(?P<port>\d+)/(?P<export>[A-Za-z0-9._-]+)"
+)
 
 
 @dataclass
@@ -258,7 +262,10 @@ class ApiError(Exception):
 
 
 class Replication:
-    def __init__(self, replication_id: str, vm: SimVM, copies: list[DiskCopy], faults: Faults) -> None:
+    def __init__(
+        self, replication_id: str, vm: SimVM, copies: list[DiskCopy], faults: Faults, psk_file: Path | None = None
+    ) -> None:
+        self.psk_file = psk_file
         self.id = replication_id
         self.vm = vm
         self.copies = copies
@@ -360,7 +367,7 @@ class Replication:
         read_fd, write_fd = os.pipe()
         source = [str(copy.disk.image)]
         proc = subprocess.Popen(  # noqa: S603 - fixed programs; the URL was validated
-            [NBDCOPY, "--flush", f"--progress={write_fd}", *source, copy.nbd_url],
+            [NBDCOPY, "--flush", f"--progress={write_fd}", *source, self._nbdcopy_target(copy)],
             pass_fds=(write_fd,),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -393,12 +400,8 @@ class Replication:
         self._copy_blocks(copy, started, blocks, self.faults.rate_bits_per_second)
 
     def _copy_blocks(self, copy: DiskCopy, started: float, blocks: list[int], rate_bits: int | None = None) -> None:
-        match = NBD_URL_RE.fullmatch(copy.nbd_url)
-        if match is None:
-            raise ValueError(f"bad NBD URL {copy.nbd_url!r}")
         skip = min(copy.resume_skip(), len(blocks))
-        with NbdConnection(match["host"].strip("[]"), int(match["port"])) as conn, open(copy.disk.image, "rb") as src:
-            conn.open(match["export"])
+        with self._connect(copy) as conn, open(copy.disk.image, "rb") as src:
             for n, block in enumerate(blocks[skip:], start=skip + 1):
                 if self.cancel_requested.is_set():
                     return
@@ -425,13 +428,35 @@ class Replication:
         # What this sync wrote in all, including blocks an earlier, interrupted replication confirmed.
         copy.digest = digest_of(copy.disk.image, coalesce(blocks))
 
-    def _corrupt(self, copy: DiskCopy) -> None:
+    def _connect(self, copy: DiskCopy) -> NbdConnection:
+        """An open connection to the copy's export: over TLS with this VMA's key for an nbds:// URL."""
         match = NBD_URL_RE.fullmatch(copy.nbd_url)
-        if copy.digest is None or match is None:
+        if match is None:
+            raise ValueError(f"bad NBD URL {copy.nbd_url!r}")
+        tls = None
+        if match["scheme"] == "nbds":
+            if self.psk_file is None:
+                raise NbdError("nbds:// needs an NBD TLS key and this VMA has none")
+            tls = TlsPsk.from_file(self.psk_file, match["identity"])
+        conn = NbdConnection(match["host"].strip("[]"), int(match["port"]), tls=tls)
+        try:
+            conn.open(match["export"])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _nbdcopy_target(self, copy: DiskCopy) -> str:
+        """nbdcopy's URI: libnbd takes the key file as a query parameter of an nbds:// URI."""
+        if copy.nbd_url.startswith("nbds://"):
+            return f"{copy.nbd_url}?tls-psk-file={self.psk_file}"
+        return copy.nbd_url
+
+    def _corrupt(self, copy: DiskCopy) -> None:
+        if copy.digest is None:
             return
         offset, length = copy.digest["ranges"][0]
-        with NbdConnection(match["host"].strip("[]"), int(match["port"])) as conn:
-            conn.open(match["export"])
+        with self._connect(copy) as conn:
             conn.pwrite(offset, bytes(min(length, 4096)))
             conn.flush()
 
@@ -441,8 +466,11 @@ class VmaSimulator:
 
     version = "sim-1"
 
-    def __init__(self, vms: list[SimVM], token: str, faults: Faults | None = None) -> None:
+    def __init__(
+        self, vms: list[SimVM], token: str, faults: Faults | None = None, psk_file: Path | None = None
+    ) -> None:
         self.vms = {vm.id: vm for vm in vms}
+        self.psk_file = psk_file  # this VMA's NBD TLS key (psktool format), for nbds:// targets
         self.token = token
         self.faults = faults or Faults()
         self.replications: dict[str, Replication] = {}
@@ -470,8 +498,15 @@ class VmaSimulator:
                 if disk is None:
                     raise ApiError(404, "not_found", f"{vm.name} has no disk {item.get('unit_number')!r}")
                 url = str(item.get("nbd_url", ""))
-                if not NBD_URL_RE.fullmatch(url):
-                    raise ApiError(400, "bad_request", f"nbd_url {url!r} is not nbd://host:port/export")
+                match = NBD_URL_RE.fullmatch(url)
+                if not match:
+                    raise ApiError(
+                        400,
+                        "bad_request",
+                        f"nbd_url {url!r} is not nbd://host:port/export or nbds://id@host:port/export",
+                    )
+                if match["scheme"] == "nbds" and self.psk_file is None:
+                    raise ApiError(400, "bad_request", "nbds:// needs an NBD TLS key and this VMA has none")
                 copies.append(
                     DiskCopy(
                         disk,
@@ -480,7 +515,7 @@ class VmaSimulator:
                         resume_from=str(item.get("resume_from") or ""),
                     )
                 )
-            replication = Replication(replication_id, vm, copies, self.faults)
+            replication = Replication(replication_id, vm, copies, self.faults, self.psk_file)
             self.replications[replication_id] = replication
         replication.start()
         return 202, replication

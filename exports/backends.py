@@ -12,6 +12,21 @@ def get_backend() -> NbdBackend:
     helper = SubprocessHelper(conf.helper_command, conf.helper_config)
     if conf.backend == "nbd-server":
         return NbdServerBackend(
-            helper, conf.host, conf.port, conf.export_root, conf.state_dir, min_spacing=conf.min_reload_spacing
+            helper,
+            conf.host,
+            conf.port,
+            conf.export_root,
+            conf.state_dir,
+            tls=conf.tls,
+            encrypted=conf.tls_psk_file is not None,
+            min_spacing=conf.min_reload_spacing,
         )
-    return NbdkitBackend(helper, conf.host, conf.port, conf.export_root, conf.state_dir)
+    return NbdkitBackend(
+        helper,
+        conf.host,
+        conf.port,
+        conf.export_root,
+        conf.state_dir,
+        tls=conf.tls,
+        encrypted=conf.tls_psk_file is not None,
+    )

@@ -12,6 +12,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from .nbd_protocol import TlsPsk
+
 BACKENDS = ("nbdkit", "nbd-server")
 
 
@@ -31,10 +33,16 @@ class NbdConf:
     # How long a new export may take to appear before ensure_export gives up.
     serve_timeout: float
     node: str  # this OMA node's name (OMA_NODE_NAME)
+    tls_psk_file: str | None  # the portal's own NBD TLS key (None: the server speaks plain NBD)
+    tls_identity: str
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def tls(self) -> TlsPsk | None:
+        """The portal's key, read at each call (a rotation takes effect without a restart)."""
+        return TlsPsk.from_file(self.tls_psk_file, self.tls_identity) if self.tls_psk_file else None
 
 
 def _build(raw: dict[str, Any]) -> NbdConf:
@@ -52,6 +60,8 @@ def _build(raw: dict[str, Any]) -> NbdConf:
         min_reload_spacing=float(raw.get("MIN_RELOAD_SPACING", 2.0)),
         serve_timeout=float(raw.get("SERVE_TIMEOUT", 15.0)),
         node=str(raw.get("NODE", "local")),
+        tls_psk_file=str(raw["TLS_PSK_FILE"]) if raw.get("TLS_PSK_FILE") else None,
+        tls_identity=str(raw.get("TLS_IDENTITY") or "oma-portal"),
     )
 
 

@@ -50,6 +50,18 @@ class StatusReply(HelperReply):
     listening: bool
     links: dict[str, str]  # export name -> link target
     confs: list[str]  # export names with a conf.d file
+    tls: bool  # the server requires TLS with pre-shared keys
+
+
+class PskReply(HelperReply, total=False):
+    """psk-add, psk-rotate (identity, key, rotated), psk-remove (identity, removed), psk-list."""
+
+    identity: str
+    key: str  # hex, shown once
+    rotated: bool
+    removed: bool
+    identities: list[str]
+    tls: bool
 
 
 class ServerReply(HelperReply, total=False):
@@ -106,6 +118,11 @@ def status(helper: HelperRunner) -> StatusReply:
 def control(helper: HelperRunner, verb: str) -> ServerReply:
     """start, restart or stop."""
     return cast(ServerReply, helper.run(verb))
+
+
+def psk(helper: HelperRunner, verb: str, *identity: str) -> PskReply:
+    """psk-add ID, psk-rotate ID, psk-remove ID or psk-list."""
+    return cast(PskReply, helper.run(verb, *identity))
 
 
 def reload(helper: HelperRunner) -> ReloadReply:

@@ -4,6 +4,10 @@ No PyPI package wraps libnbd, and ``nbdinfo --list`` opens every export (22 s fo
 nbd-server here), so the portal speaks the protocol itself for what it needs: a names-only export
 list (NBD_OPT_LIST), opening an export for its real size (NBD_OPT_GO; nbd-server answers
 NBD_OPT_INFO with size 0), and plain reads and writes for verification.
+
+With a ``TlsPsk`` the connection upgrades with NBD_OPT_STARTTLS before any other option and then
+speaks TLS with a pre-shared key (what nbdkit ``--tls=require --tls-psk=FILE`` asks for; Python
+3.13's ``SSLContext.set_psk_client_callback``).
 Reference: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
 """
 
@@ -11,9 +15,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
+import ssl
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 NBDMAGIC = 0x4E42444D41474943
@@ -27,12 +34,24 @@ FLAG_NO_ZEROES = 1 << 1
 
 OPT_ABORT = 2
 OPT_LIST = 3
+OPT_STARTTLS = 5
 OPT_GO = 7
 
 REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
 REP_FLAG_ERROR = 1 << 31
+REP_ERR_TLS_REQD = 5
+REP_ERRORS = {
+    1: "unsupported option",
+    2: "forbidden by policy",
+    3: "invalid",
+    4: "not supported on this platform",
+    REP_ERR_TLS_REQD: "the server requires TLS",
+    6: "unknown export",
+    7: "server shutting down",
+    8: "block size negotiation required",
+}
 INFO_EXPORT = 0
 
 CMD_READ = 0
@@ -53,6 +72,53 @@ class NbdError(Exception):
 
 class NbdUnavailable(NbdError):
     """Nothing answered the NBD handshake at that address."""
+
+
+class NbdTlsRefused(NbdError):
+    """The server answered but the TLS upgrade failed: no TLS, or it does not accept this key."""
+
+
+# A PSK identity as psktool and nbdkit accept it, and as the helper writes it (a test checks they agree).
+IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PSK_LINE_RE = re.compile(r"(?P<identity>[A-Za-z0-9][A-Za-z0-9._-]{0,63}):(?P<key>(?:[0-9a-fA-F]{2}){16,64})")
+
+
+@dataclass(frozen=True)
+class TlsPsk:
+    """A TLS pre-shared key: the identity this client presents and its key."""
+
+    identity: str
+    key: bytes = field(repr=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path, identity: str | None = None) -> TlsPsk:
+        """Read a psktool-format file (``identity:hexkey`` per line): the named identity, or the only one."""
+        try:
+            text = Path(path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise NbdError(f"cannot read the NBD TLS key file {path}: {exc}") from exc
+        found: dict[str, bytes] = {}
+        for line in text.splitlines():
+            match = PSK_LINE_RE.fullmatch(line.strip())
+            if match:
+                found[match["identity"]] = bytes.fromhex(match["key"])
+        if identity is None and len(found) == 1:
+            identity = next(iter(found))
+        if identity is None or identity not in found:
+            wanted = f"identity {identity!r}" if identity else "exactly one identity"
+            raise NbdError(f"the NBD TLS key file {path} holds no key for {wanted}")
+        return cls(identity, found[identity])
+
+    def context(self) -> ssl.SSLContext:
+        if not hasattr(ssl.SSLContext, "set_psk_client_callback"):
+            raise NbdError("NBD over TLS with a pre-shared key needs Python 3.13 or newer")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # PSK authenticates both sides; there is no certificate
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("PSK")
+        ctx.set_psk_client_callback(lambda hint: (self.identity, self.key))
+        return ctx
 
 
 @dataclass(frozen=True)
@@ -79,11 +145,12 @@ def _recv_exact(sock: socket.socket, count: int) -> bytearray:
 class NbdConnection:
     """One NBD connection: option haggling, then (after ``open``) transmission."""
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 5.0, tls: TlsPsk | None = None) -> None:
+        scheme = "nbds" if tls else "nbd"
         try:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
+            self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
-            raise NbdUnavailable(f"cannot connect to nbd://{host}:{port}: {exc}") from exc
+            raise NbdUnavailable(f"cannot connect to {scheme}://{host}:{port}: {exc}") from exc
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.export: ExportInfo | None = None
         self._handle = 0
@@ -91,7 +158,13 @@ class NbdConnection:
             self._handshake()
         except (OSError, NbdError) as exc:
             self.sock.close()
-            raise NbdUnavailable(f"no NBD server at nbd://{host}:{port}: {exc}") from exc
+            raise NbdUnavailable(f"no NBD server at {scheme}://{host}:{port}: {exc}") from exc
+        if tls is not None:
+            try:
+                self._starttls(tls)
+            except (OSError, NbdError) as exc:
+                self.sock.close()
+                raise NbdTlsRefused(f"TLS to {scheme}://{host}:{port} as {tls.identity!r} failed: {exc}") from exc
 
     def __enter__(self) -> NbdConnection:
         return self
@@ -107,6 +180,13 @@ class NbdConnection:
             raise NbdError("server does not support fixed newstyle negotiation")
         self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
 
+    def _starttls(self, tls: TlsPsk) -> None:
+        self._send_option(OPT_STARTTLS)
+        rtype, _ = self._read_reply(OPT_STARTTLS)
+        if rtype != REP_ACK:
+            raise NbdError(f"unexpected reply type {rtype} to NBD_OPT_STARTTLS")
+        self.sock = tls.context().wrap_socket(self.sock)
+
     def _send_option(self, option: int, data: bytes = b"") -> None:
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
 
@@ -118,8 +198,11 @@ class NbdConnection:
             raise NbdError(f"option reply of {length} bytes is too large")
         data = _recv_exact(self.sock, length)
         if rtype & REP_FLAG_ERROR:
+            code = rtype & ~REP_FLAG_ERROR
             message = data.decode("utf-8", errors="replace")
-            raise NbdError(f"server refused option {option}: error {rtype & ~REP_FLAG_ERROR} {message}".strip())
+            what = REP_ERRORS.get(code, f"error {code}")
+            error = NbdTlsRefused if code == REP_ERR_TLS_REQD else NbdError
+            raise error(f"server refused option {option} ({what}) {message}".strip())
         return rtype, bytes(data)
 
     def list_exports(self) -> list[str]:
@@ -191,11 +274,11 @@ class NbdConnection:
             self.sock.close()
 
 
-def list_exports(host: str, port: int, timeout: float = 5.0) -> list[str]:
-    with NbdConnection(host, port, timeout) as conn:
+def list_exports(host: str, port: int, timeout: float = 5.0, tls: TlsPsk | None = None) -> list[str]:
+    with NbdConnection(host, port, timeout, tls) as conn:
         return conn.list_exports()
 
 
-def export_info(host: str, port: int, name: str, timeout: float = 5.0) -> ExportInfo:
-    with NbdConnection(host, port, timeout) as conn:
+def export_info(host: str, port: int, name: str, timeout: float = 5.0, tls: TlsPsk | None = None) -> ExportInfo:
+    with NbdConnection(host, port, timeout, tls) as conn:
         return conn.open(name)

@@ -13,14 +13,14 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import helper_client
 from .helper_client import HelperFailed, HelperRunner, LinkResult, ServerReply, StatusReply, UnlinkReply
-from .nbd_protocol import NbdConnection, NbdError, NbdUnavailable, list_exports
+from .nbd_protocol import NbdConnection, NbdError, NbdUnavailable, TlsPsk, list_exports
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,21 @@ class _BaseBackend:
     needs_reload = False
     server_exe = ""
 
-    def __init__(self, helper: HelperRunner, host: str, port: int, export_root: str, state_dir: str) -> None:
+    def __init__(
+        self,
+        helper: HelperRunner,
+        host: str,
+        port: int,
+        export_root: str,
+        state_dir: str,
+        tls: Callable[[], TlsPsk | None] = lambda: None,
+        encrypted: bool = False,
+    ) -> None:
         self.helper = helper
+        self.encrypted = encrypted  # the server requires TLS (nbdkit with pre-shared keys)
         self.host = host
         self.port = port
+        self.tls = tls  # reads the portal's own key (when the server requires TLS) at each connection
         self.export_root = Path(export_root)
         self.state_dir = Path(state_dir)
 
@@ -117,10 +128,10 @@ class _BaseBackend:
             return None
 
     def served_names(self) -> set[str]:
-        return set(list_exports(self.host, self.port)) - {HEALTH_EXPORT}
+        return set(list_exports(self.host, self.port, tls=self.tls())) - {HEALTH_EXPORT}
 
     def export_size(self, export_name: str) -> int:
-        with NbdConnection(self.host, self.port) as conn:
+        with NbdConnection(self.host, self.port, tls=self.tls()) as conn:
             return conn.open(export_name).size
 
     def unopenable(self, names: set[str]) -> set[str]:
@@ -164,7 +175,12 @@ class _BaseBackend:
         return "unknown"
 
     def warnings(self) -> list[str]:
-        return []
+        if self.encrypted:
+            return []
+        return [
+            "The NBD data path is plain: without TLS any local account can list, read and write every export. "
+            "Serve with nbdkit and pre-shared keys (OMA_NBD_TLS_PSK_FILE, manage.py nbd_keys)."
+        ]
 
     def _wait_listed(self, names: set[str], timeout: float) -> set[str]:
         """Poll the names-only list until every name shows; return the ones still missing."""
@@ -224,14 +240,15 @@ class NbdServerBackend(_BaseBackend):
         self.min_spacing = min_spacing
 
     def warnings(self) -> list[str]:
+        found = super().warnings()
         version = self.version()
         if version in RELOAD_UNSAFE_VERSIONS:
-            return [
+            found.append(
                 f"nbd-server {version} corrupts its memory on reload (fixed in 3.25): new exports can crash it "
                 "or drop existing ones. The portal spaces, verifies and repairs reloads, but the nbdkit backend "
                 "needs none: set OMA_NBD_BACKEND=nbdkit."
-            ]
-        return []
+            )
+        return found
 
     @contextlib.contextmanager
     def _reload_lock(self) -> Iterator[dict[str, Any]]:

@@ -47,6 +47,13 @@ class VmaConf:
     # The NBD address the VMA copies to (production: its end of the TLS tunnel).
     nbd_host: str
     nbd_port: int
+    nbd_tls: bool  # hand the VMA nbds:// URLs (TLS with its pre-shared key)
+    nbd_identity: str  # the PSK identity the VMA holds
+
+    def nbd_url(self, export_name: str) -> str:
+        if self.nbd_tls:
+            return f"nbds://{self.nbd_identity}@{self.nbd_host}:{self.nbd_port}/{export_name}"
+        return f"nbd://{self.nbd_host}:{self.nbd_port}/{export_name}"
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ def vma_conf() -> VmaConf:
         retries=int(raw.get("RETRIES", 3)),
         nbd_host=str(raw["NBD_HOST"]),
         nbd_port=int(raw["NBD_PORT"]),
+        nbd_tls=bool(raw.get("NBD_TLS", False)),
+        nbd_identity=str(raw.get("NBD_IDENTITY") or "vma"),
     )
 
 

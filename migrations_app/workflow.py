@@ -349,7 +349,7 @@ def replication_targets(disks: list[JobDisk], resume: bool = False) -> list[Repl
             raise StepFailed(f"disk {disk.source_disk.unit_number} has no export to copy into")
         target: ReplicationTarget = {
             "unit_number": disk.source_disk.unit_number,
-            "nbd_url": f"nbd://{conf.nbd_host}:{conf.nbd_port}/{disk.mapping.export_name}",
+            "nbd_url": conf.nbd_url(disk.mapping.export_name),
             "previous_change_id": disk.previous_change_id,
         }
         if resume and disk.checkpoint:
@@ -388,7 +388,7 @@ def verify(job: MigrationJob, runner: str) -> None:
         digest = disk.digest
         with heartbeat_kept(job, runner):
             try:
-                with NbdConnection(conf.host, conf.port, timeout=30) as conn:
+                with NbdConnection(conf.host, conf.port, timeout=30, tls=conf.tls()) as conn:
                     size = conn.open(disk.mapping.export_name).size
                     if size < disk.source_disk.capacity_bytes:
                         raise StepFailed(

@@ -171,6 +171,14 @@ OMA_NBD: dict[str, Any] = {
     # How long a new export may take to appear before ensure_export gives up.
     "SERVE_TIMEOUT": float(os.environ.get("OMA_NBD_SERVE_TIMEOUT", "15")),
     "NODE": os.environ.get("OMA_NODE_NAME", "local"),
+    # NBD over TLS (nbdkit --tls=require with pre-shared keys): the portal's own key file (psktool
+    # format, readable only by the portal's user) for its health probes and verification reads, and
+    # the identity in it. Empty: the server speaks plain NBD (nbd-server has no PSK support).
+    "TLS_PSK_FILE": os.environ.get(
+        "OMA_NBD_TLS_PSK_FILE",
+        str(_NBD_DIR / "portal.psk") if os.environ.get("OMA_NBD_BACKEND", "nbdkit") == "nbdkit" else "",
+    ),
+    "TLS_IDENTITY": os.environ.get("OMA_NBD_TLS_IDENTITY", "oma-portal"),
 }
 
 # The operator GUI's own login page (omaportal/web/auth.py, throttled) serves every role.
@@ -209,6 +217,9 @@ OMA_VMA: dict[str, Any] = {
     # The NBD address the VMA copies to (production: its end of the TLS tunnel, 127.0.0.1:10808).
     "NBD_HOST": os.environ.get("OMA_VMA_NBD_HOST", OMA_NBD["HOST"]),
     "NBD_PORT": int(os.environ.get("OMA_VMA_NBD_PORT", str(OMA_NBD["PORT"]))),
+    # nbds:// URLs with this PSK identity (the VMA holds its key); off for a VMA behind the stunnel pair.
+    "NBD_TLS": env_bool("OMA_VMA_NBD_TLS", bool(OMA_NBD["TLS_PSK_FILE"])),
+    "NBD_IDENTITY": os.environ.get("OMA_VMA_NBD_IDENTITY", "vma"),
 }
 OMA_WORKFLOW: dict[str, Any] = {
     "MAX_ACTIVE_JOBS": int(os.environ.get("OMA_MAX_ACTIVE_JOBS", "25")),

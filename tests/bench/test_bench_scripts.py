@@ -29,7 +29,8 @@ def test_export_storm_prints_its_json_line_last() -> None:
 
 def test_migration_e2e_prints_its_json_line_last() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.migration_e2e", "--vms", "1", "--disks", "2", "--size-mib", "8", "--repeat", "2"],
+        [sys.executable, "-m", "bench.migration_e2e", "--vms", "1", "--disks", "2", "--size-mib", "8", "--repeat", "2",
+         "--tls"],
         capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -39,6 +40,7 @@ def test_migration_e2e_prints_its_json_line_last() -> None:
         assert key in result, key
     assert result["jobs"] == result["completed"] == 2 and result["sha256_mismatches"] == 0
     assert len(result["ratios"]) == 2 and result["ratio_spread"] >= 0
+    assert result["tls"] is True and len(result["tls_vs_plain_all"]) == 2 and result["tls_vs_plain"] > 0
 
 
 def run_bench(*args: str) -> dict[str, object]:

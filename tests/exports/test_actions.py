@@ -13,7 +13,6 @@ from django.db import connection
 
 from exports import actions
 from exports.models import ExportEvent, NbdServerState, VMExportMapping
-from exports.nbd_protocol import NbdConnection, list_exports
 from tests.support.nbd import RunningServer
 
 VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
@@ -32,7 +31,7 @@ def reloads() -> int:
 
 
 def read_export(server: RunningServer, name: str, length: int) -> bytearray:
-    with NbdConnection("127.0.0.1", server.layout.port) as conn:
+    with server.connect() as conn:
         conn.open(name)
         return conn.pread(0, length)
 
@@ -42,7 +41,7 @@ def test_new_export_is_served_before_ensure_returns(nbd_server: RunningServer) -
     mapping = ensure(nbd_server, device)
     assert mapping.export_name == NAME0
     assert mapping.status == VMExportMapping.Status.ACTIVE
-    assert NAME0 in list_exports("127.0.0.1", nbd_server.layout.port)
+    assert NAME0 in nbd_server.list_exports()
     assert read_export(nbd_server, NAME0, 6) == b"disk-a"
     assert os.readlink(nbd_server.layout.export_root / NAME0) == device
     assert ExportEvent.objects.filter(kind="export.created", export_name=NAME0).count() == 1
@@ -75,7 +74,7 @@ def test_second_disk_of_same_vm_gets_its_own_name(nbd_server: RunningServer) -> 
     first = ensure(nbd_server, nbd_server.volume("d0.img"), disk=0)
     second = ensure(nbd_server, nbd_server.volume("d1.img"), disk=1)
     assert {first.export_name, second.export_name} == {NAME0, f"migration-vm-{VM}-disk1"}
-    served = set(list_exports("127.0.0.1", nbd_server.layout.port))
+    served = set(nbd_server.list_exports())
     assert {first.export_name, second.export_name} <= served
 
 
@@ -191,7 +190,7 @@ def test_many_new_exports_share_few_reloads(nbdserver_server: RunningServer) -> 
     for t in threads:
         t.join()
     assert errors == []
-    served = set(list_exports("127.0.0.1", nbdserver_server.layout.port))
+    served = set(nbdserver_server.list_exports())
     assert {m.export_name for m in VMExportMapping.objects.all()} <= served
     assert 1 <= reloads() < 12, "reloads must be coalesced"
 
@@ -202,7 +201,7 @@ def test_crashed_nbd_server_is_detected_and_repaired_on_next_export(nbdserver_se
     os.kill(old_pid, signal.SIGKILL)
     time.sleep(0.2)
     second = ensure(nbdserver_server, nbdserver_server.volume("b.img"), disk=1)
-    served = set(list_exports("127.0.0.1", nbdserver_server.layout.port))
+    served = set(nbdserver_server.list_exports())
     assert {first.export_name, second.export_name} <= served
     state = NbdServerState.objects.get()
     assert state.crashes_detected >= 1 and state.repairs >= 1
@@ -217,7 +216,7 @@ def test_a_vms_disks_together_share_one_reload(nbdserver_server: RunningServer) 
     assert all(m.status == VMExportMapping.Status.ACTIVE for m in mappings)
     assert reloads() == 1
     assert nbdserver_server.helper_calls().count("link") == 1
-    assert {m.export_name for m in mappings} <= set(list_exports("127.0.0.1", nbdserver_server.layout.port))
+    assert {m.export_name for m in mappings} <= set(nbdserver_server.list_exports())
 
 
 def test_a_batch_answers_in_request_order(nbd_server: RunningServer) -> None:

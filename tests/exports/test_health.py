@@ -48,3 +48,8 @@ def test_nbd_server_version_warning_is_plain(nbdserver_server: RunningServer) ->
     if check.version != "3.24":
         pytest.skip(f"nbd-server {check.version} is not the known-bad 3.24")
     assert any("corrupts its memory on reload" in w and "nbdkit" in w for w in check.warnings)
+
+
+def test_a_plain_data_path_is_a_warning_and_tls_is_not(nbd_server: RunningServer) -> None:
+    warned = any("data path is plain" in w for w in check_nbd_server().warnings)
+    assert warned == (not nbd_server.layout.tls)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from exports.nbd_protocol import NbdConnection, NbdError, NbdUnavailable, export_info, list_exports
+from exports.nbd_protocol import NbdError, NbdUnavailable, export_info, list_exports
 from exports.nbd_servers import HEALTH_EXPORT
 from tests.support.nbd import RunningServer
 
@@ -28,7 +28,7 @@ def wait_listed(server: RunningServer, name: str) -> list[str]:
     deadline = time.monotonic() + 5
     names: list[str] = []
     while time.monotonic() < deadline:
-        names = list_exports("127.0.0.1", server.layout.port)
+        names = server.list_exports()
         if name in names:
             break
         time.sleep(0.05)
@@ -46,7 +46,7 @@ def test_list_returns_names_only_including_new_export(nbd_server: RunningServer)
 def test_open_reports_the_real_size(nbd_server: RunningServer) -> None:
     publish(nbd_server, size=24 << 20)
     wait_listed(nbd_server, NAME)
-    info = export_info("127.0.0.1", nbd_server.layout.port, NAME)
+    info = export_info("127.0.0.1", nbd_server.layout.port, NAME, tls=nbd_server.tls())
     assert info.size == 24 << 20 and not info.read_only
 
 
@@ -54,7 +54,7 @@ def test_write_then_read_back_reaches_the_volume(nbd_server: RunningServer) -> N
     volume = publish(nbd_server)
     wait_listed(nbd_server, NAME)
     payload = os.urandom(64 * 1024)
-    with NbdConnection("127.0.0.1", nbd_server.layout.port) as conn:
+    with nbd_server.connect() as conn:
         conn.open(NAME)
         conn.pwrite(1 << 20, payload)
         conn.flush()
@@ -69,16 +69,16 @@ def test_data_written_by_nbdcopy_reads_back_identically(nbd_server: RunningServe
     wait_listed(nbd_server, NAME)
     source = nbd_server.layout.root / "source.bin"
     source.write_bytes(os.urandom(4 << 20))
-    url = f"nbd://127.0.0.1:{nbd_server.layout.port}/{NAME}"
+    url = nbd_server.url(NAME)
     subprocess.run(["nbdcopy", str(source), url], check=True, timeout=60)
-    with NbdConnection("127.0.0.1", nbd_server.layout.port) as conn:
+    with nbd_server.connect() as conn:
         conn.open(NAME)
         assert conn.pread(0, 4 << 20) == source.read_bytes()
 
 
 def test_opening_an_unknown_export_is_an_error(nbd_server: RunningServer) -> None:
     with pytest.raises(NbdError):
-        export_info("127.0.0.1", nbd_server.layout.port, "migration-vm-nope")
+        export_info("127.0.0.1", nbd_server.layout.port, "migration-vm-nope", tls=nbd_server.tls())
 
 
 def test_nothing_listening_is_unavailable() -> None:

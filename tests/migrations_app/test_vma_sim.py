@@ -39,7 +39,7 @@ def test_unreachable_vma_is_a_clear_error(sim: Sim) -> None:
 
 def test_full_copy_moves_every_byte(nbdkit_server: RunningServer, sim: Sim) -> None:
     vm = sim.vm("db-01")
-    disks = export_disks(nbdkit_server, vm)
+    disks = export_disks(nbdkit_server, vm, sim)
     started = sim.client.start_replication("job-1", vm.id, disks)
     assert started["state"] == "running"
     done = wait_done(sim.client, "job-1")
@@ -51,7 +51,7 @@ def test_full_copy_moves_every_byte(nbdkit_server: RunningServer, sim: Sim) -> N
 
 def test_starting_the_same_replication_twice_copies_once(nbdkit_server: RunningServer, sim: Sim) -> None:
     vm = sim.vm("web-01")
-    disks = export_disks(nbdkit_server, vm)
+    disks = export_disks(nbdkit_server, vm, sim)
     sim.client.start_replication("job-2", vm.id, disks)
     again = sim.client.start_replication("job-2", vm.id, disks)
     assert again["replication_id"] == "job-2"
@@ -61,7 +61,7 @@ def test_starting_the_same_replication_twice_copies_once(nbdkit_server: RunningS
 
 def test_incremental_sync_writes_only_changed_blocks(nbdkit_server: RunningServer, sim: Sim) -> None:
     vm = sim.vm("web-01")
-    disks = export_disks(nbdkit_server, vm)
+    disks = export_disks(nbdkit_server, vm, sim)
     sim.client.start_replication("job-full", vm.id, disks)
     first = wait_done(sim.client, "job-full")
     disks[0]["previous_change_id"] = first["disks"][0]["change_id"]
@@ -76,7 +76,7 @@ def test_incremental_sync_writes_only_changed_blocks(nbdkit_server: RunningServe
 
 def test_unknown_change_id_falls_back_to_a_full_copy(nbdkit_server: RunningServer, sim: Sim) -> None:
     vm = sim.vm("web-01")
-    disks = export_disks(nbdkit_server, vm)
+    disks = export_disks(nbdkit_server, vm, sim)
     disks[0]["previous_change_id"] = "sim:9999:3"
     sim.client.start_replication("job-x", vm.id, disks)
     done = wait_done(sim.client, "job-x")
@@ -86,7 +86,7 @@ def test_unknown_change_id_falls_back_to_a_full_copy(nbdkit_server: RunningServe
 def test_cancel_stops_a_stalled_copy(nbdkit_server: RunningServer, make_sim: SimFactory) -> None:
     s = make_sim(Faults(stall=True))
     vm = s.vm("web-01")
-    s.client.start_replication("job-c", vm.id, export_disks(nbdkit_server, vm))
+    s.client.start_replication("job-c", vm.id, export_disks(nbdkit_server, vm, s))
     assert s.client.cancel("job-c")["state"] == "cancelling"
     assert wait_done(s.client, "job-c")["state"] == "cancelled"
     assert s.client.cancel("job-c")["state"] == "cancelled"  # idempotent
@@ -101,7 +101,7 @@ def test_injected_faults_fail_the_replication(
 ) -> None:
     s = make_sim(faults, size_mib=64)
     vm = s.vm("web-01")
-    s.client.start_replication("job-f", vm.id, export_disks(nbdkit_server, vm))
+    s.client.start_replication("job-f", vm.id, export_disks(nbdkit_server, vm, s))
     done = wait_done(s.client, "job-f")
     assert done["state"] == "failed" and message in done["error"]
 

@@ -34,6 +34,9 @@ def test_job_completes_and_every_volume_matches_its_source(
     verified = job.events.get(kind="sync.verified").message
     assert verified == "2 disk(s) read back and matched the VMA's digests"
     assert all(d.digest["ranges"] == [[0, d.source_disk.capacity_bytes]] and d.verified_at for d in disks)
+    # The VMA copied over TLS with its own key (nbdkit requires it by default); the portal read back with its own.
+    urls = [copy.nbd_url for r in sim.sim.replications.values() for copy in r.copies]
+    assert urls and all(url.startswith(f"nbds://vma@127.0.0.1:{nbdkit_server.layout.port}/") for url in urls)
 
 
 def test_second_job_is_an_incremental_sync_on_the_same_volume_and_export(

@@ -32,9 +32,9 @@ def wire(settings: object, server: RunningServer, sim: Sim) -> None:
         "TOKEN": TOKEN,
         "TIMEOUT": 5,
         "RETRIES": 1,
-        "NBD_HOST": "127.0.0.1",
-        "NBD_PORT": server.layout.port,
+        **server.layout.vma_settings(),
     }
+    sim.sim.psk_file = server.layout.vma_psk_file if server.layout.tls else None
     settings.OMA_WORKFLOW = {  # type: ignore[attr-defined]
         "MAX_ACTIVE_JOBS": 25,
         "ATTACH_SLOTS": 25,
@@ -137,6 +137,8 @@ class Cluster:
             "OMA_NBD_HELPER_CONFIG": conf["HELPER_CONFIG"],
             "OMA_NBD_EXPORT_ROOT": conf["EXPORT_ROOT"],
             "OMA_NBD_STATE_DIR": conf["STATE_DIR"],
+            "OMA_NBD_TLS_PSK_FILE": conf.get("TLS_PSK_FILE", ""),
+            "OMA_VMA_NBD_TLS": "1" if server.layout.tls else "0",
             "OMA_VOLUME_ROOT": str(server.layout.volume_root),
             "OMA_VMA_URL": sim.url,
             "OMA_VMA_TOKEN": TOKEN,

@@ -14,7 +14,8 @@ from typing import Any
 
 import psutil
 
-from devtools.devserver import DevServerLayout, free_port, write_layout
+from devtools.devserver import VMA_IDENTITY, DevServerLayout, free_port, write_layout
+from exports.nbd_protocol import NbdConnection, TlsPsk, list_exports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,6 +52,28 @@ class RunningServer:
             if fill:
                 fh.write(fill)
         return str(path)
+
+    def tls(self) -> TlsPsk | None:
+        """The portal's key when this server requires TLS (what a test's own client must present)."""
+        return TlsPsk.from_file(self.layout.portal_psk_file) if self.layout.tls else None
+
+    def list_exports(self) -> list[str]:
+        return list_exports("127.0.0.1", self.layout.port, tls=self.tls())
+
+    def connect(self) -> NbdConnection:
+        return NbdConnection("127.0.0.1", self.layout.port, tls=self.tls())
+
+    def url(self, name: str, identity: str = "oma-portal") -> str:
+        """A libnbd URI for nbdcopy/nbdinfo: nbds:// with the portal's key file when TLS is on."""
+        if not self.layout.tls:
+            return f"nbd://127.0.0.1:{self.layout.port}/{name}"
+        return f"nbds://{identity}@127.0.0.1:{self.layout.port}/{name}?tls-psk-file={self.layout.portal_psk_file}"
+
+    def vma_url(self, name: str) -> str:
+        """The URL the portal hands the VMA for export ``name``."""
+        if not self.layout.tls:
+            return f"nbd://127.0.0.1:{self.layout.port}/{name}"
+        return f"nbds://{VMA_IDENTITY}@127.0.0.1:{self.layout.port}/{name}"
 
     def main_pid(self) -> int:
         return int(self.layout.pidfile.read_text().strip())

@@ -52,13 +52,15 @@ class ExportedDisk(ReplicationTarget):
     device: str  # the volume behind the export, to compare with the source
 
 
-def export_disks(server: RunningServer, vm: SimVM) -> list[ExportedDisk]:
-    """Volumes and exports for every disk of ``vm``; returns the replication's disk list."""
+def export_disks(server: RunningServer, vm: SimVM, sim: Sim) -> list[ExportedDisk]:
+    """Volumes and exports for every disk of ``vm``; returns the replication's disk list, with the URLs
+    the portal would hand the VMA (nbds:// with the VMA's identity when the server requires TLS)."""
+    sim.sim.psk_file = server.layout.vma_psk_file if server.layout.tls else None
     disks: list[ExportedDisk] = []
     for disk in vm.disks:
         device = server.volume(f"{vm.name}-{disk.unit_number}.img", size=disk.capacity_bytes)
         mapping = actions.ensure_export(vm_id=vm.id, vm_name=vm.name, disk_unit=disk.unit_number, device=device)
-        url = f"nbd://127.0.0.1:{server.layout.port}/{mapping.export_name}"
+        url = server.vma_url(mapping.export_name)
         disks.append({"unit_number": disk.unit_number, "nbd_url": url, "previous_change_id": "", "device": device})
     return disks
 

@@ -45,6 +45,16 @@ class Command(BaseCommand):
             actor="demo_env",
         )
 
+    def _nbd_line(self, port: int) -> str:
+        conf = nbd_conf()
+        if not conf.tls_psk_file:
+            return f"  NBD server:  nbd://127.0.0.1:{port}/  (backend {conf.backend}, plain NBD)\n"
+        key = settings.VAR_DIR / "nbd" / "vma.psk"
+        return (
+            f"  NBD server:  nbds://127.0.0.1:{port}/  (backend {conf.backend}, TLS with pre-shared keys;\n"
+            f"               try: nbdinfo --list 'nbds://vma@127.0.0.1:{port}/?tls-psk-file={key}')\n"
+        )
+
     def handle(self, *args: Any, **options: Any) -> None:
         web, nbd, vma = free_port(), free_port(), free_port()
         token_file = settings.VAR_DIR / "demo-vma-token"
@@ -70,14 +80,14 @@ class Command(BaseCommand):
             f"OMA_WEB_PORT={web}\nOMA_NBD_PORT={nbd}\nOMA_VMA_PORT={vma}\n"
             f"OMA_VMA_URL=http://127.0.0.1:{vma}\nOMA_VMA_TOKEN={token}\nOMA_VMA_NBD_PORT={nbd}\n"
             # Recorded, so a command in a second terminal (make demo-jobs, nbd_status) sees the same server.
-            f"OMA_NBD_BACKEND={nbd_conf().backend}\n"
+            f"OMA_NBD_BACKEND={nbd_conf().backend}\nOMA_NBD_TLS_PSK_FILE={nbd_conf().tls_psk_file or ''}\n"
         )
         sys.stderr.write(
             "\n"
             f"  OMA portal:  http://127.0.0.1:{web}/   (log in as admin / {password})\n"
             f"  Admin:       http://127.0.0.1:{web}/admin/\n"
-            f"  NBD server:  nbd://127.0.0.1:{nbd}/  (backend {nbd_conf().backend}; try: nbdinfo --list nbd://127.0.0.1:{nbd})\n"
-            f"  VMA (simulator): http://127.0.0.1:{vma}/api/v1  (4 demo VMs, real bytes)\n"
+            + self._nbd_line(nbd)
+            + f"  VMA (simulator): http://127.0.0.1:{vma}/api/v1  (4 demo VMs, real bytes)\n"
             f"  Warm migration: group {DEMO_GROUP} syncs {' and '.join(DEMO_GROUP_VMS)} every 3 minutes (Groups).\n"
             "  Migrate a demo VM: VMs -> Refresh from the VMA -> tick the VMs -> Migrate;\n"
             "  or from another terminal:  make demo-migrate VM=web-01   (progress: make demo-jobs)\n"

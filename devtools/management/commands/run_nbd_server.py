@@ -29,16 +29,24 @@ class Command(BaseCommand):
         conf = nbd_conf()
         if conf.helper_config is None:
             raise CommandError("run_nbd_server lays out a dev NBD server and needs OMA_NBD_HELPER_CONFIG")
-        layout = write_layout(Path(conf.helper_config).parent, conf.backend, conf.host, conf.port)
+        if conf.tls_psk_file and conf.backend != "nbdkit":
+            raise CommandError(
+                "NBD over TLS needs the nbdkit backend: set OMA_NBD_TLS_PSK_FILE= (empty) for nbd-server"
+            )
+        tls = conf.tls_psk_file is not None
+        layout = write_layout(Path(conf.helper_config).parent, conf.backend, conf.host, conf.port, tls=tls)
         if Path(conf.export_root) != layout.export_root:
             raise CommandError(f"OMA_NBD EXPORT_ROOT {conf.export_root} must be {layout.export_root} in dev mode")
+        if tls and Path(str(conf.tls_psk_file)) != layout.portal_psk_file:
+            raise CommandError(f"OMA_NBD TLS_PSK_FILE {conf.tls_psk_file} must be {layout.portal_psk_file} in dev mode")
         backend = get_backend()
         try:
             started = backend.start()
         except HelperFailed as exc:
             # A server this supervisor did not start holds the port (one per node): say so, never a second.
             raise CommandError(f"{exc}; is another NBD server running for this node?") from exc
-        self.stdout.write(f"{backend.name} serving nbd://{backend.host}:{backend.port}/ (pid {started['pid']})")
+        scheme = "nbds" if tls else "nbd"
+        self.stdout.write(f"{backend.name} serving {scheme}://{backend.host}:{backend.port}/ (pid {started['pid']})")
         # The database is the truth: every live mapping is published (link, conf file) and served again,
         # whatever backend or server wrote it before.
         self._publish_all()
@@ -95,4 +103,6 @@ class Command(BaseCommand):
         mapping = actions.ensure_export(
             vm_id=vm_id, vm_name=f"demo-vm-{n}", disk_unit=0, device=str(volume), actor="run_nbd_server"
         )
-        self.stdout.write(f"demo export nbd://{nbd_conf().address}/{mapping.export_name}")
+        self.stdout.write(
+            f"demo export {'nbds' if nbd_conf().tls_psk_file else 'nbd'}://{nbd_conf().address}/{mapping.export_name}"
+        )

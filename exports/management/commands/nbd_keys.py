@@ -1,0 +1,93 @@
+import getpass
+import os
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from exports import helper_client
+from exports.actions import record_event
+from exports.conf import nbd_conf
+from exports.helper_client import HelperFailed, SubprocessHelper
+
+
+def write_client_file(path: Path, identity: str, key: str, replace: bool) -> None:
+    """A psktool-format key file for one client, readable by its owner only, written atomically."""
+    if path.exists() and not replace:
+        raise CommandError(f"{path} exists; pass --force to overwrite it")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(f"{identity}:{key}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Command(BaseCommand):
+    help = (
+        "NBD over TLS pre-shared keys, one identity per VMA (and one for the portal itself), kept by the "
+        "privileged helper in the server's root-only key file. add/rotate write the client's key file "
+        "(--out, mode 0600) to install on the VMA; rotate leaves open transfers running, new connections "
+        "need the new key. 'portal' (re)keys the portal's own identity into OMA_NBD_TLS_PSK_FILE."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("action", choices=["list", "add", "rotate", "remove", "portal"])
+        parser.add_argument("identity", nargs="?", help="the client's identity (add, rotate, remove)")
+        parser.add_argument("--out", help="write the client's key file here (add, rotate)")
+        parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        conf = nbd_conf()
+        helper = SubprocessHelper(conf.helper_command, conf.helper_config)
+        action, identity = options["action"], options["identity"]
+        actor = f"nbd_keys:{getpass.getuser()}"
+        try:
+            if action == "list":
+                reply = helper_client.psk(helper, "psk-list")
+                if not reply.get("tls"):
+                    self.stdout.write("TLS is off: the helper config has no tls_psk_file")
+                for name in reply.get("identities", []):
+                    self.stdout.write(name)
+                return
+            if action == "portal":
+                if not conf.tls_psk_file:
+                    raise CommandError("OMA_NBD_TLS_PSK_FILE is empty: the portal connects without TLS")
+                identity = conf.tls_identity
+                listed = helper_client.psk(helper, "psk-list").get("identities", [])
+                verb = "psk-rotate" if identity in listed else "psk-add"
+                reply = helper_client.psk(helper, verb, identity)
+                write_client_file(Path(conf.tls_psk_file), identity, reply["key"], replace=True)
+                self._record(verb, identity, actor)
+                self.stdout.write(f"portal key for {identity} written to {conf.tls_psk_file}")
+                return
+            if not identity:
+                raise CommandError(f"{action} needs an identity")
+            if action == "remove":
+                reply = helper_client.psk(helper, "psk-remove", identity)
+                if reply.get("removed"):
+                    self._record("psk-remove", identity, actor)
+                self.stdout.write(f"{identity}: {'removed' if reply.get('removed') else 'had no key'}")
+                return
+            out = Path(options["out"]) if options["out"] else None
+            if out is not None and out.exists() and not options["force"]:
+                raise CommandError(f"{out} exists; pass --force to overwrite it")  # before any key changes
+            reply = helper_client.psk(helper, "psk-add" if action == "add" else "psk-rotate", identity)
+            self._record(f"psk-{action}", identity, actor)
+        except HelperFailed as exc:
+            raise CommandError(str(exc)) from exc
+        if out is None:
+            self.stdout.write(f"{identity}:{reply['key']}")
+            self.stderr.write("shown once: save it as the VMA's key file (mode 0600), e.g. with --out")
+        else:
+            write_client_file(out, identity, reply["key"], replace=True)
+            self.stdout.write(f"key for {identity} written to {out}; install it on the VMA (mode 0600)")
+
+    def _record(self, verb: str, identity: str, actor: str) -> None:
+        kind = {"psk-add": "tls.key_added", "psk-rotate": "tls.key_rotated", "psk-remove": "tls.key_removed"}[verb]
+        record_event(kind, message=f"NBD TLS key for {identity}", data={"identity": identity}, actor=actor)
