@@ -7,11 +7,17 @@ The socket's query says what it watches: ``?page=NAME`` and, for a page about on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from importlib import import_module
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.contrib.auth import get_user
 
 from . import registry
 from .registry import Group
@@ -20,6 +26,29 @@ from .relay import relay
 # Application close codes (4000-4999): the page shows "signed out" instead of reconnecting forever.
 CLOSE_NOT_ALLOWED = 4403
 CLOSE_UNKNOWN_PAGE = 4404  # no such page, or no such object: nothing would ever be sent
+CLOSE_ROLE_CHANGED = 4409  # still allowed, in another role: the page reconnects for the right fragments
+
+
+def recheck_seconds() -> float:
+    """How often an open socket checks that its session and role still hold (logout, deactivation, a
+    role taken away all close it within this time)."""
+    return float(getattr(settings, "OMA_LIVE_RECHECK_SECONDS", 5.0))
+
+
+def still_allowed(session_key: str | None, user_pk: Any, group: Group) -> int | None:
+    """None while the socket may go on; else the close code. The session is read afresh from its store
+    (a logout deletes it) and the user afresh from the database (inactive users do not authenticate)."""
+    if not session_key:
+        return CLOSE_NOT_ALLOWED
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    user = get_user(SimpleNamespace(session=store))  # type: ignore[arg-type]
+    if not user.is_authenticated or user.pk != user_pk:
+        return CLOSE_NOT_ALLOWED
+    page = registry.page(group.page)
+    role = page.audience(user) if page is not None else None
+    if role is None:
+        return CLOSE_NOT_ALLOWED
+    return None if role == group.role else CLOSE_ROLE_CHANGED
 
 
 def group_for(user: Any, page_name: str, key_text: str | None) -> Group | int:
@@ -58,8 +87,27 @@ class LiveConsumer(AsyncWebsocketConsumer):
         html = await relay.snapshot(group)
         if html:
             await self.send(text_data=html)
+        session = self.scope.get("session")
+        user = self.scope.get("user")
+        self.recheck = asyncio.create_task(
+            self._recheck(getattr(session, "session_key", None), getattr(user, "pk", None), group)
+        )
+
+    async def _recheck(self, session_key: str | None, user_pk: Any, group: Group) -> None:
+        while True:
+            await asyncio.sleep(recheck_seconds())
+            code = await database_sync_to_async(still_allowed)(session_key, user_pk, group)
+            if code is not None:
+                relay.unwatch(group, self)
+                await self.close(code=code)
+                return
 
     async def disconnect(self, code: int) -> None:
+        recheck = getattr(self, "recheck", None)
+        if recheck is not None and recheck is not asyncio.current_task():
+            recheck.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recheck
         for group in getattr(self, "groups_joined", []):
             relay.unwatch(group, self)
 

@@ -68,8 +68,11 @@ class Relay:
         self.watchers[group].add(subscriber)
 
     def unwatch(self, group: Group, subscriber: Subscriber) -> None:
-        self.watchers[group].discard(subscriber)
-        if not self.watchers[group]:
+        watching = self.watchers.get(group)
+        if watching is None:
+            return  # already left (a socket closed by its recheck, then disconnected)
+        watching.discard(subscriber)
+        if not watching:
             del self.watchers[group]
 
     async def ensure_started(self) -> None:

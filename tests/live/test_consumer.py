@@ -201,3 +201,55 @@ def test_a_burst_of_changes_is_coalesced(make_user: UserFactory) -> None:
         await communicator.disconnect()
 
     asyncio.run(run())
+
+
+def session_cookie(user: User) -> tuple[Client, list[tuple[bytes, bytes]]]:
+    client = Client()
+    client.force_login(user)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    return client, [(b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1"), (b"cookie", cookie)]
+
+
+async def closed_with(communicator: WebsocketCommunicator, timeout: float = 5) -> int:
+    """Drain messages until the server closes the socket; its close code."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = await communicator.receive_output(timeout=deadline - time.monotonic())
+        if message["type"] == "websocket.close":
+            return int(message.get("code", 1000))
+    raise AssertionError("the socket was not closed")
+
+
+@pytest.mark.parametrize("change", ["deactivated", "logged_out", "role_removed", "role_changed", "nothing"])
+def test_an_open_socket_closes_when_its_user_may_no_longer_watch(
+    make_user: UserFactory, settings: Any, change: str
+) -> None:
+    settings.OMA_LIVE_RECHECK_SECONDS = 0.2
+    user = make_user("operator")
+    client, headers = session_cookie(user)
+
+    def apply() -> None:
+        if change == "deactivated":
+            User.objects.filter(pk=user.pk).update(is_active=False)
+        elif change == "logged_out":
+            client.logout()
+        elif change == "role_removed":
+            user.groups.clear()
+        elif change == "role_changed":
+            from django.contrib.auth.models import Group
+
+            user.groups.set([Group.objects.get(name="viewer")])
+
+    async def run() -> None:
+        communicator, connected, _ = await connect("/ws/live/?page=dashboard", headers)
+        assert connected
+        await communicator.receive_from(timeout=10)  # the snapshot
+        await sync_to_async(apply, thread_sensitive=True)()
+        if change == "nothing":
+            assert await communicator.receive_nothing(timeout=1.0)  # five rechecks passed: still open, quiet
+        else:
+            code = await closed_with(communicator)
+            assert code == (4409 if change == "role_changed" else 4403)
+        await communicator.disconnect()
+
+    asyncio.run(run())
