@@ -181,6 +181,14 @@ OMA_NBD: dict[str, Any] = {
     "TLS_IDENTITY": os.environ.get("OMA_NBD_TLS_IDENTITY", "oma-portal"),
 }
 
+# --- The shared cache: login throttling counters seen by every web process (and node) -------------
+# A database table (made by a migration), so every process on every node shares it with no extra service.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "oma_cache"}}
+# Addresses (or networks) of reverse proxies whose X-Forwarded-For names the client (nginx on the OMA).
+OMA_TRUSTED_PROXIES = [p for p in os.environ.get("OMA_TRUSTED_PROXIES", "").split(",") if p.strip()]
+# An open live socket re-checks its session, its user and its role this often.
+OMA_LIVE_RECHECK_SECONDS = float(os.environ.get("OMA_LIVE_RECHECK_SECONDS", "5"))
+
 # The operator GUI's own login page (omaportal/web/auth.py, throttled) serves every role.
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"

@@ -21,7 +21,7 @@ PAGES = ["dashboard", "inventory", "job-list", "mapping-list", "nbd-server"]
 
 
 @pytest.fixture(autouse=True)
-def _fresh_throttle() -> None:
+def _fresh_throttle(db: None) -> None:
     cache.clear()
 
 
