@@ -8,6 +8,7 @@ from typing import Any
 from django.db import transaction
 
 from live.outbox import announce
+from omaportal.scrub import scrub
 
 from .models import JobEvent, MigrationJob
 from .topics import JOB
@@ -27,5 +28,11 @@ def record_job_event(
     with transaction.atomic():
         announce(JOB, job.pk)
         return JobEvent.objects.create(
-            job=job, kind=kind, step=step, message=message, data=data or {}, duration_ms=duration_ms, actor=actor
+            job=job,
+            kind=kind,
+            step=step,
+            message=scrub(message),
+            data=data or {},
+            duration_ms=duration_ms,
+            actor=actor,
         )

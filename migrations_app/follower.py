@@ -32,6 +32,7 @@ from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from live.outbox import announce
+from omaportal.scrub import scrub
 
 from .backends import get_vma_client, get_volume_backend
 from .conf import workflow_conf
@@ -252,7 +253,10 @@ class Follower:
         confirmed = sum(d.checkpoint_bytes for d in disks)
         with transaction.atomic():
             MigrationJob.objects.filter(pk=job.pk).update(
-                replication_id=replication_id, resumes=attempt, retry_at=None, wait_reason=f"resumed after: {why}"
+                replication_id=replication_id,
+                resumes=attempt,
+                retry_at=None,
+                wait_reason=scrub(f"resumed after: {why}")[:255],
             )
             record_job_event(
                 job,
@@ -285,7 +289,7 @@ class Follower:
         if job.wait_reason == why[:255] and job.retry_at == retry_at:
             return
         with transaction.atomic():
-            MigrationJob.objects.filter(pk=job.pk).update(wait_reason=why[:255], retry_at=retry_at)
+            MigrationJob.objects.filter(pk=job.pk).update(wait_reason=scrub(why)[:255], retry_at=retry_at)
             announce(JOB, job.pk)
         job.wait_reason, job.retry_at = why[:255], retry_at
 
@@ -529,7 +533,7 @@ class Follower:
         if job.wait_reason == why:
             return
         with transaction.atomic():
-            if MigrationJob.objects.filter(pk=job.pk, state=JobState.PENDING).update(wait_reason=why[:255]):
+            if MigrationJob.objects.filter(pk=job.pk, state=JobState.PENDING).update(wait_reason=scrub(why)[:255]):
                 record_job_event(job, "job.queued", message=f"waiting: {why}")
         job.wait_reason = why
 

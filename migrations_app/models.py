@@ -14,6 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from exports.models import VMExportMapping
+from omaportal.scrub import scrub
 
 
 class MigrationGroup(models.Model):
@@ -281,7 +282,7 @@ class MigrationJob(models.Model):
         if to in FINAL_STATES:
             self.finished_at = now
         if to == JobState.FAILED:
-            self.error = error or self.error or "failed"
+            self.error = scrub(error or self.error or "failed")
         self.state = to
         self.heartbeat_at = now
 
