@@ -25,12 +25,65 @@ def env_bool(name: str, default: bool) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
-DEBUG = env_bool("DJANGO_DEBUG", True)
-# The embedded default is a development appliance; production must set a real secret.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "oma-embedded-dev-key-not-for-production-use-0123456789")
-if not DEBUG and SECRET_KEY.startswith("oma-embedded-dev-key"):
-    raise RuntimeError("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off")
-ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h]
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def generated_secret(path: Path) -> str:
+    """This installation's own secret key, made on first use and kept (mode 0600) under the var folder:
+    no key is ever shipped. Created atomically, so processes starting together agree on one."""
+    if not path.exists():
+        from django.core.management.utils import get_random_secret_key
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(get_random_secret_key() + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process made it first; then theirs is the key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
+# Off unless asked: a malformed answer must never show a debug page (the demo and the browser tests ask).
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or generated_secret(
+    Path(os.environ.get("OMA_SECRET_KEY_FILE", VAR_DIR / "secret_key"))
+)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+
+# --- Behind the TLS proxy (deploy/nginx): all settable from the environment ------------------------
+# The proxy terminates TLS and says so in X-Forwarded-Proto; only set OMA_BEHIND_PROXY when it does.
+if env_bool("OMA_BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("OMA_SSL_REDIRECT", False)
+SESSION_COOKIE_SECURE = env_bool("OMA_SECURE_COOKIES", False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_HSTS_SECONDS = int(os.environ.get("OMA_HSTS_SECONDS", "0"))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("OMA_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = env_bool("OMA_HSTS_PRELOAD", True)
+CSRF_TRUSTED_ORIGINS = env_list("OMA_CSRF_TRUSTED_ORIGINS")
+SESSION_COOKIE_AGE = int(os.environ.get("OMA_SESSION_SECONDS", str(8 * 60 * 60)))  # a working day
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# Scripts only from the portal itself (htmx and oma.js are local files); progress bars set their width
+# in a style attribute, hence inline styles.
+from django.utils.csp import CSP  # noqa: E402
+
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF],
+    "style-src": [CSP.SELF, CSP.UNSAFE_INLINE],
+    "img-src": [CSP.SELF, "data:"],
+    "connect-src": [CSP.SELF],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.SELF],
+    "form-action": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+}
 
 INSTALLED_APPS = [
     "daphne",
@@ -52,6 +105,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -185,7 +239,7 @@ OMA_NBD: dict[str, Any] = {
 # A database table (made by a migration), so every process on every node shares it with no extra service.
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "oma_cache"}}
 # Addresses (or networks) of reverse proxies whose X-Forwarded-For names the client (nginx on the OMA).
-OMA_TRUSTED_PROXIES = [p for p in os.environ.get("OMA_TRUSTED_PROXIES", "").split(",") if p.strip()]
+OMA_TRUSTED_PROXIES = env_list("OMA_TRUSTED_PROXIES")
 # An open live socket re-checks its session, its user and its role this often.
 OMA_LIVE_RECHECK_SECONDS = float(os.environ.get("OMA_LIVE_RECHECK_SECONDS", "5"))
 

@@ -68,3 +68,45 @@ def test_nbd_server_example_config_never_sets_maxconnections() -> None:
     text = (DEPLOY / "etc" / "nbd-server.config").read_text()
     assert "maxconnections" not in text.replace("Never set maxconnections", "")
     assert "includedir = /etc/nbd-server/conf.d" in text
+
+
+def production_env(tmp_path: Path) -> dict[str, str]:
+    """The shipped production environment file, with this machine's paths for what must exist."""
+    env: dict[str, str] = {}
+    for line in (DEPLOY / "etc" / "portal.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    env["OMA_VAR_DIR"] = str(tmp_path / "var")
+    env.pop("DATABASE_URL")  # checking needs no database
+    return env
+
+
+def test_check_deploy_is_clean_with_the_production_environment(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    env = {"PATH": os.environ["PATH"], **production_env(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "DEBUG"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "no issues" in proc.stdout, proc.stdout + proc.stderr
+    # The secret key was made for this installation, readable by its owner only; none is shipped.
+    key_file = tmp_path / "var" / "secret_key"
+    assert key_file.stat().st_mode & 0o077 == 0 and len(key_file.read_text().strip()) >= 50
+    assert "SECRET_KEY" not in (DEPLOY / "etc" / "portal.env").read_text().replace("DJANGO_SECRET_KEY only", "")
+
+
+def test_debug_is_off_unless_asked(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    code = "from django.conf import settings; print(settings.DEBUG)"
+    base = {"PATH": os.environ["PATH"], "OMA_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "omaportal.settings"}
+    for extra, expected in (({}, "False"), ({"DJANGO_DEBUG": "1"}, "True")):
+        out = subprocess.run(
+            [sys.executable, "-c", f"import django; django.setup(); {code}"],
+            capture_output=True, text=True, cwd=REPO, env={**base, **extra}, timeout=60, check=True,
+        )  # fmt: skip
+        assert out.stdout.strip() == expected

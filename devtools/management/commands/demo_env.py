@@ -81,6 +81,8 @@ class Command(BaseCommand):
             f"OMA_VMA_URL=http://127.0.0.1:{vma}\nOMA_VMA_TOKEN={token}\nOMA_VMA_NBD_PORT={nbd}\n"
             # Recorded, so a command in a second terminal (make demo-jobs, nbd_status) sees the same server.
             f"OMA_NBD_BACKEND={nbd_conf().backend}\nOMA_NBD_TLS_PSK_FILE={nbd_conf().tls_psk_file or ''}\n"
+            # The demo asks for debug mode: daphne then serves the static files itself (no proxy here).
+            "DJANGO_DEBUG=1\n"
         )
         sys.stderr.write(
             "\n"
