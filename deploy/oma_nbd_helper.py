@@ -64,6 +64,8 @@ DEVICE_RE = re.compile(r"/[A-Za-z0-9._/+:@-]{1,254}")
 LOCK_TIMEOUT = 30.0
 START_TIMEOUT = 10.0
 PORT_WAIT = 5.0
+# /proc start times count from an integer boot time: allow that much before calling a PID reused.
+START_SLACK = 1.0
 BACKENDS = ("nbdkit", "nbd-server")
 # The portal's rule too (exports/nbd_protocol.py IDENTITY_RE; a test checks they agree).
 IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -146,6 +148,22 @@ def config_file_path() -> Path:
     return Path(DEFAULT_CONFIG)
 
 
+def check_dev_root(root: Path) -> None:
+    """Dev mode serves files: run as root, only from a folder nobody else can write (or swap a file in)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(root)
+    except OSError as exc:
+        raise HelperError(EXIT_CONFIG, "bad_config", f"dev_volume_root {root}: {exc.strerror}") from exc
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise HelperError(
+            EXIT_CONFIG,
+            "unsafe_dev_root",
+            f"dev mode runs as root here: its volume root {root} must be owned by root and writable by root only",
+        )
+
+
 def load_config() -> Config:
     path = config_file_path()
     try:
@@ -195,7 +213,7 @@ def load_config() -> Config:
             server_config=_config_path(server_config, "server_config") if server_config else None,
             confd=_config_path(confd, "confd") if confd else None,
             device_prefixes=prefixes,
-            dev_volume_root=_config_path(dev_root, "dev_volume_root") if dev_root else None,
+            dev_volume_root=_dev_root(dev_root) if dev_root else None,
             service=section.get("service", "direct"),
             tls_psk_file=_config_path(psk, "tls_psk_file") if psk else None,
             tls_group=tls_group,
@@ -204,6 +222,12 @@ def load_config() -> Config:
         raise
     except (configparser.Error, KeyError, ValueError, OSError) as exc:
         raise HelperError(EXIT_CONFIG, "bad_config", f"helper config {path} is invalid: {exc}") from exc
+
+
+def _dev_root(value: str) -> Path:
+    root = _config_path(value, "dev_volume_root")
+    check_dev_root(root)
+    return root
 
 
 def _dev_numbers(rdev: int) -> str:
@@ -293,6 +317,13 @@ def check_device_syntax(device: str) -> None:
         raise refuse("invalid_device", f"device {device!r} is not an absolute path")
     if not DEVICE_RE.fullmatch(device):
         raise refuse("invalid_device", f"device {device!r} has characters other than letters, digits and ._/+:@-")
+    if not is_canonical(device):
+        raise refuse("not_canonical", f"device {device!r} is not written canonically (no '//', '/./' or trailing '/')")
+
+
+def is_canonical(path: str) -> bool:
+    """One spelling per path: the portal's rule too (exports/models.py), so string comparisons hold."""
+    return "//" not in path and "/./" not in path and not path.endswith(("/", "/."))
 
 
 def validate_device(config: Config, device: str) -> str:
@@ -305,7 +336,7 @@ def validate_device(config: Config, device: str) -> str:
         st = _stat_existing(device, resolved)
         if not stat.S_ISREG(st.st_mode):
             raise refuse("not_a_volume", f"device {device!r} is not a regular volume file (dev mode)")
-        return device
+        return resolved  # the file itself: a symlink swapped in later along the path changes nothing
     if not any(device.startswith(prefix) for prefix in config.device_prefixes):
         allowed = ", ".join(config.device_prefixes)
         raise refuse("device_not_allowed", f"device {device!r} is not under an allowed prefix ({allowed})")
@@ -461,15 +492,36 @@ def verified_main(config: Config) -> tuple[MainProcess | None, str]:
         return None, f"cannot inspect pid {pid}: {exc.strerror}"
     if os.path.realpath(exe) != os.path.realpath(config.server_exe):
         return None, f"pid {pid} runs {exe}, not {config.server_exe}"
-    wanted = str(config.server_config if config.backend == "nbd-server" else config.pidfile).encode()
-    if wanted not in cmdline:
-        return None, f"pid {pid} was not started with {wanted.decode()}"
+    for flag, value in _identifying_args(config):
+        if not _has_option(cmdline, flag, value):
+            return None, f"pid {pid} was not started with {flag} {value}"
+    try:
+        written = os.stat(config.pidfile).st_mtime
+    except OSError:
+        return None, f"pidfile {config.pidfile} vanished"
+    main = MainProcess(pid, start_ticks)
+    if main.started_at > written + START_SLACK:
+        return None, f"pid {pid} started after {config.pidfile} was written: a reused PID, not the server"
     if config.backend == "nbd-server":
         # Children of nbd-server have the same cmdline; the main one was reparented to nobody else.
         ppid = _ppid(pid)
         if ppid is not None and _proc_stat(ppid) is not None and _exe_of(ppid) == exe:
             return None, f"pid {pid} is a child of {ppid}, not the main server process"
-    return MainProcess(pid, start_ticks), "verified"
+    return main, "verified"
+
+
+def _identifying_args(config: Config) -> list[tuple[str, str]]:
+    """The options the helper starts the server with that no other process has: its own pidfile as its
+    pidfile argument (and nbd-server's config)."""
+    if config.backend == "nbd-server":
+        return [("-C", str(config.server_config)), ("-p", str(config.pidfile))]
+    return [("-P", str(config.pidfile))]
+
+
+def _has_option(cmdline: list[bytes], flag: str, value: str) -> bool:
+    """``flag value`` as two adjacent arguments (the way the helper and the units pass it)."""
+    args = [arg.decode(errors="replace") for arg in cmdline]
+    return any(args[i] == flag and args[i + 1] == value for i in range(len(args) - 1))
 
 
 def _ppid(pid: int) -> int | None:
@@ -522,10 +574,11 @@ def require_main(config: Config) -> MainProcess:
 def verb_link(config: Config, *pairs: str) -> dict[str, object]:
     """Link one or more NAME DEVICE pairs (a VM's disks in one call). Every pair is validated, and
     names and devices checked for repeats, before anything is written: a refusal changes nothing."""
-    names, devices = list(pairs[0::2]), list(pairs[1::2])
-    for name, device in zip(names, devices, strict=True):
+    names, requested = list(pairs[0::2]), list(pairs[1::2])
+    devices = []
+    for name, device in zip(names, requested, strict=True):
         validate_name(name)
-        validate_device(config, device)
+        devices.append(validate_device(config, device))
     if len(set(names)) != len(names) or len(set(devices)) != len(devices):
         raise refuse("duplicate", "a name or a device appears twice in one link request")
     with locked(config):
@@ -533,9 +586,47 @@ def verb_link(config: Config, *pairs: str) -> dict[str, object]:
             link = config.export_root / name
             if link.exists() and not link.is_symlink():
                 raise refuse("not_a_link", f"{link} exists and is not a link")
+        refuse_aliases(config, dict(zip(names, devices, strict=True)))
         links = [_link_one(config, name, device) for name, device in zip(names, devices, strict=True)]
     # The first pair's fields stay at the top level, as they were when link took one pair.
     return {**links[0], "links": links}
+
+
+def device_identity(path: str) -> tuple[str, int, int] | None:
+    """What a path really is: a block device by its device number, a file by its filesystem and inode.
+    None if it does not exist (a detached volume's link)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        return ("block device", st.st_rdev, 0)
+    return ("file", st.st_dev, st.st_ino)
+
+
+def refuse_aliases(config: Config, wanted: dict[str, str]) -> None:
+    """One device, one export: refuse a device that is, under any spelling (symlink, by-id alias, a
+    second path to the same file), the device of another requested name or of another existing link.
+    Runs under the lock, so two parallel calls cannot both pass."""
+    seen: dict[tuple[str, int, int], str] = {}
+    for name, device in wanted.items():
+        identity = device_identity(device)
+        if identity is None:
+            continue  # validate_device found it a moment ago; the link step will fail clearly
+        if identity in seen:
+            raise refuse("alias", f"{device} and the device for {seen[identity]} are the same {identity[0]}")
+        seen[identity] = name
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(config.export_root):
+            if not entry.is_symlink() or entry.name.startswith(".") or entry.name in wanted:
+                continue
+            identity = device_identity(entry.path)
+            if identity is not None and identity in seen:
+                target = os.readlink(entry.path)
+                device = wanted[seen[identity]]
+                raise refuse(
+                    "alias", f"{device} is the same {identity[0]} as {target}, already exported as {entry.name}"
+                )
 
 
 def _link_one(config: Config, name: str, device: str) -> dict[str, object]:

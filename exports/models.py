@@ -34,12 +34,19 @@ def validate_disk_unit(value: int) -> None:
         raise ValidationError(f"disk unit number must be an integer from 0 to {MAX_DISK_UNIT}, got {value!r}")
 
 
+def is_canonical(path: str) -> bool:
+    """One spelling per path (the helper's rule too), so comparing device strings compares devices."""
+    return "//" not in path and "/./" not in path and not path.endswith(("/", "/."))
+
+
 def validate_device_path(value: str) -> None:
     if not isinstance(value, str) or not DEVICE_RE.fullmatch(value) or ".." in value:
         raise ValidationError(
             f"device {value!r} must be an absolute path of letters, digits and ._/+:@- (no '..', spaces, "
             "'[', '=' or line breaks)"
         )
+    if not is_canonical(value):
+        raise ValidationError(f"device {value!r} must be written canonically: no '//', '/./' or trailing '/'")
 
 
 def export_name_for(vm_id: str, disk_unit: int) -> str:

@@ -44,6 +44,14 @@ def helper_accepts_name(name: str) -> bool:
 
 DEVICES = [
     "/dev/disk/by-id/virtio-0123456789abcdef0123",
+    "/dev//vdb",
+    "/dev/./vdb",
+    "/dev/vdb/",
+    "/dev/vdb/.",
+    "//dev/vdb",
+    "/var/lib/oma/vol/v1.img",
+    "/var/lib/oma/vol/./v1.img",
+    "/var/lib/oma/vol//v1.img",
     "/dev/vdb",
     "/var/lib/oma/volumes/web-01-0.img",
     "/dev/disk/by-id/virtio-a b",
