@@ -137,11 +137,11 @@ class VMExportMappingAdmin(admin.ModelAdmin):
         # A raw delete would leave a served link behind; retiring goes through the helper.
         return False
 
-    @admin.action(description="Verify selected exports are served (repair if not)")
+    @admin.action(description="Verify selected exports are served (repair if not)", permissions=["change"])
     def verify_served(self, request: HttpRequest, queryset: QuerySet[VMExportMapping]) -> None:
         self._each(request, queryset.exclude(status=VMExportMapping.Status.RETIRED), "verified")
 
-    @admin.action(description="Re-publish selected exports (rewrite link, make served)")
+    @admin.action(description="Re-publish selected exports (rewrite link, make served)", permissions=["change"])
     def republish(self, request: HttpRequest, queryset: QuerySet[VMExportMapping]) -> None:
         self._each(request, queryset, "published")
 
@@ -161,7 +161,7 @@ class VMExportMappingAdmin(admin.ModelAdmin):
                 messages.error(request, f"{mapping.export_name}: {exc}")
         messages.info(request, f"{done} export(s) {verb}.")
 
-    @admin.action(description="Retire selected exports (remove link; the name stays reserved)")
+    @admin.action(description="Retire selected exports (remove link; the name stays reserved)", permissions=["change"])
     def retire(self, request: HttpRequest, queryset: QuerySet[VMExportMapping]) -> None:
         done = 0
         for mapping in queryset:

@@ -156,3 +156,24 @@ def test_ensure_export_refuses_to_run_inside_a_callers_transaction(nbdkit_server
         actions.ensure_export(vm_id=VM, vm_name="web-01", disk_unit=0, device=nbdkit_server.volume("a.img"))
     assert not VMExportMapping.objects.exists()
     assert not (nbdkit_server.layout.export_root / NAME0).exists()
+
+
+def test_admin_actions_need_the_change_permission(nbdkit_server: RunningServer) -> None:
+    from django.contrib.auth.models import Permission
+
+    mapping = actions.ensure_export(vm_id=VM, vm_name="web", disk_unit=0, device=nbdkit_server.volume("a.img"))
+    auditor = get_user_model().objects.create_user("auditor", password="pw-for-tests-only", is_staff=True)
+    auditor.user_permissions.add(Permission.objects.get(codename="view_vmexportmapping"))
+    client = Client()
+    client.force_login(auditor)
+    changelist = reverse("admin:exports_vmexportmapping_changelist")
+    page = client.get(changelist)
+    assert page.status_code == 200 and mapping.export_name in page.content.decode()
+    assert 'value="retire"' not in page.content.decode()  # not offered to a viewer of mappings
+    helper_calls = len(nbdkit_server.helper_calls())
+    for action in ("retire", "republish", "verify_served"):
+        client.post(changelist, {"action": action, "_selected_action": [mapping.pk]})  # forged
+    mapping.refresh_from_db()
+    assert mapping.status == VMExportMapping.Status.ACTIVE
+    assert (nbdkit_server.layout.export_root / NAME0).is_symlink()
+    assert len(nbdkit_server.helper_calls()) == helper_calls
