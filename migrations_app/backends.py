@@ -30,4 +30,6 @@ def get_volume_backend() -> VolumeBackend:
 
 def get_vma_client() -> VmaClient:
     conf = vma_conf()
-    return VmaClient(conf.url, conf.token, timeout=conf.timeout, retries=conf.retries)
+    return VmaClient(
+        conf.url, conf.token, timeout=conf.timeout, retries=conf.retries, deadline=conf.deadline, ca_file=conf.ca_file
+    )

@@ -44,6 +44,8 @@ class VmaConf:
     token: str
     timeout: float
     retries: int
+    deadline: float  # seconds one call may take in all
+    ca_file: str | None  # a private CA for an https VMA
     # The NBD address the VMA copies to (production: its end of the TLS tunnel).
     nbd_host: str
     nbd_port: int
@@ -100,6 +102,8 @@ def vma_conf() -> VmaConf:
         token=str(raw["TOKEN"]),
         timeout=float(raw.get("TIMEOUT", 10)),
         retries=int(raw.get("RETRIES", 3)),
+        deadline=float(raw.get("DEADLINE", 30)),
+        ca_file=str(raw["CA_FILE"]) if raw.get("CA_FILE") else None,
         nbd_host=str(raw["NBD_HOST"]),
         nbd_port=int(raw["NBD_PORT"]),
         nbd_tls=bool(raw.get("NBD_TLS", False)),

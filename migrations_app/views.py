@@ -82,7 +82,11 @@ def migrate_vms(request: HttpRequest) -> HttpResponse:
 @require_POST
 @operator_required
 def refresh_inventory(request: HttpRequest) -> HttpResponse:
-    client = get_vma_client()
+    try:
+        client = get_vma_client()
+    except VmaError as exc:
+        messages.error(request, f"Could not read the inventory from the VMA: {exc}")
+        return redirect("inventory")
     try:
         count = sync_inventory(client.inventory())
     except VmaError as exc:

@@ -1,11 +1,29 @@
-"""Client of the VMA agent's HTTP JSON contract (docs/vma-api.md), on httpx."""
+"""Client of the VMA agent's HTTP JSON contract (docs/vma-api.md), on httpx.
+
+Every answer is read with a size cap and an overall deadline (a VMA that drips bytes cannot hold a
+worker), and checked against the contract before anything uses it: a malformed answer is a clear
+VmaError("malformed"), never a 500 or a job following numbers that mean nothing. Plain http:// is
+refused for any VMA that is not on this host; https can trust a private CA."""
 
 from __future__ import annotations
 
+import ipaddress
+import json as jsonlib
+import re
+import ssl
+import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, NotRequired, TypedDict, cast
+from urllib.parse import urlsplit
 
 import httpx
+
+MAX_RESPONSE_BYTES = 16 << 20  # an inventory of thousands of VMs fits; anything larger is not the VMA
+MAX_VMS = 10_000
+MAX_DISKS = 64
+MAX_CAPACITY = 64 << 40  # 64 TiB, VMware's largest virtual disk
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # The contract's shapes (docs/vma-api.md).
@@ -87,43 +105,95 @@ class VmaUnavailable(VmaError):
     pass
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(base_url: str) -> None:
+    """https anywhere; plain http only to this host (the token and the NBD URLs would cross the wire)."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise VmaError("bad_url", f"the VMA URL {base_url!r} is not http(s)://host[:port]")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        raise VmaError("insecure", f"plain http to a VMA on another host ({parts.hostname}) is refused: use https")
+
+
 class VmaClient:
     """Every call of the contract is idempotent, so connection failures are retried for all of them."""
 
-    def __init__(self, base_url: str, token: str, *, timeout: float = 10.0, retries: int = 3) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+        deadline: float = 30.0,
+        ca_file: str | None = None,
+    ) -> None:
+        check_url(base_url)
+        self.deadline = deadline  # seconds one call may take in all, however the VMA paces its bytes
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
         self.http = httpx.Client(
             base_url=base_url.rstrip("/") + "/api/v1",
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
-            transport=httpx.HTTPTransport(retries=retries),
+            verify=verify,
+            transport=httpx.HTTPTransport(retries=retries, verify=verify),
         )
 
     def close(self) -> None:
         self.http.close()
 
+    def _read(self, method: str, path: str, json: dict[str, Any] | None) -> tuple[int, bytes]:
+        started = time.monotonic()
+        with self.http.stream(method, path, json=json) as response:
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
+                raise VmaError("too_large", f"{method} {path}: the VMA answered {int(length)} bytes", 502)
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise VmaError("too_large", f"{method} {path}: the VMA answered more than {MAX_RESPONSE_BYTES}")
+                if time.monotonic() - started > self.deadline:
+                    raise VmaUnavailable("deadline", f"{method} {path}: no whole answer in {self.deadline:.0f} s")
+                chunks.append(chunk)
+            return response.status_code, b"".join(chunks)
+
     def _request(self, method: str, path: str, json: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
-            response = self.http.request(method, path, json=json)
+            status, raw = self._read(method, path, json)
         except httpx.HTTPError as exc:
-            raise VmaUnavailable("unreachable", f"{method} {path}: {exc}") from exc
+            raise VmaUnavailable("unreachable", f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         try:
-            body = response.json()
+            body = jsonlib.loads(raw)
         except ValueError:
             body = None
-        if response.status_code >= 400 or not isinstance(body, dict):
+        if status >= 400 or not isinstance(body, dict):
             error = body.get("error", {}) if isinstance(body, dict) else {}
+            error = error if isinstance(error, dict) else {}
+            text = raw[:300].decode("utf-8", errors="replace")
             raise VmaError(
-                str(error.get("code", f"http_{response.status_code}")),
-                str(error.get("message", response.text[:300])),
-                response.status_code,
+                _text(error.get("code"), 64) or f"http_{status}",
+                _text(error.get("message"), 300) or _text(text, 300),
+                status,
             )
         return body
 
     def health(self) -> VmaHealth:
-        return cast(VmaHealth, self._request("GET", "/health"))
+        body = self._request("GET", "/health")
+        if not isinstance(body.get("status"), str) or not isinstance(body.get("version", ""), str):
+            raise VmaError("malformed", "the VMA answered a health the contract does not allow")
+        return cast(VmaHealth, body)
 
     def inventory(self) -> list[VmaVM]:
-        return cast(list[VmaVM], self._request("GET", "/inventory")["vms"])
+        return checked_inventory(self._request("GET", "/inventory"))
 
     def start_replication(self, replication_id: str, vm_id: str, disks: Sequence[ReplicationTarget]) -> Replication:
         payload = {"replication_id": replication_id, "vm_id": vm_id, "disks": disks}
@@ -138,6 +208,60 @@ class VmaClient:
 
 REPLICATION_STATES = {"running", "completed", "failed", "cancelling", "cancelled"}
 DISK_COUNTERS = ("bytes_done", "bytes_total", "throughput_bps")
+
+
+def _text(value: object, limit: int) -> str:
+    """Text from the VMA as it may be stored and shown: printable, bounded."""
+    return CONTROL.sub("?", str(value) if value is not None else "")[:limit]
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def checked_inventory(body: dict[str, Any]) -> list[VmaVM]:
+    """The inventory as the contract says it looks, every VM checked before any is stored."""
+
+    def bad(what: str) -> VmaError:
+        return VmaError("malformed", f"the VMA answered an inventory the contract does not allow: {what}")
+
+    vms = body.get("vms")
+    if not isinstance(vms, list) or len(vms) > MAX_VMS:
+        raise bad(f"vms is not a list of at most {MAX_VMS}")
+    for vm in vms:
+        if not isinstance(vm, dict):
+            raise bad("a VM is not an object")
+        try:
+            uuid.UUID(str(vm.get("id")))
+        except ValueError:
+            raise bad(f"VM id {_text(vm.get('id'), 60)!r} is not a UUID") from None
+        name = vm.get("name")
+        if not isinstance(name, str) or not 1 <= len(name) <= 255 or CONTROL.search(name):
+            raise bad(f"VM {vm['id']}: name {_text(name, 60)!r}")
+        for field, limit in (("path", 1024), ("power_state", 32), ("guest_os", 128)):
+            value = vm.get(field, "")
+            if not isinstance(value, str) or len(value) > limit or CONTROL.search(value):
+                raise bad(f"VM {name}: {field} is not text of at most {limit} characters")
+        disks = vm.get("disks")
+        if not isinstance(disks, list) or len(disks) > MAX_DISKS:
+            raise bad(f"VM {name}: disks is not a list of at most {MAX_DISKS}")
+        units = set()
+        for disk in disks:
+            if not isinstance(disk, dict):
+                raise bad(f"VM {name}: a disk is not an object")
+            unit = disk.get("unit_number")
+            if not _is_int(unit, 0, 63) or unit in units:
+                raise bad(f"VM {name}: unit_number {_text(unit, 20)!r} (0-63, each once)")
+            units.add(unit)
+            if not _is_int(disk.get("key"), 0, 2**31 - 1):
+                raise bad(f"VM {name} disk {unit}: key {_text(disk.get('key'), 20)!r}")
+            if not _is_int(disk.get("capacity_bytes"), 1, MAX_CAPACITY):
+                raise bad(f"VM {name} disk {unit}: capacity_bytes {_text(disk.get('capacity_bytes'), 20)!r}")
+            for field, limit in (("label", 255), ("path", 1024)):
+                value = disk.get(field, "")
+                if not isinstance(value, str) or len(value) > limit or CONTROL.search(value):
+                    raise bad(f"VM {name} disk {unit}: {field} is not text of at most {limit} characters")
+    return cast(list[VmaVM], vms)
 
 
 def checked_replication(body: dict[str, Any]) -> Replication:
@@ -162,6 +286,26 @@ def checked_replication(body: dict[str, Any]) -> Replication:
             value = disk.get(counter)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(f"disk {unit} {counter} {str(value)[:20]!r}")
-        if not isinstance(disk.get("change_id", ""), str) or not isinstance(disk.get("checkpoint", ""), str):
-            raise bad(f"disk {unit} change_id or checkpoint is not text")
+        for field in ("change_id", "checkpoint"):
+            value = disk.get(field, "")
+            if not isinstance(value, str) or len(value) > 255 or CONTROL.search(value):
+                raise bad(f"disk {unit} {field} is not text of at most 255 characters")
+        digest = disk.get("digest")
+        if digest is not None and not _valid_digest(digest):
+            raise bad(f"disk {unit} digest")
+        if "error" in disk:
+            disk["error"] = _text(disk["error"], 2000)
+    body["error"] = _text(body.get("error", ""), 2000)
     return cast(Replication, body)
+
+
+def _valid_digest(digest: object) -> bool:
+    if not isinstance(digest, dict) or not isinstance(digest.get("algorithm"), str):
+        return False
+    ranges, value = digest.get("ranges"), digest.get("value")
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        return False
+    return isinstance(ranges, list) and all(
+        isinstance(r, list) and len(r) == 2 and _is_int(r[0], 0, MAX_CAPACITY) and _is_int(r[1], 0, MAX_CAPACITY)
+        for r in ranges
+    )

@@ -276,6 +276,9 @@ OMA_VMA: dict[str, Any] = {
     "TOKEN": os.environ.get("OMA_VMA_TOKEN", "oma-demo-vma-token"),
     "TIMEOUT": float(os.environ.get("OMA_VMA_TIMEOUT", "10")),
     "RETRIES": int(os.environ.get("OMA_VMA_RETRIES", "3")),
+    # One call in all, however slowly the VMA sends; plain http:// only to a VMA on this host.
+    "DEADLINE": float(os.environ.get("OMA_VMA_DEADLINE", "30")),
+    "CA_FILE": os.environ.get("OMA_VMA_CA_FILE", ""),
     # The NBD address the VMA copies to (production: its end of the TLS tunnel, 127.0.0.1:10808).
     "NBD_HOST": os.environ.get("OMA_VMA_NBD_HOST", OMA_NBD["HOST"]),
     "NBD_PORT": int(os.environ.get("OMA_VMA_NBD_PORT", str(OMA_NBD["PORT"]))),
