@@ -76,7 +76,7 @@ def production_env(tmp_path: Path) -> dict[str, str]:
     for line in (DEPLOY / "etc" / "portal.env").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition("=")
-            env[key] = value
+            env[key] = value.strip('"')  # as systemd's EnvironmentFile= and bash read it
     env["OMA_VAR_DIR"] = str(tmp_path / "var")
     env.pop("DATABASE_URL")  # checking needs no database
     return env
@@ -110,3 +110,105 @@ def test_debug_is_off_unless_asked(tmp_path: Path) -> None:
             capture_output=True, text=True, cwd=REPO, env={**base, **extra}, timeout=60, check=True,
         )  # fmt: skip
         assert out.stdout.strip() == expected
+
+
+UNITS = sorted(p.name for p in (DEPLOY / "systemd").glob("*.service"))
+HELPER_INSTALLED = "/usr/local/libexec/oma/oma-nbd-helper"
+
+
+def unit_for_here(unit: str, tmp_path: Path) -> Path:
+    """The unit with the install prefix and the helper pointed at this checkout (verify checks that
+    every program it runs exists)."""
+    text = (DEPLOY / "systemd" / unit).read_text()
+    text = text.replace("/opt/oma", str(REPO)).replace(HELPER_INSTALLED, str(DEPLOY / "oma_nbd_helper.py"))
+    path = tmp_path / unit
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_every_unit_passes_systemd_analyze_verify(unit: str, tmp_path: Path) -> None:
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_for_here(unit, tmp_path))], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_every_unit_scores_4_or_below_in_systemd_analyze_security(unit: str, tmp_path: Path) -> None:
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit_for_here(unit, tmp_path))],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    import re
+
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", proc.stdout)
+    assert match, proc.stdout[-500:] + proc.stderr
+    assert float(match[1]) <= 4.0, f"{unit} scores {match[1]}"
+
+
+def test_the_nginx_site_passes_nginx_t(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists() or not shutil.which("openssl"):
+        pytest.skip("nginx or openssl is not installed")
+    cert, key = tmp_path / "portal.crt", tmp_path / "portal.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=oma",
+         "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    site = (DEPLOY / "nginx" / "oma.conf").read_text()
+    site = site.replace("/etc/oma/tls/portal.crt", str(cert)).replace("/etc/oma/tls/portal.key", str(key))
+    (tmp_path / "site.conf").write_text(site)
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{ access_log off; include {tmp_path}/site.conf; }}\n"
+    )
+    proc = subprocess.run([nginx, "-t", "-c", str(main)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Upgrade $http_upgrade" in site and "/var/lib/oma/staticfiles/" in site
+
+
+def test_install_lays_out_every_file_with_its_mode(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    if os.geteuid() != 0:
+        pytest.skip("install.sh runs as root")
+    root = tmp_path / "root"
+    proc = subprocess.run(
+        ["bash", str(DEPLOY / "install.sh"), "--files-only", "--root", str(root)],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    modes = {
+        "usr/local/libexec/oma/oma-nbd-helper": 0o755,
+        "etc/oma/nbd-helper.conf": 0o644,
+        "etc/sudoers.d/oma-nbd-helper": 0o440,
+        "etc/oma/portal.env": 0o600,
+        "etc/oma": 0o750,
+        "etc/tmpfiles.d/oma.conf": 0o644,
+        "etc/udev/rules.d/60-oma-nbd.rules": 0o644,
+        "etc/nginx/sites-available/oma.conf": 0o644,
+        **{f"etc/systemd/system/{unit}": 0o644 for unit in UNITS},
+    }
+    for path, mode in modes.items():
+        assert stat.S_IMODE((root / path).stat().st_mode) == mode, path
+    assert (root / "usr/local/libexec/oma/oma-nbd-helper").read_bytes() == (DEPLOY / "oma_nbd_helper.py").read_bytes()
+    assert (root / "opt/oma/manage.py").exists() and not (root / "opt/oma/.git").exists()
+    assert os.readlink(root / "etc/nginx/sites-enabled/oma.conf") == "../sites-available/oma.conf"
+    # Run again (an upgrade): an edited config and environment are kept.
+    (root / "etc/oma/portal.env").write_text("OMA_NODE_NAME=edited\n")
+    again = subprocess.run(
+        ["bash", str(DEPLOY / "install.sh"), "--files-only", "--root", str(root)], capture_output=True, check=False
+    )
+    assert again.returncode == 0 and (root / "etc/oma/portal.env").read_text() == "OMA_NODE_NAME=edited\n"
+    # --root alone would half-install a system: refused.
+    assert (
+        subprocess.run(["bash", str(DEPLOY / "install.sh"), "--root", str(root)], capture_output=True).returncode == 2
+    )
