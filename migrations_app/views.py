@@ -7,22 +7,26 @@ the request comes from htmx (filters and pagination swap the table, not the page
 
 from __future__ import annotations
 
+import hmac
 import logging
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db.models import OuterRef, Q, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from exports.models import VMExportMapping
 from omaportal.web.rendering import render_page_or_partial
-from omaportal.web.roles import can_operate, operator_required, viewer_required
+from omaportal.web.roles import can_operate, can_view, operator_required, viewer_required
 
 from .actions import MigrationError, cancel_job, retry_job, save_group, start_migration, sync_inventory
 from .backends import get_vma_client
 from .forms import GroupForm
+from .metrics import PortalCollector
 from .models import ACTIVE_STATES, JobState, MigrationGroup, MigrationJob, SourceVM
 from .pages import dashboard_context, group_context, group_rows, job_context, job_rows, with_disks
 from .vma_client import VmaError
@@ -196,3 +200,19 @@ def group_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
             )
             return redirect("group-detail", pk=saved.pk)
     return render(request, "migrations_app/group_form.html", {"form": form, "group": group})
+
+
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus text format. A scraper presents OMA_METRICS_TOKEN as a bearer token; a person needs a
+    login with the viewer role. Anyone else gets 401, and nothing about the fleet."""
+    token = str(getattr(settings, "OMA_METRICS_TOKEN", ""))
+    presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    allowed = (bool(token) and hmac.compare_digest(presented.encode(), token.encode())) or can_view(request.user)
+    if not allowed:
+        response = HttpResponse("metrics need the scrape token or a viewer login\n", status=401)
+        response["WWW-Authenticate"] = 'Bearer realm="oma-metrics"'
+        return response
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PortalCollector())
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -240,6 +240,11 @@ OMA_NBD: dict[str, Any] = {
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "oma_cache"}}
 # Addresses (or networks) of reverse proxies whose X-Forwarded-For names the client (nginx on the OMA).
 OMA_TRUSTED_PROXIES = env_list("OMA_TRUSTED_PROXIES")
+# Prometheus scrapes /metrics with this bearer token (empty: only logged-in viewers may read it).
+OMA_METRICS_TOKEN = os.environ.get("OMA_METRICS_TOKEN", "")
+# Job and export events, login records and finished task rows older than this are pruned (the follower
+# does it hourly; manage.py prune_history by hand).
+OMA_RETENTION_DAYS = int(os.environ.get("OMA_RETENTION_DAYS", "180"))
 # An open live socket re-checks its session, its user and its role this often.
 OMA_LIVE_RECHECK_SECONDS = float(os.environ.get("OMA_LIVE_RECHECK_SECONDS", "5"))
 

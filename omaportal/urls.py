@@ -22,6 +22,7 @@ urlpatterns = [
     path("exports/", export_views.mapping_list, name="mapping-list"),
     path("nbd/", export_views.nbd_server, name="nbd-server"),
     path("healthz", export_views.healthz, name="healthz"),
+    path("metrics", migration_views.metrics, name="metrics"),
     path("login/", OmaLoginView.as_view(), name="login"),
     path("logout/", LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -8,6 +8,7 @@ from django.db import close_old_connections
 
 from migrations_app.conf import workflow_conf
 from migrations_app.follower import Follower, drop_lease, follower_id, hold_lease
+from migrations_app.retention import Pruner
 
 log = logging.getLogger("migrations_app.follower")
 BUSY_INTERVAL = 0.1
@@ -36,6 +37,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, stop)
         holder = follower_id()
         follower = Follower()
+        pruner = Pruner()  # history past OMA_RETENTION_DAYS, hourly, by whichever follower holds its lease
         waiting_said = False
         try:
             while not stopping:
@@ -45,6 +47,9 @@ class Command(BaseCommand):
                     if hold_lease(follower.node, holder):
                         busy = follower.tick().changed
                         waiting_said = False
+                        pruned = pruner.maybe()
+                        if pruned and any(pruned.values()):
+                            log.info("pruned history: %s", pruned)
                     elif not waiting_said:
                         self.stderr.write(f"another follower holds node {follower.node.name}; standing by")
                         waiting_said = True
