@@ -2,8 +2,9 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nbdkit nbd-server libnbd-bin sudo chromium gnutls-bin nginx
+APT_PACKAGES := nbdkit nbd-server libnbd-bin sudo chromium gnutls-bin nginx stunnel4
 # gnutls-bin: psktool, to inspect NBD TLS key files. nginx: `nginx -t` checks the shipped site.
+# stunnel4: the stunnel pair for VMAs without NBD TLS is tested end to end.
 # chromium: the browser tests drive Debian's /usr/bin/chromium through Playwright (no browser download).
 
 .PHONY: demo demo-migrate demo-jobs test setup system-packages venv check lint clean bench

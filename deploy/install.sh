@@ -30,7 +30,7 @@ owned() { [ "$FILES_ONLY" = 1 ] || chown "$@"; }
 if [ "$FILES_ONLY" = 0 ]; then
   say "Debian packages"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nbdkit libnbd-bin sudo gnutls-bin nginx rsync
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nbdkit libnbd-bin sudo gnutls-bin nginx rsync stunnel4
   PYTHON="${PYTHON:-$(command -v python3.14 python3.13 2>/dev/null | head -1 || true)}"
   if [ -z "$PYTHON" ] || ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 13))'; then
     echo "The portal needs Python >= 3.13 (Django 6, and ssl pre-shared keys for NBD over TLS); Debian 12" >&2
@@ -75,6 +75,9 @@ for unit in "$SRC"/deploy/systemd/*.service; do
   install -D -m 0644 "$unit" "$ROOT/etc/systemd/system/$(basename "$unit")"
 done
 install -D -m 0644 "$SRC/deploy/tmpfiles.d/oma.conf" "$ROOT/etc/tmpfiles.d/oma.conf"
+# The OMA side of the stunnel pair (enabled by hand, only for VMAs without NBD TLS: see docs/helper.md).
+install -m 0640 "$SRC/deploy/stunnel/oma-nbd.conf" "$ROOT/etc/oma/stunnel-oma-nbd.conf"
+owned root:oma-nbd "$ROOT/etc/oma/stunnel-oma-nbd.conf"
 install -D -m 0644 "$SRC/deploy/udev/60-oma-nbd.rules" "$ROOT/etc/udev/rules.d/60-oma-nbd.rules"
 install -D -m 0644 "$SRC/deploy/nginx/oma.conf" "$ROOT/etc/nginx/sites-available/oma.conf"
 install -d -m 0755 "$ROOT/etc/nginx/sites-enabled"

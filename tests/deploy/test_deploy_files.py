@@ -130,9 +130,14 @@ def unit_for_here(unit: str, tmp_path: Path) -> Path:
 def test_every_unit_passes_systemd_analyze_verify(unit: str, tmp_path: Path) -> None:
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
+    import os
+
+    for other in UNITS:  # its dependencies (Requires=, After=) resolve among the shipped units
+        unit_for_here(other, tmp_path)
     proc = subprocess.run(
-        ["systemd-analyze", "verify", str(unit_for_here(unit, tmp_path))], capture_output=True, text=True, check=False
-    )
+        ["systemd-analyze", "verify", str(tmp_path / unit)],
+        capture_output=True, text=True, check=False, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
+    )  # fmt: skip
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
 
