@@ -336,7 +336,10 @@ def validate_device(config: Config, device: str) -> str:
         st = _stat_existing(device, resolved)
         if not stat.S_ISREG(st.st_mode):
             raise refuse("not_a_volume", f"device {device!r} is not a regular volume file (dev mode)")
-        return resolved  # the file itself: a symlink swapped in later along the path changes nothing
+        # The requested path stays the link target: the local volume backend's by-id links come and go
+        # with attach and detach as on a KVM guest, and an export must follow them. Nobody but root can
+        # swap anything under the volume root (check_dev_root), so the path keeps meaning this file.
+        return device
     if not any(device.startswith(prefix) for prefix in config.device_prefixes):
         allowed = ", ".join(config.device_prefixes)
         raise refuse("device_not_allowed", f"device {device!r} is not under an allowed prefix ({allowed})")

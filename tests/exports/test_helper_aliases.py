@@ -96,13 +96,20 @@ def test_of_two_parallel_calls_for_one_device_exactly_one_wins(layout: DevServer
     assert len(links) == 1
 
 
-def test_dev_mode_links_the_resolved_file(layout: DevServerLayout, volume: Path) -> None:
-    folder = layout.volume_root / "vm"
-    folder.mkdir()
-    (folder / "d0.img").symlink_to(volume)
-    proc = run_helper(layout, "link", NAME, str(folder / "d0.img"))
+def test_dev_mode_keeps_a_by_id_link_and_refuses_one_leading_out(
+    layout: DevServerLayout, volume: Path, tmp_path: Path
+) -> None:
+    by_id = layout.volume_root / "by-id"
+    by_id.mkdir()
+    (by_id / "virtio-0001").symlink_to(volume)
+    proc = run_helper(layout, "link", NAME, str(by_id / "virtio-0001"))
     assert proc.returncode == 0, proc.stdout
-    assert os.readlink(layout.export_root / NAME) == str(volume)
+    # The stable by-id path is the target (it goes away on detach, comes back on attach).
+    assert os.readlink(layout.export_root / NAME) == str(by_id / "virtio-0001")
+    outside = tmp_path / "secret.img"
+    outside.write_bytes(b"not a volume")
+    (by_id / "virtio-0002").symlink_to(outside)
+    refused(layout, OTHER, str(by_id / "virtio-0002"), error="device_not_allowed")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rule applies when the helper runs as root")
