@@ -184,3 +184,25 @@ def test_a_job_says_what_it_waits_for_and_when_its_worker_went_silent(viewer: Cl
     assert re.search(r"Its worker went silent 30\d s ago; another worker takes attaching over\.", dashboard)
     page = viewer.get(reverse("job-detail", args=[silent.job_id])).content.decode()
     assert "Its worker went silent" in page
+
+
+def test_errors_are_pages_of_the_app_with_a_way_home(viewer: Client) -> None:
+    missing = viewer.get("/jobs/job-that-never-was/")
+    assert missing.status_code == 404
+    page = missing.content.decode()
+    assert "There is nothing here" in page and 'href="/"' in page and 'aria-label="main"' in page
+    job = make_jobs(1, state=JobState.REPLICATING)[0]
+    refused = viewer.post(reverse("job-cancel", args=[job.job_id]))
+    assert refused.status_code == 403
+    page = refused.content.decode()
+    assert "You may not do that" in page and 'aria-label="main"' in page and "Back to the dashboard" in page
+
+
+def test_a_server_error_page_needs_nothing_but_itself(rf: Any) -> None:
+    from django.views.defaults import server_error
+
+    response = server_error(rf.get("/"))
+    page = response.content.decode()
+    assert response.status_code == 500 and "Something went wrong" in page and "oma.css" in page
+    assert "Traceback" not in page and 'href="/"' in page
+
