@@ -206,3 +206,11 @@ def test_a_server_error_page_needs_nothing_but_itself(rf: Any) -> None:
     assert response.status_code == 500 and "Something went wrong" in page and "oma.css" in page
     assert "Traceback" not in page and 'href="/"' in page
 
+
+def test_every_page_has_a_favicon_and_filters_react_to_any_input(viewer: Client) -> None:
+    for name in ("dashboard", "job-list", "mapping-list"):
+        page = viewer.get(reverse(name)).content.decode()
+        assert 'rel="icon"' in page and "favicon.svg" in page
+    for name in ("job-list", "mapping-list"):
+        page = viewer.get(reverse(name)).content.decode()
+        assert "input changed delay:300ms" in page and "keyup" not in page  # paste and autofill count
