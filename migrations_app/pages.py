@@ -77,16 +77,23 @@ def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
     attach_progress([job])
     events = list(job.events.order_by("-id")[:200])
     timeline = []
+    stopped = job.state in (JobState.FAILED, JobState.CANCELLED, JobState.CANCELLING)
+    current = STEPS.index(JobState(job.current_step)) if job.current_step in STEPS else -1
     for step in STEPS:
         started = next((e for e in reversed(events) if e.kind == "step.started" and e.step == step), None)
         finished = next((e for e in events if e.kind == "step.finished" and e.step == step), None)
-        failed = job.state == JobState.FAILED and job.current_step == step
-        if finished is not None and (
-            STEPS.index(step) < STEPS.index(JobState(job.current_step)) or job.state == JobState.COMPLETED
-        ):
-            status = "done"
-        elif failed:
-            status = "failed"
+        here = job.current_step == step
+        note = ""
+        if STEPS.index(step) < current or job.state == JobState.COMPLETED:
+            status = "done"  # the job went past it (its events may have been pruned since)
+        elif stopped and here:
+            # Where it stopped, and how far it got ("cancelled at 38 %"), not "waiting".
+            status = {"failed": "failed", "cancelled": "cancelled"}.get(str(job.state), "cancelling")
+            progress = job.progress  # type: ignore[attr-defined]
+            if step == JobState.REPLICATING and progress["total"]:
+                note = f"at {progress['percent']} %"
+        elif stopped and STEPS.index(step) > current:
+            status = "not run"
         elif job.state == step:
             status = "running"
         else:
@@ -96,6 +103,7 @@ def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
                 "step": step,
                 "label": JobState(step).label,
                 "status": status,
+                "note": note,
                 "started_at": started.created_at if started else None,
                 "duration_ms": finished.duration_ms if finished and status == "done" else None,
             }

@@ -214,3 +214,15 @@ def test_every_page_has_a_favicon_and_filters_react_to_any_input(viewer: Client)
     for name in ("job-list", "mapping-list"):
         page = viewer.get(reverse(name)).content.decode()
         assert "input changed delay:300ms" in page and "keyup" not in page  # paste and autofill count
+
+
+def test_a_cancelled_job_says_where_it_stopped_not_waiting(viewer: Client) -> None:
+    job = make_jobs(1, state=JobState.REPLICATING)[0]  # half of each disk copied
+    MigrationJob.objects.filter(pk=job.pk).update(state=JobState.CANCELLED, current_step=JobState.REPLICATING)
+    html = viewer.get(reverse("job-detail", args=[job.job_id])).content.decode()
+    replicating = re.search(r'<li class="step ([^"]+)"><span class="dot"[^>]*></span><strong>Replicating', html)
+    assert replicating and replicating[1] == "cancelled"
+    assert "cancelled at 50 %" in html
+    verifying = re.search(r'<li class="step ([^"]+)"><span class="dot"[^>]*></span><strong>Verifying', html)
+    assert verifying and verifying[1] == "not run"
+    assert ">waiting<" not in html
