@@ -17,7 +17,7 @@ from django.urls import path  # noqa: E402
 
 from live.consumers import LiveConsumer  # noqa: E402
 
-if settings.DEBUG:
+if settings.OMA_SERVE_STATIC:
     # The embedded appliance serves its own assets (no CDN, maybe offline); production uses the proxy.
     http_app = ASGIStaticFilesHandler(http_app)
 

@@ -50,6 +50,8 @@ def generated_secret(path: Path) -> str:
 
 # Off unless asked: a malformed answer must never show a debug page (the demo and the browser tests ask).
 DEBUG = env_bool("DJANGO_DEBUG", False)
+# Daphne serves the static files itself (no proxy: the demo, the browser tests); behind nginx it does not.
+OMA_SERVE_STATIC = env_bool("OMA_SERVE_STATIC", DEBUG)
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or generated_secret(
     Path(os.environ.get("OMA_SECRET_KEY_FILE", VAR_DIR / "secret_key"))
 )

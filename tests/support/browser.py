@@ -29,7 +29,8 @@ class Portal:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**env, "DJANGO_DEBUG": "1"}
+        # As in production (no debug pages), but daphne serves the static files: there is no proxy here.
+        self.env = {**env, "OMA_SERVE_STATIC": "1"}
         self.log = log
         self.start()
 
