@@ -381,10 +381,15 @@ def atomic_symlink(target: str, link: Path) -> None:
     fsync_dir(link.parent)
 
 
-def atomic_write(path: Path, content: str) -> None:
+def atomic_write(path: Path, content: str, mode: int = 0o644, gid: int | None = None) -> None:
+    """Temp file in the same folder (mode and group set before any byte is written), fsync, rename,
+    fsync the folder: a reader sees the old file or the new one, never half of one."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             fh.write(content)
             fh.flush()
@@ -902,28 +907,16 @@ def write_psks(config: Config, keys: dict[str, str]) -> None:
     """Atomically: nbdkit reads the file at every handshake, so it never sees half a file."""
     path = _psk_file(config)
     text = "".join(f"{identity}:{key}\n" for identity, key in sorted(keys.items()))
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        if config.tls_group is not None:
-            import grp
+    if config.tls_group is None:
+        atomic_write(path, text, mode=0o600)
+        return
+    import grp
 
-            try:
-                gid = grp.getgrnam(config.tls_group).gr_gid
-            except KeyError as exc:
-                raise HelperError(EXIT_CONFIG, "bad_config", f"tls_group {config.tls_group} does not exist") from exc
-            os.fchown(fd, -1, gid)
-            os.fchmod(fd, 0o640)  # the server reads it after dropping root; nobody else
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    try:
+        gid = grp.getgrnam(config.tls_group).gr_gid
+    except KeyError as exc:
+        raise HelperError(EXIT_CONFIG, "bad_config", f"tls_group {config.tls_group} does not exist") from exc
+    atomic_write(path, text, mode=0o640, gid=gid)  # the server (its group) reads it; nobody else
 
 
 def verb_psk_add(config: Config, identity: str, replace: bool = False) -> dict[str, object]:

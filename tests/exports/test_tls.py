@@ -177,3 +177,20 @@ def test_the_portal_and_the_helper_agree_on_identities() -> None:
     helper = load_helper_module()
     for identity in ["vma", "vma-01", "a.b_c", "x" * 64, "x" * 65, "-a", "a:b", "", "a b"]:
         assert bool(IDENTITY_RE.fullmatch(identity)) == bool(helper.IDENTITY_RE.fullmatch(identity)), identity
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another group needs root")
+def test_the_key_file_is_readable_by_the_servers_group_only(tmp_path: Path) -> None:
+    import grp
+
+    layout = write_layout(tmp_path / "nbd", "nbdkit", "127.0.0.1", free_port())
+    layout.helper_config.write_text(layout.helper_config.read_text() + "tls_group = nogroup\n")
+    proc = run_helper(layout, "psk-add", "vma-04")
+    assert proc.returncode == 0, proc.stdout
+    st = layout.psk_file.stat()
+    assert st.st_mode & 0o777 == 0o640 and st.st_gid == grp.getgrnam("nogroup").gr_gid
+    layout.helper_config.write_text(layout.helper_config.read_text().replace("nogroup", "no-such-group"))
+    before = layout.psk_file.read_bytes()
+    refused = run_helper(layout, "psk-add", "vma-05")
+    assert refused.returncode == 4 and "does not exist" in refused.stdout
+    assert layout.psk_file.read_bytes() == before
