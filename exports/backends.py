@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .conf import nbd_conf
 from .helper_client import SubprocessHelper
 from .nbd_servers import NbdBackend, NbdkitBackend, NbdServerBackend
@@ -10,6 +12,7 @@ from .nbd_servers import NbdBackend, NbdkitBackend, NbdServerBackend
 def get_backend() -> NbdBackend:
     conf = nbd_conf()
     helper = SubprocessHelper(conf.helper_command, conf.helper_config)
+    common: dict[str, Any] = {"tls": conf.tls, "encrypted": conf.tls_psk_file is not None}
     if conf.backend == "nbd-server":
         return NbdServerBackend(
             helper,
@@ -17,16 +20,7 @@ def get_backend() -> NbdBackend:
             conf.port,
             conf.export_root,
             conf.state_dir,
-            tls=conf.tls,
-            encrypted=conf.tls_psk_file is not None,
             min_spacing=conf.min_reload_spacing,
+            **common,
         )
-    return NbdkitBackend(
-        helper,
-        conf.host,
-        conf.port,
-        conf.export_root,
-        conf.state_dir,
-        tls=conf.tls,
-        encrypted=conf.tls_psk_file is not None,
-    )
+    return NbdkitBackend(helper, conf.host, conf.port, conf.export_root, conf.state_dir, **common)
