@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from bench.harness import (
     percentile,
     portal_env,
     scratch_postgres,
+    sha,
     start_oma,
     stop_oma,
     worker_init,
@@ -50,19 +50,6 @@ from bench.harness import (
 from devtools.devserver import DevServerLayout, free_port, write_layout
 
 TOKEN = "bench-vma-token"  # noqa: S105 - the simulator's, on loopback
-
-
-def sha(path: Path, length: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        remaining = length
-        while remaining:
-            chunk = fh.read(min(remaining, 8 << 20))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return digest.hexdigest()
 
 
 def counting_helper(root: Path) -> tuple[str, Path]:

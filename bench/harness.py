@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.devserver import VMA_IDENTITY, DevServerLayout
+from devtools.vma_sim import digest_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,6 +27,11 @@ def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
     return round(ordered[index], 2)
+
+
+def sha(path: Path, length: int) -> str:
+    """The sha256 of a file's first ``length`` bytes (a volume against its source image)."""
+    return digest_of(path, [[0, length]])["value"]
 
 
 def helper(layout: DevServerLayout, *args: str) -> dict[str, Any]:

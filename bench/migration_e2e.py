@@ -18,7 +18,6 @@ bare nbdcopy without TLS in the same round: ``tls_vs_plain`` = plain wall / TLS 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from bench.harness import (
     percentile,
     portal_env,
     scratch_postgres,
+    sha,
     start_oma,
     stop_oma,
     worker_init,
@@ -44,19 +44,6 @@ from bench.harness import (
 from devtools.devserver import DevServerLayout, free_port, write_layout
 
 TOKEN = "bench-vma-token"  # noqa: S105 - the simulator's, on loopback
-
-
-def sha(path: Path, length: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        remaining = length
-        while remaining:
-            chunk = fh.read(min(remaining, 8 << 20))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return digest.hexdigest()
 
 
 def bare_copy(layout: DevServerLayout, vms: list[Any], backend: str, round_no: int, port: int | None = None) -> float:
