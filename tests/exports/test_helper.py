@@ -280,21 +280,6 @@ def test_regular_file_is_refused_in_production_mode(prod_layout: DevServerLayout
     assert proc.returncode == 3 and result_of(proc)["error"] == "device_not_allowed"
 
 
-@pytest.fixture
-def loop_device(tmp_path: Path) -> object:
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("loop devices need root and losetup")
-    image = tmp_path / "loop.img"
-    image.write_bytes(bytes(8 << 20))
-    proc = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"losetup failed here: {proc.stderr.strip()}")
-    device = proc.stdout.strip()
-    yield device
-    subprocess.run(["umount", device], capture_output=True, check=False)
-    subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
-
-
 def test_unmounted_loop_device_is_accepted_in_production_mode(prod_layout: DevServerLayout, loop_device: str) -> None:
     proc = run_helper(prod_layout, "link", NAME, loop_device)
     assert proc.returncode == 0, proc.stdout

@@ -124,32 +124,21 @@ def test_dev_mode_as_root_needs_a_volume_root_only_root_can_write(layout: DevSer
         layout.volume_root.chmod(0o755)
 
 
-def test_a_by_id_style_alias_of_an_exported_block_device_is_refused(tmp_path: Path) -> None:
-    import shutil
-
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("loop devices need root and losetup")
-    image = tmp_path / "loop.img"
-    image.write_bytes(bytes(1 << 20))
-    made = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"losetup failed here: {made.stderr.strip()}")
-    device = made.stdout.strip()
+def test_a_by_id_style_alias_of_an_exported_block_device_is_refused(loop_device: str, tmp_path: Path) -> None:
+    # Another node for the same block device (as udev's /dev/disk/by-id and /dev/block names are):
+    # a different path and inode, the same device number.
+    alias = Path(f"/dev/oma-test-alias-{os.getpid()}")
+    os.mknod(alias, 0o600 | stat.S_IFBLK, os.stat(loop_device).st_rdev)
     try:
-        # Another node for the same block device (as udev's /dev/disk/by-id and /dev/block names are):
-        # a different path and inode, the same device number.
-        alias = Path(f"/dev/oma-test-alias-{os.getpid()}")
-        os.mknod(alias, 0o600 | stat.S_IFBLK, os.stat(device).st_rdev)
         layout = write_layout(tmp_path / "nbd", "nbdkit", "127.0.0.1", free_port())
         text = layout.helper_config.read_text()
         layout.helper_config.write_text(
             text.replace(f"dev_volume_root = {layout.volume_root}", "device_prefixes = /dev/loop /dev/oma-test-")
         )
-        assert run_helper(layout, "link", NAME, device).returncode == 0
+        assert run_helper(layout, "link", NAME, loop_device).returncode == 0
         refused(layout, OTHER, str(alias), error="alias")
     finally:
-        Path(f"/dev/oma-test-alias-{os.getpid()}").unlink(missing_ok=True)
-        subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        alias.unlink(missing_ok=True)
 
 
 def test_a_process_with_the_pidfile_only_somewhere_in_its_arguments_is_not_the_server(
