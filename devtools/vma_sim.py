@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from exports.nbd_protocol import NbdConnection, NbdError, TlsPsk
-from migrations_app.vma_client import Digest, DiskProgress, VmaVM
+from migrations_app.vma_client import Digest, DiskProgress, PowerState, VmaNic, VmaVM
 from migrations_app.vma_client import Replication as ReplicationJson
 
 BLOCK = 1 << 20
@@ -37,6 +37,13 @@ NBDKIT = shutil.which("nbdkit") or "/usr/bin/nbdkit"
 # Written part of each data block: the images stay mostly sparse, so they are quick to make.
 DATA_PER_BLOCK = 64 << 10
 DEMO_VMS = [("web-01", 1), ("db-01", 2), ("app-01", 3), ("file-01", 2)]
+# What the demo VMs look like to failover: size, firmware, networks.
+DEMO_HARDWARE: dict[str, dict[str, Any]] = {
+    "web-01": {"cpus": 2, "memory_mib": 2048, "networks": ("VM Network",)},
+    "db-01": {"cpus": 4, "memory_mib": 8192, "networks": ("VM Network", "Storage")},
+    "app-01": {"cpus": 2, "memory_mib": 4096, "firmware": "efi", "networks": ("VM Network",)},
+    "file-01": {"cpus": 1, "memory_mib": 2048, "guest_os": "windows2019srv_64Guest", "networks": ("VM Network",)},
+}
 # nbd://host:port/export, or nbds://identity@host:port/export (TLS with the VMA's pre-shared key).
 NBD_URL_RE = re.compile(
     r"(?P<scheme>nbds?)://(?:(?P<identity>[A-Za-z0-9][A-Za-z0-9._-]{0,63})@)?"
@@ -156,6 +163,35 @@ class SimVM:
     disks: list[SimDisk]
     power_state: str = "poweredOn"
     guest_os: str = "ubuntu64Guest"
+    cpus: int = 2
+    memory_mib: int = 4096
+    firmware: str = "bios"
+    disk_controller: str = "pvscsi"
+    networks: tuple[str, ...] = ("VM Network",)
+    tools_running: bool = True  # VMware Tools answer: a guest shutdown is possible
+    shutdown_seconds: float = 0.3  # how long the guest takes to shut down
+    shutdown_hangs: bool = False  # the guest never finishes shutting down
+    power_action: str = ""
+    power_error: str = ""
+
+    def nics(self) -> list[VmaNic]:
+        digest = hashlib.sha256(self.id.encode()).digest()
+        return [
+            {
+                "network": network,
+                "mac": "00:50:56:" + ":".join(f"{b:02x}" for b in (digest[0] & 0x3F, digest[1], i)),
+                "adapter": "vmxnet3",
+            }
+            for i, network in enumerate(self.networks)
+        ]
+
+    def power_json(self) -> PowerState:
+        body: PowerState = {"vm_id": self.id, "power_state": self.power_state}
+        if self.power_action:
+            body["action"] = self.power_action
+        if self.power_error:
+            body["error"] = self.power_error
+        return body
 
     def as_json(self) -> VmaVM:
         return {
@@ -164,6 +200,11 @@ class SimVM:
             "path": f"/DC1/vm/{self.name}",
             "power_state": self.power_state,
             "guest_os": self.guest_os,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "firmware": self.firmware,
+            "disk_controller": self.disk_controller,
+            "nics": self.nics(),
             "disks": [
                 {
                     "unit_number": d.unit_number,
@@ -200,7 +241,8 @@ def make_inventory(
         for disk in disks:
             disk.make_image()
             disk.whole_digest()  # ahead of any copy, as a VMA reading the source would have it
-        vms.append(SimVM(vm_id, name, disks))
+        hardware = DEMO_HARDWARE.get(name, {})
+        vms.append(SimVM(vm_id, name, disks, **hardware))
     return vms
 
 
@@ -283,7 +325,9 @@ class Replication:
                 changed = copy.disk.changed_since(copy.previous_change_id)
                 if changed is not None:
                     copy.mode = "incremental"
-                    if not copy.resume_from:  # a resumed sync continues the same changes
+                    # A running guest wrote since the last sync (a resumed sync continues the same
+                    # changes); a powered-off one wrote nothing.
+                    if not copy.resume_from and self.vm.power_state == "poweredOn":
                         copy.disk.guest_writes()
         for thread in self.threads:
             thread.start()
@@ -486,6 +530,8 @@ class VmaSimulator:
             vm = self.vms.get(str(body.get("vm_id", "")))
             if vm is None:
                 raise ApiError(404, "not_found", f"no VM {body.get('vm_id')!r}")
+            if vm.power_state == "shuttingDown":
+                raise ApiError(409, "conflict", f"{vm.name} is being shut down; sync it once it is off")
             running = [r for r in self.replications.values() if r.vm is vm and r.state in ("running", "cancelling")]
             if running:
                 raise ApiError(409, "conflict", f"replication {running[0].id} of {vm.name} is running")
@@ -537,6 +583,55 @@ class VmaSimulator:
         with self.lock:
             self.replications.clear()
 
+    def vm(self, vm_id: str) -> SimVM:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise ApiError(404, "not_found", f"no VM {vm_id!r}")
+        return vm
+
+    def power(self, vm_id: str, body: dict[str, Any]) -> tuple[int, PowerState]:
+        """A power action, as vCenter runs it: a guest shutdown goes through VMware Tools and takes a
+        while (the guest flushes its last writes); power off and on are immediate."""
+        vm = self.vm(vm_id)
+        action = body.get("action")
+        timeout = body.get("timeout_seconds", 300)
+        if action not in ("shutdown", "off", "on") or not isinstance(timeout, int) or not 1 <= timeout <= 86400:
+            raise ApiError(400, "bad_request", "action must be shutdown, off or on; timeout_seconds 1-86400")
+        with self.lock:
+            if action == "on":
+                if vm.power_state == "shuttingDown":
+                    raise ApiError(409, "conflict", f"{vm.name} is shutting down; power it on once it is off")
+                vm.power_state, vm.power_action, vm.power_error = "poweredOn", "on", ""
+                return 200, vm.power_json()
+            if vm.power_state == "poweredOff" or (action == "shutdown" and vm.power_state == "shuttingDown"):
+                return 200, vm.power_json()
+            if action == "off":
+                vm.power_state, vm.power_action, vm.power_error = "poweredOff", "off", ""
+                return 200, vm.power_json()
+            if not vm.tools_running:
+                vm.power_action, vm.power_error = "shutdown", "VMware Tools are not running in the guest"
+                raise ApiError(409, "tools_not_running", f"{vm.name}: VMware Tools are not running; no guest shutdown")
+            vm.power_state, vm.power_action, vm.power_error = "shuttingDown", "shutdown", ""
+        threading.Thread(target=self._shut_down, args=(vm, timeout), daemon=True).start()
+        return 202, vm.power_json()
+
+    def _shut_down(self, vm: SimVM, timeout: int) -> None:
+        started = time.monotonic()
+        takes = timeout + 1 if vm.shutdown_hangs else vm.shutdown_seconds
+        while time.monotonic() - started < min(takes, timeout):
+            time.sleep(0.05)
+            if vm.power_state != "shuttingDown":
+                return  # powered off by hand meanwhile
+        with self.lock:
+            if vm.power_state != "shuttingDown":
+                return
+            if takes > timeout:
+                vm.power_state, vm.power_error = "poweredOn", f"the guest did not shut down within {timeout} s"
+                return
+            for disk in vm.disks:
+                disk.guest_writes()  # what the guest wrote on its way down: the final sync carries it
+            vm.power_state = "poweredOff"
+
     def cancel(self, replication_id: str) -> Replication:
         replication = self.get(replication_id)
         if replication.state == "running":
@@ -556,6 +651,10 @@ class VmaSimulator:
             return 200, {"status": "ok", "version": self.version, "active_replications": active}
         if method == "GET" and parts == ["inventory"]:
             return 200, {"vms": [vm.as_json() for vm in self.vms.values()]}
+        if method == "GET" and len(parts) == 2 and parts[0] == "vms":
+            return 200, self.vm(parts[1]).as_json()
+        if method == "POST" and len(parts) == 3 and parts[0] == "vms" and parts[2] == "power":
+            return self.power(parts[1], body)
         if method == "POST" and parts == ["replications"]:
             status, replication = self.start_replication(body)
             return status, replication.as_json()

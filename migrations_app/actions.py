@@ -52,6 +52,14 @@ def sync_inventory(vms: list[VmaVM]) -> int:
                 "path": str(raw.get("path", ""))[:1024],
                 "power_state": str(raw.get("power_state", ""))[:32],
                 "guest_os": str(raw.get("guest_os", ""))[:128],
+                "cpus": raw.get("cpus"),
+                "memory_mib": raw.get("memory_mib"),
+                "firmware": raw.get("firmware", ""),
+                "disk_controller": raw.get("disk_controller", ""),
+                "nics": [
+                    {"network": n["network"], "mac": n["mac"], "adapter": n.get("adapter", "")}
+                    for n in raw.get("nics", [])
+                ],
                 "last_seen_at": now,
             },
         )

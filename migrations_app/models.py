@@ -48,7 +48,16 @@ class SourceVM(models.Model):
     path = models.CharField(max_length=1024, blank=True, help_text="inventory path in vCenter")
     power_state = models.CharField(max_length=32, blank=True)
     guest_os = models.CharField(max_length=128, blank=True)
+    # What failover builds the destination VM from (as the VMA reports it).
+    cpus = models.PositiveSmallIntegerField(null=True, blank=True)
+    memory_mib = models.PositiveIntegerField(null=True, blank=True)
+    firmware = models.CharField(max_length=8, blank=True, help_text="bios or efi")
+    disk_controller = models.CharField(max_length=32, blank=True)
+    nics = models.JSONField(default=list, blank=True, help_text='[{"network", "mac", "adapter"}, ...]')
     last_seen_at = models.DateTimeField(null=True, blank=True)
+    # Set by a live failover that finished: the CloudStack VM that runs it now.
+    destination_vm_id = models.CharField(max_length=64, blank=True)
+    migrated_at = models.DateTimeField(null=True, blank=True)
     group = models.ForeignKey(MigrationGroup, null=True, blank=True, on_delete=models.SET_NULL, related_name="vms")
 
     class Meta:

@@ -13,7 +13,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NotRequired, TypedDict, cast
 from urllib.parse import urlsplit
 
@@ -41,13 +41,33 @@ class VmaDisk(TypedDict):
     path: NotRequired[str]  # datastore path of the disk file
 
 
+class VmaNic(TypedDict):
+    network: str  # the source network (port group) name: what a network mapping maps
+    mac: str  # aa:bb:cc:dd:ee:ff, lower case
+    adapter: NotRequired[str]  # vmxnet3, e1000e, ...
+
+
 class VmaVM(TypedDict):
     id: str  # VMware instance UUID
     name: str
     disks: list[VmaDisk]
     path: NotRequired[str]  # inventory path in vCenter
-    power_state: NotRequired[str]
+    power_state: NotRequired[str]  # poweredOn, poweredOff, suspended, shuttingDown
     guest_os: NotRequired[str]
+    cpus: NotRequired[int]
+    memory_mib: NotRequired[int]
+    firmware: NotRequired[str]  # bios or efi
+    disk_controller: NotRequired[str]  # pvscsi, lsilogic, sata, nvme, ide
+    nics: NotRequired[list[VmaNic]]
+
+
+class PowerState(TypedDict):
+    """A VM's power state and the power action under way, if any."""
+
+    vm_id: str
+    power_state: str
+    action: NotRequired[str]  # the last power action asked for: shutdown, off or on
+    error: NotRequired[str]  # why that action failed (e.g. the guest has no VMware Tools running)
 
 
 class ReplicationTarget(TypedDict):
@@ -195,6 +215,20 @@ class VmaClient:
     def inventory(self) -> list[VmaVM]:
         return checked_inventory(self._request("GET", "/inventory"))
 
+    def vm(self, vm_id: str) -> VmaVM:
+        """One VM as it is now (its power state is read live, not from the last inventory)."""
+        body = self._request("GET", f"/vms/{vm_id}")
+        return checked_inventory({"vms": [body]})[0]
+
+    def power(self, vm_id: str, action: str, timeout_seconds: int = 300) -> PowerState:
+        """Ask for a power action: ``shutdown`` (the guest shuts itself down, through VMware Tools, within
+        ``timeout_seconds``), ``off`` (hard power-off) or ``on``. It returns at once; follow it with
+        ``vm()``. Asking for the state the VM is in (or heading to) changes nothing."""
+        if action not in POWER_ACTIONS:
+            raise VmaError("bad_request", f"power action {action!r} is not one of {sorted(POWER_ACTIONS)}")
+        body = self._request("POST", f"/vms/{vm_id}/power", json={"action": action, "timeout_seconds": timeout_seconds})
+        return checked_power(body)
+
     def start_replication(self, replication_id: str, vm_id: str, disks: Sequence[ReplicationTarget]) -> Replication:
         payload = {"replication_id": replication_id, "vm_id": vm_id, "disks": disks}
         return checked_replication(self._request("POST", "/replications", json=payload))
@@ -206,6 +240,10 @@ class VmaClient:
         return checked_replication(self._request("POST", f"/replications/{replication_id}/cancel"))
 
 
+POWER_ACTIONS = {"shutdown", "off", "on"}
+POWER_STATES = {"poweredOn", "poweredOff", "suspended", "shuttingDown"}
+FIRMWARES = {"bios", "efi"}
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 REPLICATION_STATES = {"running", "completed", "failed", "cancelling", "cancelled"}
 DISK_COUNTERS = ("bytes_done", "bytes_total", "throughput_bps")
 
@@ -242,6 +280,7 @@ def checked_inventory(body: dict[str, Any]) -> list[VmaVM]:
             value = vm.get(field, "")
             if not isinstance(value, str) or len(value) > limit or CONTROL.search(value):
                 raise bad(f"VM {name}: {field} is not text of at most {limit} characters")
+        _check_hardware(vm, name, bad)
         disks = vm.get("disks")
         if not isinstance(disks, list) or len(disks) > MAX_DISKS:
             raise bad(f"VM {name}: disks is not a list of at most {MAX_DISKS}")
@@ -262,6 +301,51 @@ def checked_inventory(body: dict[str, Any]) -> list[VmaVM]:
                 if not isinstance(value, str) or len(value) > limit or CONTROL.search(value):
                     raise bad(f"VM {name} disk {unit}: {field} is not text of at most {limit} characters")
     return cast(list[VmaVM], vms)
+
+
+def _check_hardware(vm: dict[str, Any], name: str, bad: Callable[[str], VmaError]) -> None:
+    """What failover needs to know of a VM: its size, firmware, controller and NICs (all optional)."""
+    if "cpus" in vm and not _is_int(vm["cpus"], 1, 768):
+        raise bad(f"VM {name}: cpus {_text(vm['cpus'], 20)!r} (1-768)")
+    if "memory_mib" in vm and not _is_int(vm["memory_mib"], 4, 24 << 20):
+        raise bad(f"VM {name}: memory_mib {_text(vm['memory_mib'], 20)!r}")
+    if "firmware" in vm and vm["firmware"] not in FIRMWARES:
+        raise bad(f"VM {name}: firmware {_text(vm['firmware'], 20)!r} is not bios or efi")
+    if "power_state" in vm and vm["power_state"] not in ("", *POWER_STATES):
+        raise bad(f"VM {name}: power_state {_text(vm['power_state'], 20)!r}")
+    controller = vm.get("disk_controller", "")
+    if not isinstance(controller, str) or not re.fullmatch(r"[a-z0-9]{0,32}", controller):
+        raise bad(f"VM {name}: disk_controller {_text(controller, 40)!r}")
+    nics = vm.get("nics", [])
+    if not isinstance(nics, list) or len(nics) > 10:
+        raise bad(f"VM {name}: nics is not a list of at most 10")
+    for index, nic in enumerate(nics):
+        if not isinstance(nic, dict):
+            raise bad(f"VM {name}: NIC {index} is not an object")
+        network = nic.get("network")
+        if not isinstance(network, str) or not 1 <= len(network) <= 255 or CONTROL.search(network):
+            raise bad(f"VM {name}: NIC {index} network {_text(network, 60)!r}")
+        if not isinstance(nic.get("mac"), str) or not MAC_RE.fullmatch(nic["mac"]):
+            raise bad(f"VM {name}: NIC {index} mac {_text(nic.get('mac'), 40)!r} is not aa:bb:cc:dd:ee:ff")
+        adapter = nic.get("adapter", "")
+        if not isinstance(adapter, str) or not re.fullmatch(r"[a-z0-9]{0,32}", adapter):
+            raise bad(f"VM {name}: NIC {index} adapter {_text(adapter, 40)!r}")
+
+
+def checked_power(body: dict[str, Any]) -> PowerState:
+    def bad(what: str) -> VmaError:
+        return VmaError("malformed", f"the VMA answered a power state the contract does not allow: {what}")
+
+    try:
+        uuid.UUID(str(body.get("vm_id")))
+    except ValueError:
+        raise bad(f"vm_id {_text(body.get('vm_id'), 60)!r}") from None
+    if body.get("power_state") not in POWER_STATES:
+        raise bad(f"power_state {_text(body.get('power_state'), 40)!r}")
+    if body.get("action", "") not in ("", *POWER_ACTIONS):
+        raise bad(f"action {_text(body.get('action'), 40)!r}")
+    body["error"] = _text(body.get("error", ""), 2000)
+    return cast(PowerState, body)
 
 
 def checked_replication(body: dict[str, Any]) -> Replication:

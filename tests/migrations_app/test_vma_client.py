@@ -101,6 +101,15 @@ def test_a_vma_that_drips_bytes_hits_the_overall_deadline(vma: Callable[[Answer]
         ({"vms": [{**GOOD_VM, "disks": [{"unit_number": 0, "key": 1, "capacity_bytes": 0}]}]}, "capacity_bytes"),
         ({"vms": [{**GOOD_VM, "disks": [GOOD_VM["disks"][0], GOOD_VM["disks"][0]]}]}, "each once"),
         ({"vms": [{**GOOD_VM, "path": ["a"]}]}, "path"),
+        ({"vms": [{**GOOD_VM, "cpus": 0}]}, "cpus"),
+        ({"vms": [{**GOOD_VM, "memory_mib": "4096"}]}, "memory_mib"),
+        ({"vms": [{**GOOD_VM, "firmware": "coreboot"}]}, "firmware"),
+        ({"vms": [{**GOOD_VM, "power_state": "on"}]}, "power_state"),
+        ({"vms": [{**GOOD_VM, "disk_controller": "../x"}]}, "disk_controller"),
+        ({"vms": [{**GOOD_VM, "nics": [{"network": "VM Network", "mac": "00:50:56:zz:00:01"}]}]}, "mac"),
+        ({"vms": [{**GOOD_VM, "nics": [{"network": "", "mac": "00:50:56:00:00:01"}]}]}, "network"),
+        ({"vms": [{**GOOD_VM, "nics": [{"network": "a\nb", "mac": "00:50:56:00:00:01"}]}]}, "network"),
+        ({"vms": [{**GOOD_VM, "nics": "VM Network"}]}, "nics"),
     ],
 )
 @pytest.mark.django_db

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -127,3 +128,70 @@ def test_a_bad_nbd_url_is_refused(sim: Sim) -> None:
     with pytest.raises(VmaError) as exc:
         sim.client.start_replication("job-bad", vm.id, bad)
     assert exc.value.status == 400 and not sim.sim.replications
+
+
+def test_inventory_reports_what_failover_needs(sim: Sim) -> None:
+    db = next(vm for vm in sim.client.inventory() if vm["name"] == "db-01")
+    assert (db["cpus"], db["memory_mib"], db["firmware"], db["disk_controller"]) == (4, 8192, "bios", "pvscsi")
+    assert [n["network"] for n in db["nics"]] == ["VM Network", "Storage"]
+    assert len({n["mac"] for n in db["nics"]}) == 2
+    assert all(n["mac"].startswith("00:50:56:") for n in db["nics"])
+
+
+def test_a_guest_shutdown_flushes_its_last_writes_and_blocks_syncs_meanwhile(
+    nbdkit_server: RunningServer, sim: Sim
+) -> None:
+    vm = sim.vm("web-01")
+    vm.shutdown_seconds = 1.0
+    generation = vm.disks[0].generation
+    answer = sim.client.power(vm.id, "shutdown", timeout_seconds=30)
+    assert answer["power_state"] == "shuttingDown"
+    targets = export_disks(nbdkit_server, vm, sim)
+    with pytest.raises(VmaError) as refused:
+        sim.client.start_replication("r-during-shutdown", vm.id, targets)
+    assert refused.value.status == 409 and "being shut down" in refused.value.message
+    deadline = time.monotonic() + 10
+    while sim.client.vm(vm.id)["power_state"] != "poweredOff":
+        assert time.monotonic() < deadline, "the guest never shut down"
+        time.sleep(0.05)
+    assert vm.disks[0].generation == generation + 1  # its last writes, for the final sync to carry
+    # Asked again, nothing changes; powered on, it runs again.
+    assert sim.client.power(vm.id, "shutdown")["power_state"] == "poweredOff"
+    assert sim.client.power(vm.id, "on")["power_state"] == "poweredOn"
+
+
+def test_a_guest_without_tools_cannot_be_shut_down_but_can_be_powered_off(sim: Sim) -> None:
+    vm = sim.vm("file-01")
+    vm.tools_running = False
+    with pytest.raises(VmaError) as exc:
+        sim.client.power(vm.id, "shutdown")
+    assert exc.value.code == "tools_not_running" and exc.value.status == 409
+    assert sim.client.vm(vm.id)["power_state"] == "poweredOn"
+    assert sim.client.power(vm.id, "off")["power_state"] == "poweredOff"
+
+
+def test_a_hung_shutdown_ends_with_the_guest_still_on_and_says_why(sim: Sim) -> None:
+    vm = sim.vm("app-01")
+    vm.shutdown_hangs = True
+    sim.client.power(vm.id, "shutdown", timeout_seconds=1)
+    time.sleep(1.4)
+    assert vm.power_state == "poweredOn" and "did not shut down within 1 s" in vm.power_error
+
+
+def test_a_power_action_outside_the_contract_is_refused(sim: Sim) -> None:
+    with pytest.raises(VmaError, match="power action"):
+        sim.client.power(sim.vm("web-01").id, "reboot")
+    with pytest.raises(VmaError) as exc:
+        sim.client.power("4210aaaa-bbbb-4ccc-8ddd-eeeeffff0009", "off")
+    assert exc.value.status == 404
+
+
+def test_the_inventory_keeps_each_vms_hardware(sim: Sim) -> None:
+    from migrations_app.actions import sync_inventory
+    from migrations_app.models import SourceVM
+
+    sync_inventory(sim.client.inventory())
+    db = SourceVM.objects.get(name="db-01")
+    assert (db.cpus, db.memory_mib, db.firmware, db.disk_controller) == (4, 8192, "bios", "pvscsi")
+    assert [n["network"] for n in db.nics] == ["VM Network", "Storage"]
+    assert SourceVM.objects.get(name="app-01").firmware == "efi"
