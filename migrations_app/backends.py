@@ -3,7 +3,8 @@ swap settings)."""
 
 from __future__ import annotations
 
-from .cloudstack import CloudStackVolumeBackend
+from .cloudstack import CloudStackCompute, CloudStackVolumeBackend
+from .compute import ComputeBackend, LocalComputeBackend
 from .conf import vma_conf, volume_conf
 from .vma_client import VmaClient
 from .volumes import LocalVolumeBackend, VolumeBackend
@@ -26,6 +27,16 @@ def get_volume_backend() -> VolumeBackend:
         device_root=cs.device_root,
         owner=cs.owner,
     )
+
+
+def get_compute_backend() -> ComputeBackend:
+    """Destination VMs, in the same cloud as the volumes (and with the same credentials and owner tag)."""
+    volumes = get_volume_backend()
+    if isinstance(volumes, LocalVolumeBackend):
+        return LocalComputeBackend(volumes)
+    if not isinstance(volumes, CloudStackVolumeBackend):
+        raise TypeError(f"no compute backend for volume backend {volumes.name}")
+    return CloudStackCompute(volumes, hypervisor=volume_conf().cloudstack.hypervisor)
 
 
 def get_vma_client() -> VmaClient:

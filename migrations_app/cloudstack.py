@@ -18,6 +18,7 @@ from typing import Any
 
 from cs import CloudStack, CloudStackApiException, CloudStackException
 
+from .compute import AttachedDisk, Choice, CloudVM, ComputeError, Nic
 from .volumes import NAME_RE, Volume, VolumeError, by_id_serial, round_up_gib
 
 GIB = 1 << 30
@@ -213,3 +214,223 @@ class CloudStackVolumeBackend:
         if raw.get("virtualmachineid"):
             raise VolumeError(f"volume {raw['name']} is attached; detach it first")
         self._call("deleteVolume", id=volume_id)
+
+
+class CloudStackCompute:
+    """Destination VMs through the API, on the volume backend's signed client and owner tag: the VMs it
+    deploys carry the tag too, and it stops, destroys or moves volumes only on VMs it made."""
+
+    name = "cloudstack"
+
+    def __init__(self, volumes: CloudStackVolumeBackend, hypervisor: str = "KVM") -> None:
+        self.volumes = volumes
+        self.hypervisor = hypervisor
+
+    def _call(self, command: str, **params: Any) -> Any:
+        try:
+            return self.volumes._call(command, **params)
+        except ComputeError:
+            raise
+        except VolumeError as exc:
+            raise ComputeError(str(exc)) from exc
+
+    def check(self) -> None:
+        self._call("listZones", id=self.volumes.zone_id)
+
+    def networks(self) -> list[Choice]:
+        found = self._call("listNetworks", zoneid=self.volumes.zone_id, listall=True, fetch_list=True)
+        return [
+            Choice(
+                n["id"],
+                n.get("name", n["id"]),
+                isolated=n.get("type") == "Isolated" and not n.get("egressdefaultpolicy", False),
+            )
+            for n in found
+        ]
+
+    def offerings(self) -> list[Choice]:
+        found = self._call("listServiceOfferings", fetch_list=True)
+        return [
+            Choice(
+                o["id"],
+                o.get("name", o["id"]),
+                None if o.get("iscustomized") else o.get("cpunumber"),
+                None if o.get("iscustomized") else o.get("memory"),
+            )
+            for o in found
+        ]
+
+    def templates(self) -> list[Choice]:
+        found = self._call("listTemplates", templatefilter="executable", zoneid=self.volumes.zone_id, fetch_list=True)
+        return [Choice(t["id"], t.get("name", t["id"]), boot=str(t.get("boottype", "")).lower()) for t in found]
+
+    def _raw_vms(self, **params: Any) -> list[dict[str, Any]]:
+        found = self._call("listVirtualMachines", listall=True, **params)
+        return [
+            v
+            for v in (found.get("virtualmachine", []) if isinstance(found, dict) else [])
+            if v.get("state") not in ("Destroyed", "Expunging")
+        ]
+
+    def _raw_vm(self, **params: Any) -> dict[str, Any] | None:
+        vms = self._raw_vms(**params)
+        if not vms:
+            return None
+        if self.volumes._owner_of(vms[0]) != self.volumes.owner:
+            raise ComputeError(f"VM {vms[0].get('name', '?')} was not created by this portal; not touching it")
+        return vms[0]
+
+    def _attached(self, vm_id: str) -> list[dict[str, Any]]:
+        found = self._call("listVolumes", virtualmachineid=vm_id, listall=True)
+        return list(found.get("volume", []) if isinstance(found, dict) else [])
+
+    def _claim(self, raw: dict[str, Any]) -> None:
+        """Tag a VM this portal deployed, and its placeholder root (also after a deploy whose tagging a
+        dead worker never did)."""
+        if self.volumes._owner_of(raw) is None:
+            self._tag(raw["id"], "UserVm")
+        for volume in self._attached(raw["id"]):
+            if volume.get("type") == "ROOT" and self.volumes._owner_of(volume) is None:
+                self._tag(volume["id"], "Volume")
+
+    def _tag(self, resource_id: str, kind: str) -> None:
+        self._call(
+            "createTags",
+            resourceids=resource_id,
+            resourcetype=kind,
+            tags={"key": OWNER_TAG, "value": self.volumes.owner},
+        )
+
+    def _vm(self, raw: dict[str, Any]) -> CloudVM:
+        disks = [
+            AttachedDisk(v["id"], v.get("type", "DATADISK"), int(v.get("deviceid", -1)))
+            for v in self._attached(raw["id"])
+        ]
+        snaps = self._call("listVMSnapshot", virtualmachineid=raw["id"], listall=True)
+        snapshots = [s["id"] for s in (snaps.get("vmSnapshot", []) if isinstance(snaps, dict) else [])]
+        return CloudVM(
+            raw["id"], raw["name"], raw.get("state", ""), sorted(disks, key=lambda d: d.device_id), snapshots
+        )
+
+    def get_vm(self, vm_id: str) -> CloudVM | None:
+        raw = self._raw_vm(id=vm_id)
+        return self._vm(raw) if raw else None
+
+    def find_vm(self, name: str) -> CloudVM | None:
+        """The VM of that name this portal deployed. The names are ours (they end in the source VM's id),
+        so an untagged one is a deploy whose tagging never happened: it is tagged now. Another portal's
+        VM of that name is refused."""
+        for raw in self._raw_vms(name=name):
+            owner = self.volumes._owner_of(raw)
+            if owner not in (None, self.volumes.owner):
+                raise ComputeError(f"a VM named {name} belongs to another portal ({owner}); not using it")
+            self._claim(raw)
+            return self._vm(raw)
+        return None
+
+    def deploy_vm(
+        self, name: str, *, template_id: str, offering_id: str, nics: list[Nic], cpus: int, memory_mib: int, efi: bool
+    ) -> CloudVM:
+        """deployVirtualMachine startvm=false with the mapped networks (MACs kept), the offering (a custom
+        one sized to the source) and the source's boot type; tagged as ours. Idempotent on the name."""
+        existing = self.find_vm(name)
+        if existing is not None:
+            return existing
+        params: dict[str, Any] = {
+            "zoneid": self.volumes.zone_id,
+            "templateid": template_id,
+            "serviceofferingid": offering_id,
+            "name": name,
+            "displayname": name,
+            "startvm": False,
+            "hypervisor": self.hypervisor,
+            "details": {"cpuNumber": str(cpus), "memory": str(memory_mib)},
+        }
+        if efi:
+            params.update(boottype="UEFI", bootmode="LEGACY")
+        for index, nic in enumerate(nics):
+            params[f"iptonetworklist[{index}].networkid"] = nic.network_id
+            if nic.mac:
+                params[f"iptonetworklist[{index}].mac"] = nic.mac
+        result = self._call("deployVirtualMachine", **params)
+        vm = result["virtualmachine"]
+        self._call(
+            "createTags",
+            resourceids=vm["id"],
+            resourcetype="UserVm",
+            tags={"key": OWNER_TAG, "value": self.volumes.owner},
+        )
+        return self._vm(vm)
+
+    def _ours_or_placeholder(self, volume_id: str) -> dict[str, Any]:
+        """A volume this portal made: a migrated disk, or the placeholder root of a VM it deployed."""
+        found = self._call("listVolumes", id=volume_id, listall=True)
+        volumes = found.get("volume", []) if isinstance(found, dict) else []
+        if not volumes:
+            raise ComputeError(f"no CloudStack volume {volume_id}")
+        if not self.volumes._ours(volumes[0]):
+            raise ComputeError(
+                f"volume {volumes[0].get('name', volume_id)} was not created by this portal; not touching it"
+            )
+        return dict(volumes[0])
+
+    def attach(self, volume_id: str, vm_id: str, device_id: int | None = None) -> None:
+        raw = self._ours_or_placeholder(volume_id)
+        if raw.get("virtualmachineid") == vm_id:
+            return
+        if self._raw_vm(id=vm_id) is None:
+            raise ComputeError(f"no VM {vm_id} of this portal")
+        params: dict[str, Any] = {"id": volume_id, "virtualmachineid": vm_id}
+        if device_id is not None:
+            params["deviceid"] = device_id
+        self._call("attachVolume", **params)
+
+    def detach(self, volume_id: str) -> None:
+        raw = self._ours_or_placeholder(volume_id)
+        owner = raw.get("virtualmachineid")
+        if not owner:
+            return
+        if owner == self.volumes.oma_vm_id:
+            raise ComputeError(f"volume {raw['name']} is on the OMA; the volume backend detaches it")
+        if self._raw_vm(id=owner) is None:
+            raise ComputeError(f"volume {raw['name']} is attached to a VM this portal did not make")
+        self._call("detachVolume", id=volume_id)
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._ours_or_placeholder(volume_id)
+        self._call("deleteVolume", id=volume_id)
+
+    def start_vm(self, vm_id: str) -> None:
+        raw = self._raw_vm(id=vm_id)
+        if raw is None:
+            raise ComputeError(f"no VM {vm_id} of this portal")
+        if raw.get("state") != "Running":
+            self._call("startVirtualMachine", id=vm_id)
+
+    def stop_vm(self, vm_id: str) -> None:
+        raw = self._raw_vm(id=vm_id)
+        if raw is not None and raw.get("state") not in ("Stopped", "Destroyed"):
+            self._call("stopVirtualMachine", id=vm_id, forced=True)
+
+    def destroy_vm(self, vm_id: str) -> None:
+        raw = self._raw_vm(id=vm_id)
+        if raw is not None:
+            self._call("destroyVirtualMachine", id=vm_id, expunge=True)
+
+    def snapshot_vm(self, vm_id: str, name: str) -> str:
+        snaps = self._call("listVMSnapshot", virtualmachineid=vm_id, listall=True)
+        for snap in snaps.get("vmSnapshot", []) if isinstance(snaps, dict) else []:
+            if snap.get("name") == name or snap.get("displayname") == name:
+                return str(snap["id"])
+        if self._raw_vm(id=vm_id) is None:
+            raise ComputeError(f"no VM {vm_id} of this portal")
+        result = self._call("createVMSnapshot", virtualmachineid=vm_id, name=name, snapshotmemory=False)
+        return str(result["vmsnapshot"]["id"])
+
+    def revert_snapshot(self, snapshot_id: str) -> None:
+        self._call("revertToVMSnapshot", vmsnapshotid=snapshot_id)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        found = self._call("listVMSnapshot", vmsnapshotid=snapshot_id, listall=True)
+        if found.get("vmSnapshot") if isinstance(found, dict) else None:
+            self._call("deleteVMSnapshot", vmsnapshotid=snapshot_id)

@@ -28,6 +28,7 @@ class CloudStackConf:
     poll_interval: float
     device_root: str  # where the by-id device links appear
     owner: str  # the owner tag on every volume this portal creates; it touches no other volume
+    hypervisor: str  # of the destination VMs (a root volume moves only on KVM, XenServer or VMware)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def volume_conf() -> VolumeConf:
             poll_interval=float(cs.get("POLL_INTERVAL", 2.0)),
             device_root=str(cs.get("DEVICE_ROOT", "/dev/disk/by-id")),
             owner=str(cs.get("OWNER", "")),
+            hypervisor=str(cs.get("HYPERVISOR", "KVM")),
         ),
     )
 

@@ -37,7 +37,10 @@ class Volume:
     id: str
     name: str
     size_bytes: int
-    attached_device: str = ""
+    attached_device: str = ""  # attached to the OMA: the device it shows as
+    vm_id: str = ""  # attached to a (destination) VM instead
+    device_id: int | None = None  # its place on that VM (0: the root)
+    type: str = "DATADISK"
 
 
 class VolumeBackend(Protocol):
@@ -150,6 +153,8 @@ class LocalVolumeBackend:
             volume = self._require(volume_id)
             if volume.attached_device:
                 return volume.attached_device
+            if volume.vm_id:
+                raise VolumeError(f"volume {volume.name} is attached to VM {volume.vm_id}; detach it first")
             image = self.image_path(volume_id)
             if not self.loop:
                 device = self.device_path(volume_id)
@@ -205,8 +210,9 @@ class LocalVolumeBackend:
             volume = self.get_volume(volume_id)
             if volume is None:
                 return
-            if volume.attached_device:
-                raise VolumeError(f"volume {volume.name} is attached as {volume.attached_device}; detach it first")
+            if volume.attached_device or volume.vm_id:
+                where = volume.attached_device or f"VM {volume.vm_id}"
+                raise VolumeError(f"volume {volume.name} is attached to {where}; detach it first")
             self.image_path(volume_id).unlink(missing_ok=True)
             self._meta_path(volume_id).unlink()
 

@@ -276,7 +276,19 @@ OMA_VOLUMES: dict[str, Any] = {
         "DEVICE_ROOT": os.environ.get("OMA_CLOUDSTACK_DEVICE_ROOT", "/dev/disk/by-id"),
         # The owner tag on every volume this portal creates (default: oma-portal:<OMA VM id>).
         "OWNER": os.environ.get("OMA_CLOUDSTACK_OWNER", ""),
+        # The destination VMs' hypervisor: a root volume moves between VMs only on KVM, XenServer or VMware.
+        "HYPERVISOR": os.environ.get("OMA_CLOUDSTACK_HYPERVISOR", "KVM"),
     },
+}
+# Failover (docs/failover.md): how long a guest shutdown and a start may take, and the defaults of a
+# test failover (its network when a mapping names none, and how long it runs before it ends itself).
+OMA_FAILOVER: dict[str, Any] = {
+    "SHUTDOWN_TIMEOUT": int(os.environ.get("OMA_FAILOVER_SHUTDOWN_TIMEOUT", "300")),
+    "START_TIMEOUT": int(os.environ.get("OMA_FAILOVER_START_TIMEOUT", "600")),
+    "TEST_NETWORK_ID": os.environ.get("OMA_FAILOVER_TEST_NETWORK_ID", ""),
+    "TEST_MINUTES": int(os.environ.get("OMA_FAILOVER_TEST_MINUTES", "120")),
+    # A completed sync older than this is a warning before a failover (the final sync carries more).
+    "SYNC_AGE_WARN_HOURS": int(os.environ.get("OMA_FAILOVER_SYNC_AGE_WARN_HOURS", "24")),
 }
 OMA_VMA: dict[str, Any] = {
     "URL": os.environ.get("OMA_VMA_URL", "http://127.0.0.1:9780"),

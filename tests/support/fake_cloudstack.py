@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlparse
 
-ASYNC = {"createVolume", "attachVolume", "detachVolume", "createTags", "resizeVolume"}
+# Hypervisors on which CloudStack moves a root volume between VMs (VolumeApiServiceImpl).
+ROOT_MOVE_HYPERVISORS = {"KVM", "XenServer", "VMware"}
 
 
 def cloudstack_signature(params: dict[str, str], secret: str) -> str:
@@ -54,6 +56,23 @@ class FakeCloudStack:
         self.job_failures: dict[str, tuple[int, str]] = {}  # command -> async failure (530, 533, ...)
         self.sync_failures: dict[str, tuple[int, str]] = {}  # command -> immediate error (431, ...)
         self.stall = False  # jobs never finish
+        # Destination VMs, their VM snapshots, and what a deploy can choose from.
+        self.vms: dict[str, dict[str, Any]] = {}
+        self.vm_snapshots: dict[str, dict[str, Any]] = {}
+        self.hypervisor = "KVM"
+        self.networks = [
+            {"id": str(uuid.uuid4()), "name": name, "type": kind, "zoneid": self.zone_id}
+            for name, kind in (("prod-net", "Shared"), ("storage-net", "Shared"), ("test-isolated", "Isolated"))
+        ]
+        self.service_offerings = [
+            {"id": str(uuid.uuid4()), "name": "Medium", "cpunumber": 2, "memory": 4096, "iscustomized": False},
+            {"id": str(uuid.uuid4()), "name": "Large", "cpunumber": 4, "memory": 8192, "iscustomized": False},
+            {"id": str(uuid.uuid4()), "name": "Custom", "iscustomized": True},
+        ]
+        self.templates = [
+            {"id": str(uuid.uuid4()), "name": "placeholder-bios", "boottype": "BIOS"},
+            {"id": str(uuid.uuid4()), "name": "placeholder-uefi", "boottype": "UEFI"},
+        ]
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -143,6 +162,7 @@ class FakeCloudStack:
             if params.get("id", v["id"]) == v["id"]
             and params.get("name", v["name"]) == v["name"]
             and params.get("type", v["type"]) == v["type"]
+            and params.get("virtualmachineid", v.get("virtualmachineid")) == v.get("virtualmachineid")
             and all(
                 {"key": k, "value": val} in [{"key": t["key"], "value": t["value"]} for t in v["tags"]]
                 for k, val in wanted.items()
@@ -185,6 +205,8 @@ class FakeCloudStack:
         volume = self.volumes.get(params.get("id", ""))
         if volume is None or volume.get("virtualmachineid"):
             return 431, {key: {"errorcode": 431, "errortext": "volume not found or already attached"}}
+        if params.get("virtualmachineid") != self.oma_vm_id:
+            return self._attach_to_vm(volume, params, key)
 
         def work() -> dict[str, Any]:
             volume.update(virtualmachineid=params["virtualmachineid"], state="Ready", deviceid=len(self.volumes))
@@ -198,6 +220,8 @@ class FakeCloudStack:
         volume = self.volumes.get(params.get("id", ""))
         if volume is None or not volume.get("virtualmachineid"):
             return 431, {key: {"errorcode": 431, "errortext": "volume is not attached"}}
+        if volume["virtualmachineid"] != self.oma_vm_id:
+            return self._detach_from_vm(volume, key)
 
         def work() -> dict[str, Any]:
             volume.pop("virtualmachineid", None)
@@ -224,9 +248,11 @@ class FakeCloudStack:
         return 200, {key: {"jobid": self._job("resizeVolume", work)}}
 
     def api_createTags(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
-        if params.get("resourcetype") != "Volume":
-            return 431, {key: {"errorcode": 431, "errortext": "only Volume tags are modelled"}}
-        volumes = [self.volumes.get(rid) for rid in params.get("resourceids", "").split(",")]
+        kind = params.get("resourcetype")
+        if kind not in ("Volume", "UserVm"):
+            return 431, {key: {"errorcode": 431, "errortext": "only Volume and UserVm tags are modelled"}}
+        store = self.volumes if kind == "Volume" else self.vms
+        volumes = [store.get(rid) for rid in params.get("resourceids", "").split(",")]
         if not volumes or None in volumes:
             return 431, {key: {"errorcode": 431, "errortext": "Unable to find resource by id"}}
         tags = [
@@ -241,7 +267,7 @@ class FakeCloudStack:
                 for tag in tags:
                     if any(t["key"] == tag["key"] for t in volume["tags"]):
                         raise ValueError(f"tag {tag['key']} already exists")  # CloudStack refuses a second one
-                    volume["tags"].append({**tag, "resourcetype": "Volume", "resourceid": volume["id"]})
+                    volume["tags"].append({**tag, "resourcetype": kind, "resourceid": volume["id"]})
             return {"success": True}
 
         return 200, {key: {"jobid": self._job("createTags", work)}}
@@ -275,6 +301,260 @@ class FakeCloudStack:
         del self.volumes[volume["id"]]
         self.file_of(volume["id"]).unlink(missing_ok=True)
         return 200, {key: {"success": "true"}}
+
+    # --- destination VMs (CloudStack's rules from VolumeApiServiceImpl and its attach validator) ----
+
+    def _error(self, key: str, text: str, code: int = 431) -> tuple[int, dict[str, Any]]:
+        return code, {key: {"errorcode": code, "errortext": text}}
+
+    def _vm_snapshots_of(self, vm_id: str) -> list[dict[str, Any]]:
+        return [s for s in self.vm_snapshots.values() if s["virtualmachineid"] == vm_id]
+
+    def _root_of(self, vm_id: str) -> dict[str, Any] | None:
+        return next(
+            (v for v in self.volumes.values() if v.get("virtualmachineid") == vm_id and v.get("deviceid") == 0), None
+        )
+
+    def _attach_to_vm(self, volume: dict[str, Any], params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        vm = self.vms.get(params.get("virtualmachineid", ""))
+        if vm is None:
+            return self._error(key, "Unable to find virtual machine")
+        if self._vm_snapshots_of(vm["id"]):
+            return self._error(key, "Unable to attach volume, please specify a VM that does not have VM snapshots")
+        device = params.get("deviceid")
+        if device == "0":
+            if self._root_of(vm["id"]) is not None:
+                return self._error(key, "Vm already has root volume attached to it")
+            if vm["state"] != "Stopped" or vm["hypervisor"] not in ROOT_MOVE_HYPERVISORS:
+                return self._error(
+                    key, "Root volume can be attached only when the VM is Stopped on KVM/XenServer/VMware"
+                )
+        used = {v.get("deviceid") for v in self.volumes.values() if v.get("virtualmachineid") == vm["id"]}
+        device_id = int(device) if device is not None else next(i for i in range(1, 64) if i not in used and i != 3)
+        if device_id in used:
+            return self._error(key, f"deviceId {device_id} is used by VM {vm['name']}")
+
+        def work() -> dict[str, Any]:
+            volume.update(virtualmachineid=vm["id"], deviceid=device_id, state="Ready")
+            volume["type"] = "ROOT" if device_id == 0 else "DATADISK"
+            return {"volume": dict(volume)}
+
+        return 200, {key: {"jobid": self._job("attachVolume", work)}}
+
+    def _detach_from_vm(self, volume: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
+        vm = self.vms[volume["virtualmachineid"]]
+        if self._vm_snapshots_of(vm["id"]):
+            return self._error(key, "Unable to detach volume, please specify a VM that does not have VM snapshots")
+        if volume.get("deviceid") == 0 and (vm["state"] != "Stopped" or vm["hypervisor"] not in ROOT_MOVE_HYPERVISORS):
+            return self._error(key, "Root volume detach is supported only for a Stopped VM on KVM/XenServer/VMware")
+
+        def work() -> dict[str, Any]:
+            volume.pop("virtualmachineid", None)
+            volume.pop("deviceid", None)
+            return {"volume": dict(volume)}
+
+        return 200, {key: {"jobid": self._job("detachVolume", work)}}
+
+    def api_listZones(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        return 200, {key: {"count": 1, "zone": [{"id": self.zone_id, "name": "zone1"}]}}
+
+    def api_listNetworks(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        return 200, {key: {"count": len(self.networks), "network": self.networks}}
+
+    def api_listServiceOfferings(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        return 200, {key: {"count": len(self.service_offerings), "serviceoffering": self.service_offerings}}
+
+    def api_listTemplates(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        if params.get("templatefilter") not in ("executable", "self", "featured", "community", "all"):
+            return self._error(key, "templatefilter is required")
+        return 200, {key: {"count": len(self.templates), "template": self.templates}}
+
+    def _vm_json(self, vm: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in vm.items() if k != "files"}
+
+    def api_deployVirtualMachine(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        if params.get("zoneid") != self.zone_id:
+            return self._error(key, "Unable to find zone")
+        template = next((t for t in self.templates if t["id"] == params.get("templateid")), None)
+        offering = next((o for o in self.service_offerings if o["id"] == params.get("serviceofferingid")), None)
+        if template is None or offering is None:
+            return self._error(key, "Unable to find template or service offering")
+        if offering["iscustomized"] and not (params.get("details[0].cpuNumber") and params.get("details[0].memory")):
+            return self._error(key, "a custom offering needs details cpuNumber and memory")
+        known = {n["id"] for n in self.networks}
+        nics = []
+        for i in range(16):
+            network = params.get(f"iptonetworklist[{i}].networkid")
+            if network is None:
+                break
+            if network not in known:
+                return self._error(key, f"Unable to find network {network}")
+            mac = params.get(f"iptonetworklist[{i}].mac") or "02:00:" + ":".join(
+                f"{b:02x}" for b in uuid.uuid4().bytes[:4]
+            )
+            nics.append({"networkid": network, "macaddress": mac, "deviceid": str(i)})
+        if not nics:
+            return self._error(key, "a network is required")
+        vm_id = str(uuid.uuid4())
+        vm: dict[str, Any] = {
+            "id": vm_id,
+            "name": params.get("name", vm_id),
+            "state": "Stopped",
+            "hypervisor": params.get("hypervisor", self.hypervisor),
+            "templateid": template["id"],
+            "serviceofferingid": offering["id"],
+            "cpunumber": int(str(params.get("details[0].cpuNumber") or offering.get("cpunumber") or 0)),
+            "memory": int(str(params.get("details[0].memory") or offering.get("memory") or 0)),
+            "boottype": params.get("boottype", "BIOS"),
+            "nic": nics,
+            "tags": [],
+        }
+
+        def work() -> dict[str, Any]:
+            root_id = str(uuid.uuid4())
+            self.volumes[root_id] = {
+                "id": root_id,
+                "name": f"ROOT-{vm['name']}",
+                "size": 1 << 30,
+                "state": "Ready",
+                "type": "ROOT",
+                "tags": [],
+                "virtualmachineid": vm_id,
+                "deviceid": 0,
+            }
+            with open(self.file_of(root_id), "wb") as fh:
+                fh.truncate(1 << 30)
+            self.vms[vm_id] = vm
+            if params.get("startvm", "true") == "true":
+                vm["state"] = "Running"
+            return {"virtualmachine": self._vm_json(vm)}
+
+        return 200, {key: {"id": vm_id, "jobid": self._job("deployVirtualMachine", work)}}
+
+    def api_listVirtualMachines(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        found = [
+            self._vm_json(v)
+            for v in self.vms.values()
+            if params.get("id", v["id"]) == v["id"] and params.get("name", v["name"]) == v["name"]
+        ]
+        return 200, {key: {"count": len(found), "virtualmachine": found} if found else {}}
+
+    def _vm_job(self, command: str, params: dict[str, str], key: str, work: Any) -> tuple[int, dict[str, Any]]:
+        vm = self.vms.get(params.get("id", "") or params.get("virtualmachineid", ""))
+        if vm is None:
+            return self._error(key, "Unable to find virtual machine")
+        return 200, {key: {"jobid": self._job(command, lambda: work(vm))}}
+
+    def api_startVirtualMachine(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        def work(vm: dict[str, Any]) -> dict[str, Any]:
+            if self._root_of(vm["id"]) is None:
+                raise ValueError(f"Unable to start VM {vm['name']}: it has no root volume")
+            vm["state"] = "Running"
+            return {"virtualmachine": self._vm_json(vm)}
+
+        return self._vm_job("startVirtualMachine", params, key, work)
+
+    def api_stopVirtualMachine(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        def work(vm: dict[str, Any]) -> dict[str, Any]:
+            vm["state"] = "Stopped"
+            return {"virtualmachine": self._vm_json(vm)}
+
+        return self._vm_job("stopVirtualMachine", params, key, work)
+
+    def api_destroyVirtualMachine(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        def work(vm: dict[str, Any]) -> dict[str, Any]:
+            # Expunged: its root goes with it, data disks are detached and kept; its VM snapshots go.
+            for volume in list(self.volumes.values()):
+                if volume.get("virtualmachineid") != vm["id"]:
+                    continue
+                if volume.get("deviceid") == 0:
+                    del self.volumes[volume["id"]]
+                    self.file_of(volume["id"]).unlink(missing_ok=True)
+                else:
+                    volume.pop("virtualmachineid", None)
+                    volume.pop("deviceid", None)
+            for snapshot in self._vm_snapshots_of(vm["id"]):
+                self._drop_snapshot(snapshot)
+            del self.vms[vm["id"]]
+            return {"virtualmachine": {**self._vm_json(vm), "state": "Expunging"}}
+
+        return self._vm_job("destroyVirtualMachine", params, key, work)
+
+    def api_createVMSnapshot(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        def work(vm: dict[str, Any]) -> dict[str, Any]:
+            snapshot_id = str(uuid.uuid4())
+            files = {}
+            for volume in self.volumes.values():
+                if volume.get("virtualmachineid") == vm["id"]:
+                    copy = self.data_dir / f"vmsnap-{snapshot_id}-{volume['id']}.img"
+                    subprocess.run(["cp", "--sparse=always", str(self.file_of(volume["id"])), str(copy)], check=True)
+                    files[volume["id"]] = str(copy)
+            snapshot = {
+                "id": snapshot_id,
+                "name": params.get("name", snapshot_id),
+                "virtualmachineid": vm["id"],
+                "state": "Ready",
+                "type": "Disk",
+            }
+            self.vm_snapshots[snapshot_id] = {**snapshot, "files": files}
+            return {"vmsnapshot": snapshot}
+
+        return self._vm_job("createVMSnapshot", params, key, work)
+
+    def api_listVMSnapshot(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        found = [
+            {k: v for k, v in s.items() if k != "files"}
+            for s in self.vm_snapshots.values()
+            if params.get("virtualmachineid", s["virtualmachineid"]) == s["virtualmachineid"]
+            and params.get("vmsnapshotid", s["id"]) == s["id"]
+        ]
+        return 200, {key: {"count": len(found), "vmSnapshot": found} if found else {}}
+
+    def api_revertToVMSnapshot(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        snapshot = self.vm_snapshots.get(params.get("vmsnapshotid", ""))
+        if snapshot is None:
+            return self._error(key, "Unable to find the VM snapshot")
+        vm = self.vms[snapshot["virtualmachineid"]]
+        if vm["state"] != "Stopped":
+            return self._error(key, "VM must be Stopped to revert a disk-only VM snapshot")
+
+        def work() -> dict[str, Any]:
+            for volume_id, copy in snapshot["files"].items():
+                subprocess.run(["cp", "--sparse=always", copy, str(self.file_of(volume_id))], check=True)
+            return {"virtualmachine": self._vm_json(vm)}
+
+        return 200, {key: {"jobid": self._job("revertToVMSnapshot", work)}}
+
+    def _drop_snapshot(self, snapshot: dict[str, Any]) -> None:
+        for copy in snapshot["files"].values():
+            Path(copy).unlink(missing_ok=True)
+        self.vm_snapshots.pop(snapshot["id"], None)
+
+    def api_deleteVMSnapshot(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
+        snapshot = self.vm_snapshots.get(params.get("vmsnapshotid", ""))
+        if snapshot is None:
+            return self._error(key, "Unable to find the VM snapshot")
+
+        def work() -> dict[str, Any]:
+            self._drop_snapshot(snapshot)
+            return {"success": True}
+
+        return 200, {key: {"jobid": self._job("deleteVMSnapshot", work)}}
+
+    def add_foreign_vm(self, name: str, owner: str | None = None) -> str:
+        """Another tenant's VM (tagged by another portal, or untagged), running, in the same account."""
+        vm_id = str(uuid.uuid4())
+        tags = [{"key": "oma-owner", "value": owner, "resourcetype": "UserVm", "resourceid": vm_id}] if owner else []
+        with self.lock:
+            self.vms[vm_id] = {
+                "id": vm_id,
+                "name": name,
+                "state": "Running",
+                "hypervisor": "KVM",
+                "nic": [],
+                "tags": tags,
+            }
+        return vm_id
 
     def file_of(self, volume_id: str) -> Path:
         return self.data_dir / f"{volume_id}.img"

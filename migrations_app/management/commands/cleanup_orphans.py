@@ -25,7 +25,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         backend = get_volume_backend()
         known_volumes = set(JobDisk.objects.exclude(volume_id="").values_list("volume_id", flat=True))
-        volumes = [v for v in backend.list_volumes() if v.id not in known_volumes]
+        volumes = [v for v in backend.list_volumes() if v.id not in known_volumes and not v.vm_id]
         known_vms = set(SourceVM.objects.values_list("vm_id", flat=True))
         used_mappings = set(JobDisk.objects.exclude(mapping=None).values_list("mapping_id", flat=True))
         mappings = [
