@@ -23,6 +23,7 @@ from .models import (
     DestinationVolume,
     IllegalTransition,
     JobDisk,
+    JobKind,
     JobState,
     MigrationGroup,
     MigrationJob,
@@ -32,6 +33,7 @@ from .models import (
 from .topics import GROUP, INVENTORY
 from .vma_client import VmaVM
 from .volumes import VolumeError, volume_name_for
+from .workflow import start_rollback
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
     active = vm.jobs.filter(state__in=ACTIVE_STATES).first()
     if active is not None:
         raise MigrationError(f"{vm.name} already has an active job {active.job_id} ({active.state})")
+    if vm.migrated_at is not None:
+        raise MigrationError(f"{vm.name} was failed over to CloudStack VM {vm.destination_vm_id}; nothing to sync")
     disks = list(vm.disks.all())
     if not disks:
         raise MigrationError(f"{vm.name} has no disks in the inventory")
@@ -191,6 +195,90 @@ def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     job.retry_at = None
     _save_active(job)
     record_job_event(job, "job.retried", step=job.current_step, message=f"attempt {job.attempt}", actor=actor)
+    return job
+
+
+@transaction.atomic(durable=True)
+def start_failover(
+    *, vm_id: str, kind: str, allow_power_off: bool = False, requested_by: str = "system"
+) -> MigrationJob:
+    """Queue a live or test failover of the VM. Its first step checks readiness again (things change
+    between the page and the worker); a live failover's final sync follows the source's shutdown."""
+    if kind not in (JobKind.LIVE_FAILOVER, JobKind.TEST_FAILOVER):
+        raise MigrationError(f"{kind!r} is not a failover")
+    try:
+        normalized = normalize_vm_id(vm_id)
+    except ValidationError as exc:
+        raise MigrationError(f"{vm_id!r} is not a VMware instance UUID") from exc
+    vm = SourceVM.objects.select_for_update().filter(vm_id=normalized).first()
+    if vm is None:
+        raise MigrationError(f"no VM {vm_id} in the inventory")
+    if vm.migrated_at is not None:
+        raise MigrationError(f"{vm.name} was failed over already (CloudStack VM {vm.destination_vm_id})")
+    if not vm.jobs.filter(kind=JobKind.SYNC, state=JobState.COMPLETED).exists():
+        raise MigrationError(f"{vm.name} has no completed sync: migrate it before a failover")
+    job = MigrationJob(vm=vm, kind=kind, requested_by=requested_by, allow_power_off=allow_power_off)
+    _save_active(job)
+    last = {
+        d.source_disk_id: d
+        for d in JobDisk.objects.filter(job__vm=vm, job__kind=JobKind.SYNC, job__state=JobState.COMPLETED)
+        .exclude(new_change_id="")
+        .order_by("job__finished_at")
+    }
+    for disk in vm.disks.all():
+        volume, _ = DestinationVolume.objects.get_or_create(source_disk=disk)
+        previous = last.get(disk.pk)
+        JobDisk.objects.create(
+            job=job,
+            source_disk=disk,
+            bytes_total=disk.capacity_bytes,
+            # The final sync carries only what changed since the last one, onto the same volume.
+            previous_change_id=previous.new_change_id if previous and previous.volume_id == volume.volume_id else "",
+            volume_id=volume.volume_id,
+        )
+    what = "live failover" if kind == JobKind.LIVE_FAILOVER else "test failover"
+    power = " (power-off allowed)" if allow_power_off and kind == JobKind.LIVE_FAILOVER else ""
+    record_job_event(job, "job.created", message=f"{what} of {vm.name}{power}", actor=requested_by)
+    return job
+
+
+def _failover_job(vm_id: str) -> MigrationJob:
+    try:
+        normalized = normalize_vm_id(vm_id)
+    except ValidationError as exc:
+        raise MigrationError(f"{vm_id!r} is not a VMware instance UUID") from exc
+    job = (
+        MigrationJob.objects.filter(vm__vm_id=normalized)
+        .exclude(kind=JobKind.SYNC)
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    if job is None:
+        raise MigrationError(f"VM {vm_id} has no failover")
+    return job
+
+
+def end_test_failover(*, vm_id: str, actor: str = "system") -> MigrationJob:
+    """End the VM's running test failover: its test VM goes and syncing can go on."""
+    job = _failover_job(vm_id)
+    if not job.can_end_test:
+        raise MigrationError(f"{job.job_id} is {job.get_state_display().lower()}; no test failover runs")
+    start_rollback(job, "the operator ended the test", actor=actor)
+    return job
+
+
+def rollback_failover(*, vm_id: str, actor: str = "system") -> MigrationJob:
+    """Put the VM's last failover back: the destination VM goes, the volumes return to the OMA, the
+    source is powered on again if it was on."""
+    job = _failover_job(vm_id)
+    if job.can_end_test:
+        return end_test_failover(vm_id=vm_id, actor=actor)
+    if not job.can_roll_back:
+        raise MigrationError(f"{job.job_id} is {job.get_state_display().lower()}; nothing to roll back")
+    newer = job.vm.jobs.filter(created_at__gt=job.created_at).exists()
+    if newer:
+        raise MigrationError(f"{job.vm.name} has newer jobs than {job.job_id}; it cannot be rolled back")
+    start_rollback(job, "the operator asked for a rollback", actor=actor)
     return job
 
 

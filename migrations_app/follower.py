@@ -38,12 +38,24 @@ from .backends import get_vma_client, get_volume_backend
 from .conf import workflow_conf
 from .events import record_job_event
 from .groups import start_due_syncs
-from .models import ACTIVE_STATES, STEPS, DestinationVolume, JobDisk, JobEvent, JobState, MigrationJob, OmaNode
+from .models import (
+    ACTIVE_STATES,
+    ROLLBACK_ON_FAILURE,
+    SEQUENCES,
+    WORKER_STEPS,
+    DestinationVolume,
+    JobDisk,
+    JobEvent,
+    JobKind,
+    JobState,
+    MigrationJob,
+    OmaNode,
+)
 from .slots import Placer, release, this_node
 from .topics import JOB, PROGRESS
 from .vma_client import DiskProgress, Replication, VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError
-from .workflow import TRANSITION_FIELDS, complete, replication_targets, stale_before
+from .workflow import TRANSITION_FIELDS, complete, replication_targets, stale_before, start_rollback
 
 log = logging.getLogger(__name__)
 # Consecutive failed polls of one copy before the VMA counts as gone.
@@ -325,7 +337,8 @@ class Follower:
             if locked.outage_since or locked.wait_reason or locked.retry_at:
                 # The copy ended: whatever outage it rode out is over.
                 MigrationJob.objects.filter(pk=locked.pk).update(outage_since=None, wait_reason="", retry_at=None)
-            verify = to == JobState.COMPLETED and workflow_conf().verify_writes
+            # A failover's final sync always goes on through a worker (verified: it is what the VM boots).
+            verify = to == JobState.COMPLETED and (workflow_conf().verify_writes or locked.kind != JobKind.SYNC)
             if verify:
                 # Not complete before the portal has re-read what the VMA says it wrote: a worker's step.
                 to = JobState.VERIFYING
@@ -350,6 +363,10 @@ class Follower:
                 self.enqueue("run_job_task", locked.pk)
             elif to == JobState.COMPLETED:
                 complete(locked)
+            elif locked.kind != JobKind.SYNC:
+                # A failover's final sync that stopped: the source is off, so everything goes back.
+                why = "cancelled during the final sync" if to == JobState.CANCELLED else f"final sync: {error}"
+                transaction.on_commit(lambda: start_rollback(locked, why))
             elif to == JobState.CANCELLED:
                 record_job_event(
                     locked,
@@ -370,13 +387,17 @@ class Follower:
         now = timezone.now()
         # A step that failed unexpectedly is tried again once its back-off is over.
         for job in MigrationJob.objects.filter(
-            node=self.node, state__in=STEPS, runner="", retry_at__lte=now, queued_at__isnull=True
+            node=self.node, state__in=WORKER_STEPS, runner="", retry_at__lte=now, queued_at__isnull=True
         ):
             with transaction.atomic():
                 if MigrationJob.objects.filter(pk=job.pk, runner="", queued_at__isnull=True).update(queued_at=now):
                     self.enqueue("run_job_task", job.pk)
                     report.recovered.append(job.job_id)
-        silent = MigrationJob.objects.filter(node=self.node, state__in=[*STEPS, JobState.CANCELLING]).filter(
+        # A test failover whose time is up ends by itself.
+        for job in MigrationJob.objects.filter(node=self.node, state=JobState.TESTING, test_ends_at__lte=now):
+            start_rollback(job, "the test's time is up")
+            report.recovered.append(job.job_id)
+        silent = MigrationJob.objects.filter(node=self.node, state__in=[*WORKER_STEPS, JobState.CANCELLING]).filter(
             Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True)
         )
         for job in silent:
@@ -427,6 +448,8 @@ class Follower:
                         step=locked.current_step,
                         message="its worker was gone; nothing was copying",
                     )
+                    if locked.kind != JobKind.SYNC and locked.current_step in ROLLBACK_ON_FAILURE:
+                        transaction.on_commit(lambda: start_rollback(locked, "cancelled; its worker was gone"))
             return
         # A copy was running: the follower follows it until the VMA says it stopped.
         MigrationJob.objects.filter(pk=job.pk, replication_id="").update(replication_id=replication_id)
@@ -482,7 +505,7 @@ class Follower:
             for missing in wanted - volumes.keys():
                 volumes[missing], _ = DestinationVolume.objects.get_or_create(source_disk_id=missing)
             running = (
-                MigrationJob.objects.filter(state__in=[*STEPS, JobState.CANCELLING])
+                MigrationJob.objects.filter(state__in=[*WORKER_STEPS, JobState.CANCELLING])
                 .filter(Q(node=node) | Q(node__isnull=True))
                 .count()
             )
@@ -504,7 +527,7 @@ class Follower:
                     evicted += reservation.evict or []
                     continue
                 running += 1
-                resume = JobState(job.current_step or JobState.PROVISIONING)
+                resume = JobState(job.current_step or SEQUENCES[job.kind][0])
                 if resume in (JobState.EXPORTING, JobState.REPLICATING) and any(
                     v.state != DestinationVolume.State.ATTACHED for v in job_volumes
                 ):

@@ -86,6 +86,7 @@ def due_vms(group: MigrationGroup, now: datetime) -> list[SourceVM]:
     last = MigrationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("finished_at")[:1]
     candidates = (
         group.vms.exclude(jobs__state__in=ACTIVE_STATES)
+        .filter(migrated_at__isnull=True)  # failed over: it runs in CloudStack now
         .annotate(last_end=Subquery(last))
         .filter(Q(last_end__lte=cutoff) | Q(last_end__isnull=True))
         .exclude(disks__isnull=True)

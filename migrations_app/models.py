@@ -115,6 +115,7 @@ class DestinationVolume(models.Model):
         RESERVED = "reserved", "Slot reserved"
         ATTACHED = "attached", "Attached"
         DETACHING = "detaching", "Detaching"
+        IN_VM = "in_vm", "On the destination VM"
 
     SLOT_STATES = (State.RESERVED, State.ATTACHED, State.DETACHING)
 
@@ -135,7 +136,7 @@ class DestinationVolume(models.Model):
         constraints = [
             # A slot is held exactly while the volume is reserved, attached or detaching.
             models.CheckConstraint(
-                condition=Q(node__isnull=True, state__in=["new", "detached"])
+                condition=Q(node__isnull=True, state__in=["new", "detached", "in_vm"])
                 | Q(node__isnull=False, state__in=["reserved", "attached", "detaching"]),
                 name="slot_held_while_on_a_node",
             )
@@ -145,38 +146,165 @@ class DestinationVolume(models.Model):
         return f"{self.source_disk} volume {self.volume_id or '(none)'} ({self.state})"
 
 
+class NetworkMapping(models.Model):
+    """A source network (VMware port group) and the CloudStack network its NICs join after failover."""
+
+    source_network = models.CharField(max_length=255, unique=True, help_text="the port group name the VMA reports")
+    network_id = models.CharField(max_length=64, help_text="CloudStack network id for live failovers")
+    test_network_id = models.CharField(
+        max_length=64, blank=True, help_text="isolated network for test failovers (blank: OMA_FAILOVER TEST_NETWORK_ID)"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["source_network"]
+
+    def __str__(self) -> str:
+        return f"{self.source_network} -> {self.network_id}"
+
+
+class OfferingMapping(models.Model):
+    """A CloudStack service offering a VM may get: the smallest that fits its CPUs and memory is chosen;
+    one without sizes is a custom offering, sized to the source VM."""
+
+    name = models.CharField(max_length=100, unique=True)
+    offering_id = models.CharField(max_length=64, help_text="CloudStack service offering id")
+    cpus = models.PositiveSmallIntegerField(null=True, blank=True, help_text="blank: custom (sized per VM)")
+    memory_mib = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["cpus", "memory_mib", "name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def custom(self) -> bool:
+        return self.cpus is None or self.memory_mib is None
+
+
+class TemplateMapping(models.Model):
+    """The placeholder template a destination VM is created from, by the source's firmware: its root is
+    replaced by the migrated disk 0, but its boot type (BIOS or UEFI) is the VM's."""
+
+    class Firmware(models.TextChoices):
+        BIOS = "bios", "BIOS"
+        EFI = "efi", "UEFI"
+
+    firmware = models.CharField(max_length=8, choices=Firmware.choices, unique=True)
+    template_id = models.CharField(max_length=64, help_text="CloudStack template id")
+
+    class Meta:
+        ordering = ["firmware"]
+
+    def __str__(self) -> str:
+        return f"{self.get_firmware_display()} -> {self.template_id}"
+
+
+class FailoverPlan(models.Model):
+    """One VM's overrides of the mappings."""
+
+    vm = models.OneToOneField(SourceVM, on_delete=models.CASCADE, related_name="failover_plan")
+    offering = models.ForeignKey(OfferingMapping, null=True, blank=True, on_delete=models.SET_NULL)
+    template_id = models.CharField(max_length=64, blank=True)
+    networks = models.JSONField(default=dict, blank=True, help_text='{"source network": "CloudStack network id"}')
+
+    def __str__(self) -> str:
+        return f"failover plan of {self.vm}"
+
+
 class JobState(models.TextChoices):
     PENDING = "pending", "Pending"
+    # Failover (docs/failover.md): before the final sync, and after it.
+    VALIDATING = "validating", "Checking readiness"
+    SHUTTING_DOWN = "shutting_down", "Shutting the source down"
     PROVISIONING = "provisioning", "Provisioning volumes"
     ATTACHING = "attaching", "Attaching volumes"
     EXPORTING = "exporting", "Exporting over NBD"
     REPLICATING = "replicating", "Replicating"
     VERIFYING = "verifying", "Verifying what was written"
+    CREATING_VM = "creating_vm", "Creating the VM"
+    MOVING_VOLUMES = "moving_volumes", "Moving the volumes to the VM"
+    SNAPSHOTTING = "snapshotting", "Taking the rollback snapshot"
+    STARTING_VM = "starting_vm", "Starting the VM"
+    TESTING = "testing", "Test VM running"
+    ROLLING_BACK = "rolling_back", "Putting everything back"
     COMPLETED = "completed", "Completed"
     FAILED = "failed", "Failed"
     CANCELLING = "cancelling", "Cancelling"
     CANCELLED = "cancelled", "Cancelled"
+    ROLLED_BACK = "rolled_back", "Rolled back"
 
 
-# The workflow's steps, in order; a job's current_step is one of these.
+class JobKind(models.TextChoices):
+    SYNC = "sync", "Sync"
+    LIVE_FAILOVER = "live_failover", "Live failover"
+    TEST_FAILOVER = "test_failover", "Test failover"
+
+
+# A sync's steps, in order; a sync job's current_step is one of these.
 STEPS = [JobState.PROVISIONING, JobState.ATTACHING, JobState.EXPORTING, JobState.REPLICATING, JobState.VERIFYING]
 # The steps a worker runs to get a copy going; the copy is the follower's; a worker verifies it after.
 STEPS_TO_COPY = STEPS[: STEPS.index(JobState.REPLICATING) + 1]
-ACTIVE_STATES = {JobState.PENDING, JobState.CANCELLING, *STEPS}
-FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
+# Each kind's steps, in order. A live failover's final sync is a sync's steps inside it.
+SEQUENCES: dict[str, list[JobState]] = {
+    JobKind.SYNC: STEPS,
+    JobKind.LIVE_FAILOVER: [
+        JobState.VALIDATING,
+        JobState.SHUTTING_DOWN,
+        *STEPS,
+        JobState.CREATING_VM,
+        JobState.MOVING_VOLUMES,
+        JobState.STARTING_VM,
+    ],
+    JobKind.TEST_FAILOVER: [
+        JobState.VALIDATING,
+        JobState.CREATING_VM,
+        JobState.MOVING_VOLUMES,
+        JobState.SNAPSHOTTING,
+        JobState.STARTING_VM,
+    ],
+}
+FAILOVER_STEPS = [
+    JobState.VALIDATING,
+    JobState.SHUTTING_DOWN,
+    JobState.CREATING_VM,
+    JobState.MOVING_VOLUMES,
+    JobState.SNAPSHOTTING,
+    JobState.STARTING_VM,
+    JobState.ROLLING_BACK,
+]
+# Every state in which a worker runs a step (and a silent worker is replaced).
+WORKER_STEPS = [*STEPS, *FAILOVER_STEPS]
+ACTIVE_STATES = {JobState.PENDING, JobState.CANCELLING, JobState.TESTING, *WORKER_STEPS}
+FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.ROLLED_BACK}
+# A failover step that failed puts everything back (a failed readiness check changed nothing).
+ROLLBACK_ON_FAILURE = set(WORKER_STEPS) - {JobState.VALIDATING, JobState.ROLLING_BACK}
 
+_TO_FAILURE: set[str] = {JobState.FAILED, JobState.CANCELLING, JobState.ROLLING_BACK}
 TRANSITIONS: dict[str, set[str]] = {
-    JobState.PENDING: {*STEPS, JobState.CANCELLED, JobState.FAILED},
-    JobState.PROVISIONING: {JobState.ATTACHING, JobState.FAILED, JobState.CANCELLING},
-    JobState.ATTACHING: {JobState.EXPORTING, JobState.FAILED, JobState.CANCELLING},
-    JobState.EXPORTING: {JobState.REPLICATING, JobState.FAILED, JobState.CANCELLING},
-    JobState.REPLICATING: {JobState.VERIFYING, JobState.COMPLETED, JobState.FAILED, JobState.CANCELLING},
-    JobState.VERIFYING: {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLING},
-    JobState.CANCELLING: {JobState.CANCELLED, JobState.FAILED},
-    # Retry: back to pending, keeping current_step so the job resumes where it stopped.
-    JobState.FAILED: {JobState.PENDING},
-    JobState.CANCELLED: {JobState.PENDING},
-    JobState.COMPLETED: set(),
+    JobState.PENDING: {s for s in WORKER_STEPS if s != JobState.ROLLING_BACK} | {JobState.CANCELLED, JobState.FAILED},
+    JobState.VALIDATING: {JobState.SHUTTING_DOWN, JobState.CREATING_VM, JobState.FAILED, JobState.CANCELLING},
+    JobState.SHUTTING_DOWN: {JobState.PROVISIONING, *_TO_FAILURE},
+    JobState.PROVISIONING: {JobState.ATTACHING, *_TO_FAILURE},
+    JobState.ATTACHING: {JobState.EXPORTING, *_TO_FAILURE},
+    JobState.EXPORTING: {JobState.REPLICATING, *_TO_FAILURE},
+    JobState.REPLICATING: {JobState.VERIFYING, JobState.COMPLETED, *_TO_FAILURE},
+    JobState.VERIFYING: {JobState.COMPLETED, JobState.CREATING_VM, *_TO_FAILURE},
+    JobState.CREATING_VM: {JobState.MOVING_VOLUMES, *_TO_FAILURE},
+    JobState.MOVING_VOLUMES: {JobState.SNAPSHOTTING, JobState.STARTING_VM, *_TO_FAILURE},
+    JobState.SNAPSHOTTING: {JobState.STARTING_VM, *_TO_FAILURE},
+    JobState.STARTING_VM: {JobState.COMPLETED, JobState.TESTING, *_TO_FAILURE},
+    # A test VM runs until the test ends (by the operator or its time): then everything goes back.
+    JobState.TESTING: {JobState.ROLLING_BACK},
+    JobState.ROLLING_BACK: {JobState.ROLLED_BACK, JobState.COMPLETED, JobState.FAILED},
+    JobState.CANCELLING: {JobState.CANCELLED, JobState.FAILED, JobState.ROLLING_BACK},
+    # Retry: back to pending, keeping current_step so the job resumes where it stopped. A failover that
+    # failed, was cancelled or finished can be rolled back by the operator.
+    JobState.FAILED: {JobState.PENDING, JobState.ROLLING_BACK},
+    JobState.CANCELLED: {JobState.PENDING, JobState.ROLLING_BACK},
+    JobState.COMPLETED: {JobState.ROLLING_BACK},
+    JobState.ROLLED_BACK: set(),
 }
 
 
@@ -197,6 +325,7 @@ def new_job_id() -> str:
 class MigrationJob(models.Model):
     job_id = models.CharField(max_length=40, unique=True, default=new_job_id, editable=False)
     vm = models.ForeignKey(SourceVM, on_delete=models.PROTECT, related_name="jobs")
+    kind = models.CharField(max_length=16, choices=JobKind.choices, default=JobKind.SYNC)
     state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.PENDING, db_index=True)
     current_step = models.CharField(max_length=16, choices=JobState.choices, blank=True)
     requested_by = models.CharField(max_length=150, default="system")
@@ -222,6 +351,12 @@ class MigrationJob(models.Model):
     resumes = models.PositiveSmallIntegerField(default=0)
     # Recent total throughput samples (bytes/s), newest last: the dashboard's sparkline.
     throughput_samples = models.JSONField(default=list, blank=True)
+    # Failover: what it asked for and what it made, so every step (and a rollback) can be done again.
+    allow_power_off = models.BooleanField(default=False, help_text="power the source off if a guest shutdown fails")
+    source_was_on = models.BooleanField(null=True, blank=True, help_text="the source's power before the failover")
+    destination_vm_id = models.CharField(max_length=64, blank=True)
+    snapshot_id = models.CharField(max_length=64, blank=True)
+    test_ends_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -262,7 +397,21 @@ class MigrationJob(models.Model):
 
     @property
     def can_retry(self) -> bool:
-        return self.can_transition_to(JobState.PENDING)
+        return self.can_transition_to(JobState.PENDING) and self.current_step != JobState.ROLLING_BACK
+
+    @property
+    def is_failover(self) -> bool:
+        return self.kind != JobKind.SYNC
+
+    @property
+    def can_roll_back(self) -> bool:
+        """A failover that ended (failed, cancelled, a live one completed, or a rollback that failed) can
+        be put back; a running test ends through ``can_end_test``."""
+        return self.is_failover and self.can_transition_to(JobState.ROLLING_BACK) and self.state != JobState.TESTING
+
+    @property
+    def can_end_test(self) -> bool:
+        return self.state == JobState.TESTING
 
     @property
     def worker_silent_for(self) -> int | None:
@@ -271,7 +420,7 @@ class MigrationJob(models.Model):
         from .conf import workflow_conf
 
         followed = self.state == JobState.REPLICATING and bool(self.replication_id)
-        if self.state not in STEPS or followed or not self.runner or self.heartbeat_at is None:
+        if self.state not in WORKER_STEPS or followed or not self.runner or self.heartbeat_at is None:
             return None
         silent = (timezone.now() - self.heartbeat_at).total_seconds()
         return int(silent) if silent > workflow_conf().heartbeat_stale_seconds else None
@@ -281,7 +430,7 @@ class MigrationJob(models.Model):
         if not self.can_transition_to(to):
             raise IllegalTransition(self, to)
         now = timezone.now()
-        if to in STEPS:
+        if to in WORKER_STEPS:
             self.current_step = to
             self.started_at = self.started_at or now
         if to == JobState.PENDING:
@@ -292,6 +441,9 @@ class MigrationJob(models.Model):
             self.finished_at = now
         if to == JobState.FAILED:
             self.error = scrub(error or self.error or "failed")
+        elif to == JobState.ROLLING_BACK:
+            self.error = scrub(error or self.error)
+            self.finished_at = None
         self.state = to
         self.heartbeat_at = now
 

@@ -14,7 +14,17 @@ from django.utils import timezone
 from exports.models import NbdServerState
 
 from .groups import members
-from .models import ACTIVE_STATES, STEPS, JobDisk, JobEvent, JobState, MigrationGroup, MigrationJob, SourceVM
+from .models import (
+    ACTIVE_STATES,
+    SEQUENCES,
+    WORKER_STEPS,
+    JobDisk,
+    JobEvent,
+    JobState,
+    MigrationGroup,
+    MigrationJob,
+    SourceVM,
+)
 
 RECENT_EVENTS = 12
 
@@ -51,7 +61,7 @@ def with_disks(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
 def dashboard_context(operator: bool) -> dict[str, Any]:
     day_ago = timezone.now() - timedelta(days=1)
     counts = MigrationJob.objects.aggregate(
-        active=Count("pk", filter=Q(state__in=[*STEPS, JobState.CANCELLING])),
+        active=Count("pk", filter=Q(state__in=[*WORKER_STEPS, JobState.CANCELLING])),
         queued=Count("pk", filter=Q(state=JobState.PENDING)),
         completed=Count("pk", filter=Q(state=JobState.COMPLETED, finished_at__gte=day_ago)),
         failed=Count("pk", filter=Q(state=JobState.FAILED, finished_at__gte=day_ago)),
@@ -78,13 +88,20 @@ def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
     events = list(job.events.order_by("-id")[:200])
     timeline = []
     stopped = job.state in (JobState.FAILED, JobState.CANCELLED, JobState.CANCELLING)
-    current = STEPS.index(JobState(job.current_step)) if job.current_step in STEPS else -1
-    for step in STEPS:
+    steps = list(SEQUENCES[job.kind])
+    if job.kind == "test_failover":
+        steps.append(JobState.ROLLING_BACK)  # ending the test is part of its story
+    elif job.current_step == JobState.ROLLING_BACK or job.state == JobState.ROLLED_BACK:
+        steps.append(JobState.ROLLING_BACK)
+    current = steps.index(JobState(job.current_step)) if job.current_step in steps else -1
+    if job.state == JobState.TESTING:
+        current = len(steps) - 1  # every step up to the test's end is done
+    for step in steps:
         started = next((e for e in reversed(events) if e.kind == "step.started" and e.step == step), None)
         finished = next((e for e in events if e.kind == "step.finished" and e.step == step), None)
         here = job.current_step == step
         note = ""
-        if STEPS.index(step) < current or job.state == JobState.COMPLETED:
+        if steps.index(step) < current or job.state in (JobState.COMPLETED, JobState.ROLLED_BACK):
             status = "done"  # the job went past it (its events may have been pruned since)
         elif stopped and here:
             # Where it stopped, and how far it got ("cancelled at 38 %"), not "waiting".
@@ -92,7 +109,7 @@ def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
             progress = job.progress  # type: ignore[attr-defined]
             if step == JobState.REPLICATING and progress["total"]:
                 note = f"at {progress['percent']} %"
-        elif stopped and STEPS.index(step) > current:
+        elif stopped and steps.index(step) > current:
             status = "not run"
         elif job.state == step:
             status = "running"

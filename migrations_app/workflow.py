@@ -30,7 +30,16 @@ from exports.nbd_protocol import NbdConnection, NbdError
 from .backends import get_vma_client, get_volume_backend
 from .conf import vma_conf, workflow_conf
 from .events import record_job_event
-from .models import STEPS, STEPS_TO_COPY, DestinationVolume, JobDisk, JobState, MigrationJob
+from .models import (
+    ROLLBACK_ON_FAILURE,
+    SEQUENCES,
+    WORKER_STEPS,
+    DestinationVolume,
+    JobDisk,
+    JobKind,
+    JobState,
+    MigrationJob,
+)
 from .slots import mark_attached, volumes_for
 from .vma_client import ReplicationTarget, VmaError
 from .volumes import VolumeError, volume_name_for
@@ -50,6 +59,10 @@ class Cancelled(Exception):
     pass
 
 
+class StepRetry(Exception):
+    """A step that cannot go on yet (the VMA is unreachable): tried again after a back-off, a few times."""
+
+
 def stale_before() -> datetime:
     return timezone.now() - timedelta(seconds=workflow_conf().heartbeat_stale_seconds)
 
@@ -59,7 +72,7 @@ def claim(job_pk: int, runner: str) -> MigrationJob | None:
     dispatcher has not reserved its slots yet) or whose copy the follower follows is not taken."""
     with transaction.atomic():
         job = MigrationJob.objects.select_for_update().filter(pk=job_pk).first()
-        if job is None or job.state not in (JobState.CANCELLING, *STEPS):
+        if job is None or job.state not in (JobState.CANCELLING, *WORKER_STEPS):
             return None
         if job.state == JobState.REPLICATING and job.replication_id:
             return None  # the copy runs at the VMA; the follower has it
@@ -133,32 +146,43 @@ TRANSITION_FIELDS = ["state", "current_step", "started_at", "finished_at", "erro
 
 
 def run_job(job_pk: int, runner: str) -> MigrationJob | None:
-    """Run the job's worker steps: from its current step up to starting the copy, or, once the copy
-    ended, verifying what it wrote and completing the job. Returns the job, or None if not taken (not
-    due, or run by a live worker)."""
+    """Run the job's worker steps, from its current step on: for a sync up to starting the copy, or, once
+    the copy ended, verifying what it wrote and completing the job; a failover's steps around its final
+    sync the same way; a rollback. Returns the job, or None if not taken (not due, or run by a live
+    worker)."""
     job = claim(job_pk, runner)
     if job is None:
         return None
     try:
         if job.state == JobState.CANCELLING:
             raise Cancelled(job.job_id)
-        if job.state == JobState.VERIFYING:
-            _run_step(job, JobState.VERIFYING, runner)
-            complete(job)
+        if job.state == JobState.ROLLING_BACK:
+            _run_step(job, JobState.ROLLING_BACK, runner)
+            finish_rollback(job)
             return job
-        for index in range(STEPS_TO_COPY.index(JobState(job.current_step)), len(STEPS_TO_COPY)):
-            step = STEPS_TO_COPY[index]
+        steps = SEQUENCES[job.kind]
+        for step in steps[steps.index(JobState(job.current_step)) :]:
             if job.state != step:
                 _move(job, step)
             _run_step(job, step, runner)
-        # The copy runs at the VMA now; the follower takes the job from here.
-        MigrationJob.objects.filter(pk=job.pk, runner=runner).update(runner="")
+            if step == JobState.REPLICATING:
+                # The copy runs at the VMA now; the follower takes the job from here.
+                MigrationJob.objects.filter(pk=job.pk, runner=runner).update(runner="")
+                return job
+        if job.kind == JobKind.TEST_FAILOVER:
+            _move(job, JobState.TESTING)
+            MigrationJob.objects.filter(pk=job.pk).update(runner="")
+            record_job_event(job, "failover.testing", message="the test VM runs; end the test to sync again")
+        else:
+            complete(job)
     except Cancelled:
-        finish_cancel(job)
+        finish_cancel(job, runner)
     except LostOwnership:
         log.warning("job %s was taken over by another worker; stopping here", job.job_id)
     except StepFailed as exc:
         fail(job, str(exc))
+    except StepRetry as exc:
+        step_error(job, runner, str(exc))
     except Exception as exc:  # a bug or an unforeseen system error: recorded, tried again, then a failure
         log.exception("job %s: unexpected error in %s", job.job_id, job.current_step)
         step_error(job, runner, describe_error(exc))
@@ -175,7 +199,7 @@ def step_error(job: MigrationJob, runner: str, message: str) -> None:
     job.refresh_from_db(fields=["step_errors", "state", "current_step"])
     attempts = job.step_errors + 1
     step = job.current_step
-    if attempts >= MAX_STEP_ATTEMPTS or job.state not in STEPS:
+    if attempts >= MAX_STEP_ATTEMPTS or job.state not in WORKER_STEPS:
         fail(job, f"{step}: {message} (failed {attempts} times in a row)")
         return
     wait = workflow_conf().step_retry_seconds * 2 ** (attempts - 1)
@@ -201,24 +225,80 @@ def describe_error(exc: BaseException) -> str:
 
 
 def complete(job: MigrationJob) -> None:
-    """The job's sync is done (and verified, when verification is on): completed, its volumes marked used
-    now (the least recently used idle volume is the first detached)."""
+    """The job is done: a sync (verified, when verification is on) with its volumes marked used now (the
+    least recently used idle volume is the first detached); a live failover with its VM running."""
     with transaction.atomic():
         locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
-        if locked.state not in (JobState.REPLICATING, JobState.VERIFYING):
+        if locked.state not in (JobState.REPLICATING, JobState.VERIFYING, JobState.STARTING_VM):
             return
         locked.transition_to(JobState.COMPLETED)
         locked.runner = ""
         locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
-        DestinationVolume.objects.filter(source_disk__job_disks__job=locked).update(last_used_at=timezone.now())
-        record_job_event(locked, "job.completed")
+        if locked.kind == JobKind.SYNC:
+            DestinationVolume.objects.filter(source_disk__job_disks__job=locked).update(last_used_at=timezone.now())
+            record_job_event(locked, "job.completed")
+        else:
+            locked.vm.destination_vm_id = locked.destination_vm_id
+            locked.vm.migrated_at = timezone.now()
+            locked.vm.save(update_fields=["destination_vm_id", "migrated_at"])
+            record_job_event(
+                locked,
+                "failover.completed",
+                message=f"{locked.vm.name} runs as CloudStack VM {locked.destination_vm_id}",
+            )
     job.refresh_from_db()
 
 
 def fail(job: MigrationJob, error: str) -> None:
+    """The step failed for good. A failover step that may have changed something (the source shut down,
+    a VM created, volumes moved) puts everything back instead: rolling back, with the error kept."""
+    job.refresh_from_db(fields=["state", "current_step", "kind"])
+    if job.kind != JobKind.SYNC and job.current_step in ROLLBACK_ON_FAILURE and job.state != JobState.ROLLING_BACK:
+        start_rollback(job, error)
+        return
     _move(job, JobState.FAILED, error=error)
     MigrationJob.objects.filter(pk=job.pk).update(runner="")
     record_job_event(job, "step.failed", step=job.current_step, message=error)
+
+
+def start_rollback(job: MigrationJob, why: str, actor: str = "system") -> None:
+    """Put a failover back (a worker runs the rollback step): from a failed step, a cancel, the end of a
+    test, or an operator's request."""
+    with transaction.atomic():
+        locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
+        if locked.state == JobState.ROLLING_BACK:
+            return
+        failed_in = locked.current_step
+        locked.transition_to(JobState.ROLLING_BACK, error=why if locked.kind == JobKind.LIVE_FAILOVER else "")
+        # Due now: the node's follower queues a worker for it on its next tick.
+        locked.runner = ""
+        locked.queued_at = None
+        locked.step_errors = 0
+        locked.retry_at = timezone.now()
+        locked.save(update_fields=[*TRANSITION_FIELDS, "runner", "queued_at", "step_errors", "retry_at"])
+        record_job_event(
+            locked,
+            "failover.rolling_back",
+            step=failed_in,
+            message=why,
+            actor=actor,
+        )
+    job.refresh_from_db()
+
+
+def finish_rollback(job: MigrationJob) -> None:
+    """The rollback step is done: a test failover ends completed (syncs go on), a live one rolled back."""
+    with transaction.atomic():
+        locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
+        if locked.state != JobState.ROLLING_BACK:
+            return
+        to = JobState.COMPLETED if locked.kind == JobKind.TEST_FAILOVER else JobState.ROLLED_BACK
+        locked.transition_to(to)
+        locked.runner = ""
+        locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
+        what = "test ended" if to == JobState.COMPLETED else "rolled back"
+        record_job_event(locked, f"failover.{to}", message=f"{what}: volumes back with the OMA, syncs can go on")
+    job.refresh_from_db()
 
 
 STEP_FUNCTIONS: dict[str, Callable[[MigrationJob, str], None]] = {}
@@ -358,13 +438,18 @@ def replication_targets(disks: list[JobDisk], resume: bool = False) -> list[Repl
     return targets
 
 
-def finish_cancel(job: MigrationJob) -> None:
-    """A cancel that no copy is left to stop: the job is cancelled, its volumes and exports kept."""
+def finish_cancel(job: MigrationJob, runner: str = "") -> None:
+    """A cancel that no copy is left to stop: the job is cancelled, its volumes and exports kept. A
+    failover cancelled after it changed something is put back instead."""
     job.refresh_from_db()
-    if job.state == JobState.CANCELLING:
-        _move(job, JobState.CANCELLED)
-        MigrationJob.objects.filter(pk=job.pk).update(runner="")
-        record_job_event(job, "job.cancelled", step=job.current_step, message="volumes and exports kept for a retry")
+    if job.state != JobState.CANCELLING:
+        return
+    if job.kind != JobKind.SYNC and job.current_step in ROLLBACK_ON_FAILURE:
+        start_rollback(job, f"cancelled in {job.current_step}")
+        return
+    _move(job, JobState.CANCELLED)
+    MigrationJob.objects.filter(pk=job.pk).update(runner="")
+    record_job_event(job, "job.cancelled", step=job.current_step, message="volumes and exports kept for a retry")
 
 
 def verify(job: MigrationJob, runner: str) -> None:
@@ -434,3 +519,6 @@ STEP_FUNCTIONS.update(
         JobState.VERIFYING: verify,
     }
 )
+
+# The failover's steps register themselves (they build on this module).
+from . import failover  # noqa: E402, F401

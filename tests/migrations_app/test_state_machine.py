@@ -7,9 +7,12 @@ import re
 import pytest
 
 from migrations_app.models import (
+    SEQUENCES,
     STEPS,
     TRANSITIONS,
+    WORKER_STEPS,
     IllegalTransition,
+    JobKind,
     JobState,
     MigrationJob,
     SourceVM,
@@ -38,8 +41,28 @@ def test_transition_is_allowed_exactly_when_the_table_says_so(start: str, to: st
         assert job.state == start
 
 
-def test_completed_is_final() -> None:
-    assert TRANSITIONS[JobState.COMPLETED] == set()
+def test_completed_leads_only_to_a_rollback_and_only_of_a_failover() -> None:
+    assert TRANSITIONS[JobState.COMPLETED] == {JobState.ROLLING_BACK}
+    assert TRANSITIONS[JobState.ROLLED_BACK] == set()
+    sync, live = job_in(JobState.COMPLETED), job_in(JobState.COMPLETED)
+    live.kind = JobKind.LIVE_FAILOVER
+    assert not sync.can_roll_back and live.can_roll_back
+    testing = job_in(JobState.TESTING)
+    testing.kind = JobKind.TEST_FAILOVER
+    assert testing.can_end_test and not testing.can_roll_back and not testing.can_cancel
+
+
+def test_a_failover_walks_its_own_steps() -> None:
+    for kind in (JobKind.LIVE_FAILOVER, JobKind.TEST_FAILOVER):
+        job = job_in(JobState.PENDING)
+        job.kind = kind
+        for step in SEQUENCES[kind]:
+            job.transition_to(step)
+        job.transition_to(JobState.COMPLETED if kind == JobKind.LIVE_FAILOVER else JobState.TESTING)
+        job.transition_to(JobState.ROLLING_BACK, error="the operator asked")
+        assert job.current_step == JobState.ROLLING_BACK and job.finished_at is None
+        job.transition_to(JobState.ROLLED_BACK)
+        assert job.finished_at is not None
 
 
 def test_happy_path_records_step_and_times() -> None:
@@ -79,5 +102,5 @@ def test_job_rows_save_with_a_generated_id() -> None:
 def test_cancel_and_retry_are_offered_exactly_when_the_table_allows_them(state: str) -> None:
     job = job_in(state)
     # What an operator may do in each state, spelled out (the buttons follow these properties).
-    assert job.can_cancel == (state in {JobState.PENDING, *STEPS})
+    assert job.can_cancel == (state in {JobState.PENDING, *WORKER_STEPS} - {JobState.ROLLING_BACK})
     assert job.can_retry == (state in {JobState.FAILED, JobState.CANCELLED})
