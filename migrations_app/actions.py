@@ -114,8 +114,9 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
             job=job,
             source_disk=disk,
             bytes_total=disk.capacity_bytes,
-            # An incremental sync only onto the volume that holds the last completed sync.
-            previous_change_id=last.new_change_id if last else "",
+            # An incremental sync only onto the volume that holds the last completed sync (and that no
+            # rolled-back VM wrote to since).
+            previous_change_id=last.new_change_id if last and not volume.full_copy_next else "",
             volume_id=volume.volume_id,
         )
     kind = "incremental" if any(d.previous_change_id for d in job.disks.all()) else "full"
@@ -233,7 +234,9 @@ def start_failover(
             source_disk=disk,
             bytes_total=disk.capacity_bytes,
             # The final sync carries only what changed since the last one, onto the same volume.
-            previous_change_id=previous.new_change_id if previous and previous.volume_id == volume.volume_id else "",
+            previous_change_id=previous.new_change_id
+            if previous and previous.volume_id == volume.volume_id and not volume.full_copy_next
+            else "",
             volume_id=volume.volume_id,
         )
     what = "live failover" if kind == JobKind.LIVE_FAILOVER else "test failover"

@@ -427,9 +427,17 @@ def roll_back(job: MigrationJob, runner: str) -> None:
                     compute.detach(volume.volume_id)
             compute.destroy_vm(vm.id)
             done.append(f"VM {vm.name} destroyed")
+        # A live VM that was started may have written to its disks: the next sync copies them whole.
+        started = (
+            job.kind == JobKind.LIVE_FAILOVER
+            and job.events.filter(kind="step.started", step=JobState.STARTING_VM).exists()
+        )
         DestinationVolume.objects.filter(source_disk__vm=job.vm, state=DestinationVolume.State.IN_VM).update(
             state=DestinationVolume.State.DETACHED, node=None, device_path=""
         )
+        if started:
+            DestinationVolume.objects.filter(source_disk__vm=job.vm).update(full_copy_next=True)
+            done.append("the VM ran: the next sync copies every disk whole")
         if job.vm.migrated_at:
             SourceVM.objects.filter(pk=job.vm.pk).update(migrated_at=None, destination_vm_id="")
         done.append(_give_back(job))

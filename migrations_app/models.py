@@ -128,6 +128,9 @@ class DestinationVolume(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     attaches = models.PositiveIntegerField(default=0)
     detaches = models.PositiveIntegerField(default=0)
+    # A destination VM ran on it and was rolled back: its writes are unknown to the source's changed-block
+    # tracking, so the next sync copies the whole disk again.
+    full_copy_next = models.BooleanField(default=False)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -235,7 +235,9 @@ def complete(job: MigrationJob) -> None:
         locked.runner = ""
         locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
         if locked.kind == JobKind.SYNC:
-            DestinationVolume.objects.filter(source_disk__job_disks__job=locked).update(last_used_at=timezone.now())
+            DestinationVolume.objects.filter(source_disk__job_disks__job=locked).update(
+                last_used_at=timezone.now(), full_copy_next=False
+            )
             record_job_event(locked, "job.completed")
         else:
             locked.vm.destination_vm_id = locked.destination_vm_id

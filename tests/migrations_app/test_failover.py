@@ -176,3 +176,58 @@ def test_a_vm_that_is_not_ready_fails_validation_and_nothing_changes(
     assert "no a network mapping" not in failed.error and "network mapping for" in failed.error
     assert sim.vm("db-01").power_state == "poweredOn"
     assert DestinationVolume.objects.filter(source_disk__vm=vm, state=DestinationVolume.State.ATTACHED).count() == 2
+
+
+def test_the_commands_validate_fail_over_and_roll_back_a_running_vm(
+    nbdkit_server: RunningServer, sim: Sim, settings: object
+) -> None:
+    import json
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    wire(settings, nbdkit_server, sim)
+    job = migrate("web-01", sim)
+    assert job.state == JobState.COMPLETED
+    out = StringIO()
+    with pytest.raises(CommandError, match="not ready"):
+        call_command("validate_failover", "web-01", "--json", stdout=out)
+    answer = json.loads(out.getvalue())
+    assert answer["ready"] is False and {"networks", "offering", "template"} <= {
+        c["name"] for c in answer["checks"] if c["status"] == "fail"
+    }
+    map_cloud(get_compute_backend())
+    out = StringIO()
+    call_command("validate_failover", "web-01", "--json", stdout=out)
+    answer = json.loads(out.getvalue())
+    assert answer["ready"] is True and answer["plan"]["offering"] == "Medium (2 vCPU, 4 GiB)"
+    assert answer["plan"]["nics"][0]["mac"].startswith("00:50:56:")
+    out = StringIO()
+    call_command("failover", "web-01", "--live", "--json", stdout=out)
+    started = MigrationJob.objects.get(job_id=json.loads(out.getvalue())["job_id"])
+    (done,) = drive(started)
+    assert done.state == JobState.COMPLETED, done.error
+    with pytest.raises(CommandError, match="no test failover runs"):
+        call_command("end_test_failover", "web-01")
+    # The destination VM ran and wrote; the source's change tracking knows nothing of it.
+    volume = DestinationVolume.objects.get(source_disk__vm__name="web-01")
+    with open(volume_file(volume.volume_id), "r+b") as fh:
+        fh.seek(3 << 20)
+        fh.write(b"written by the destination VM")
+    out = StringIO()
+    call_command("rollback_failover", "web-01", "--json", stdout=out)
+    assert json.loads(out.getvalue())["state"] == JobState.ROLLING_BACK
+    (done,) = drive(done)
+    assert done.state == JobState.ROLLED_BACK, done.error
+    assert get_compute_backend().get_vm(done.destination_vm_id) is None
+    assert sim.vm("web-01").power_state == "poweredOn"
+    vm = SourceVM.objects.get(name="web-01")
+    assert vm.migrated_at is None
+    assert DestinationVolume.objects.get(source_disk__vm=vm).state == DestinationVolume.State.ATTACHED
+    assert VMExportMapping.objects.get(vm_id=vm.vm_id).status == "active"
+    # So the next sync copies the whole disk, and the source and volume agree again.
+    sync = migrate("web-01", sim)
+    assert sync.state == JobState.COMPLETED, sync.error
+    assert sync.disks.get().previous_change_id == "", "a full copy after a VM ran on the volume"
+    assert_copied(sync, sim)
+    assert not DestinationVolume.objects.get(pk=volume.pk).full_copy_next
