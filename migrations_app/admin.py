@@ -9,8 +9,16 @@ from django.contrib import admin, messages
 from django.http import HttpRequest
 
 from .actions import MigrationError, save_group
-from .forms import GroupForm
-from .models import DestinationVolume, MigrationGroup, OmaNode
+from .forms import FailoverPlanForm, GroupForm, NetworkMappingForm, OfferingMappingForm, TemplateMappingForm
+from .models import (
+    DestinationVolume,
+    FailoverPlan,
+    MigrationGroup,
+    NetworkMapping,
+    OfferingMapping,
+    OmaNode,
+    TemplateMapping,
+)
 
 
 @admin.register(MigrationGroup)
@@ -72,3 +80,32 @@ class DestinationVolumeAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: DestinationVolume | None = None) -> bool:
         return False
+
+
+# Failover mappings: every id is checked against CloudStack before it is saved.
+
+
+@admin.register(NetworkMapping)
+class NetworkMappingAdmin(admin.ModelAdmin):
+    form = NetworkMappingForm
+    list_display = ["source_network", "network_id", "test_network_id", "updated_at"]
+    search_fields = ["source_network", "network_id"]
+
+
+@admin.register(OfferingMapping)
+class OfferingMappingAdmin(admin.ModelAdmin):
+    form = OfferingMappingForm
+    list_display = ["name", "offering_id", "cpus", "memory_mib"]
+
+
+@admin.register(TemplateMapping)
+class TemplateMappingAdmin(admin.ModelAdmin):
+    form = TemplateMappingForm
+    list_display = ["firmware", "template_id"]
+
+
+@admin.register(FailoverPlan)
+class FailoverPlanAdmin(admin.ModelAdmin):
+    form = FailoverPlanForm
+    list_display = ["vm", "offering", "template_id"]
+    search_fields = ["vm__name"]
