@@ -3,6 +3,7 @@ from django.contrib.auth.views import LogoutView
 from django.urls import path
 
 from exports import views as export_views
+from migrations_app import failover_views
 from migrations_app import views as migration_views
 from omaportal.web.auth import OmaLoginView
 
@@ -11,6 +12,10 @@ urlpatterns = [
     path("vms/", migration_views.inventory, name="inventory"),
     path("vms/migrate/", migration_views.migrate_vms, name="migrate-vms"),
     path("vms/refresh/", migration_views.refresh_inventory, name="refresh-inventory"),
+    path("vms/<str:vm_id>/failover/", failover_views.vm_failover, name="vm-failover"),
+    path("vms/<str:vm_id>/failover/start/", failover_views.vm_failover_start, name="vm-failover-start"),
+    path("vms/<str:vm_id>/failover/end/", failover_views.vm_failover_end, name="vm-failover-end"),
+    path("failover/", failover_views.failover_mappings, name="failover-mappings"),
     path("groups/", migration_views.group_list, name="group-list"),
     path("groups/new/", migration_views.group_edit, name="group-new"),
     path("groups/<int:pk>/", migration_views.group_detail, name="group-detail"),

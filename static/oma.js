@@ -19,6 +19,13 @@
     field.value = meta.content;
   }, true);
 
+  // A button whose form says what it will do asks first (Cancel, Retry, failovers, rollbacks).
+  document.addEventListener("submit", function (evt) {
+    var form = evt.target;
+    var question = form && form.getAttribute && form.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) evt.preventDefault();
+  });
+
   // A live refresh of a table (the inventory's) must not drop the VMs the operator has ticked.
   var ticked = null;
   document.addEventListener("htmx:beforeSwap", function (evt) {
