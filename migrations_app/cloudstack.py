@@ -335,7 +335,10 @@ class CloudStackCompute:
         one sized to the source) and the source's boot type; tagged as ours. Idempotent on the name."""
         existing = self.find_vm(name)
         if existing is not None:
-            return existing
+            settled = self._settled(existing)
+            if settled.state == "Error":
+                raise ComputeError(f"VM {name} is in Error after a failed deploy; roll back to remove it")
+            return settled
         params: dict[str, Any] = {
             "zoneid": self.volumes.zone_id,
             "templateid": template_id,
@@ -354,13 +357,23 @@ class CloudStackCompute:
                 params[f"iptonetworklist[{index}].mac"] = nic.mac
         result = self._call("deployVirtualMachine", **params)
         vm = result["virtualmachine"]
-        self._call(
-            "createTags",
-            resourceids=vm["id"],
-            resourcetype="UserVm",
-            tags={"key": OWNER_TAG, "value": self.volumes.owner},
-        )
+        self._claim(vm)
         return self._vm(vm)
+
+    def _settled(self, vm: CloudVM) -> CloudVM:
+        """A VM found by its name may still be deploying (its create job outlived a worker that died):
+        wait, as that job would have, until it has settled, then claim what the deploy made."""
+        deadline = time.monotonic() + self.volumes.job_timeout
+        while vm.state in ("Starting", "Creating", "Stopping"):
+            if time.monotonic() > deadline:
+                raise ComputeError(f"VM {vm.name} is still {vm.state} after {self.volumes.job_timeout:g}s")
+            time.sleep(self.volumes.api.poll_interval)
+            raw = self._raw_vm(id=vm.id)
+            if raw is None:
+                raise ComputeError(f"VM {vm.name} went away while it was deploying")
+            self._claim(raw)
+            vm = self._vm(raw)
+        return vm
 
     def _ours_or_placeholder(self, volume_id: str) -> dict[str, Any]:
         """A volume this portal made: a migrated disk, or the placeholder root of a VM it deployed."""

@@ -415,7 +415,11 @@ def roll_back(job: MigrationJob, runner: str) -> None:
     compute = get_compute_backend()
     done: list[str] = []
     with heartbeat_kept(job, runner):
-        vm = compute.get_vm(job.destination_vm_id) if job.destination_vm_id else None
+        # A deploy that failed (or whose worker died) left no id here: the VM is found by its name.
+        if job.destination_vm_id:
+            vm = compute.get_vm(job.destination_vm_id)
+        else:
+            vm = compute.find_vm(vm_name(job.vm, job.kind == JobKind.TEST_FAILOVER))
         if vm is not None:
             compute.stop_vm(vm.id)
             for snapshot_id in {job.snapshot_id, *vm.snapshots} - {""}:

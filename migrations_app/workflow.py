@@ -294,7 +294,9 @@ def finish_rollback(job: MigrationJob) -> None:
         locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
         if locked.state != JobState.ROLLING_BACK:
             return
-        to = JobState.COMPLETED if locked.kind == JobKind.TEST_FAILOVER else JobState.ROLLED_BACK
+        # A test that ran ends completed; a failover (or a test) that failed on its way is rolled back.
+        ran = locked.kind == JobKind.TEST_FAILOVER and locked.test_ends_at is not None
+        to = JobState.COMPLETED if ran else JobState.ROLLED_BACK
         locked.transition_to(to)
         locked.runner = ""
         locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])

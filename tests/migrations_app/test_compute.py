@@ -122,3 +122,29 @@ def test_another_tenants_vm_is_never_touched(tmp_path: Path) -> None:
         assert "stopVirtualMachine" not in fake.requests and "destroyVirtualMachine" not in fake.requests
     finally:
         fake.stop()
+
+
+def test_what_a_deploy_makes_carries_the_owner_tag(tmp_path: Path) -> None:
+    from migrations_app.compute import Nic as NicSpec
+
+    (tmp_path / "by-id").mkdir()
+    fake = FakeCloudStack(tmp_path / "by-id").start()
+    try:
+        compute = CloudStackCompute(backend_for(fake))
+        vm = compute.deploy_vm(
+            "web-01-4210aaaa",
+            template_id=fake.templates[0]["id"],
+            offering_id=str(fake.service_offerings[0]["id"]),
+            nics=[NicSpec(fake.networks[0]["id"])],
+            cpus=2,
+            memory_mib=4096,
+            efi=False,
+        )
+        owner = compute.volumes.owner
+        assert {"key": "oma-owner", "value": owner} in [
+            {k: t[k] for k in ("key", "value")} for t in fake.vms[vm.id]["tags"]
+        ]
+        root = fake.volumes[vm.root.volume_id]  # type: ignore[union-attr]
+        assert [t["value"] for t in root["tags"]] == [owner], "its placeholder root is ours to delete"
+    finally:
+        fake.stop()

@@ -105,6 +105,7 @@ class FakeCloudStack:
             if expires < dt.datetime.now(dt.UTC):
                 return 401, {key: {"errorcode": 401, "errortext": "signature expired"}}
         with self.lock:
+            self._advance()
             self.requests.append(command)
             if command in self.sync_failures:
                 code, text = self.sync_failures.pop(command)
@@ -142,6 +143,20 @@ class FakeCloudStack:
         status, code, result = job["result"]
         body.update(jobstatus=status, jobresultcode=code, jobresulttype="object", jobresult=result)
         return 200, {key: body}
+
+    def _advance(self) -> None:
+        """The cloud runs its jobs on its own, polled or not: one whose caller went away (a worker killed
+        mid-call) still finishes, once its modelled time (or two seconds) has passed."""
+        if self.stall:
+            return
+        now = time.monotonic()
+        for job in self.jobs.values():
+            due = job["started"] + max(self.job_seconds.get(job["command"], 0), 2.0)
+            if "result" not in job and now >= due and job["command"] not in self.job_failures:
+                try:
+                    job["result"] = (1, 0, job["work"]())
+                except ValueError as exc:
+                    job["result"] = (2, 530, {"errorcode": 530, "errortext": str(exc)})
 
     def finish_jobs(self) -> None:
         """The cloud finishes every job still pending, as it does after a caller gave up waiting."""
@@ -209,7 +224,10 @@ class FakeCloudStack:
             return self._attach_to_vm(volume, params, key)
 
         def work() -> dict[str, Any]:
-            volume.update(virtualmachineid=params["virtualmachineid"], state="Ready", deviceid=len(self.volumes))
+            # A volume that was a VM's root joins the OMA as a data disk.
+            volume.update(
+                virtualmachineid=params["virtualmachineid"], state="Ready", deviceid=len(self.volumes), type="DATADISK"
+            )
             # What KVM does on hot-plug: the by-id link appears.
             self.device_of(volume["id"]).symlink_to(self.file_of(volume["id"]))
             return {"volume": dict(volume)}
@@ -395,11 +413,15 @@ class FakeCloudStack:
             nics.append({"networkid": network, "macaddress": mac, "deviceid": str(i)})
         if not nics:
             return self._error(key, "a network is required")
+        if any(v["name"] == params.get("name") for v in self.vms.values()):
+            return self._error(key, f"The vm with hostname {params.get('name')} already exists", 431)
         vm_id = str(uuid.uuid4())
+        # CloudStack records the VM when it accepts the call (listVirtualMachines shows it, Starting);
+        # its job then allocates the root volume and leaves it Stopped (or starts it).
         vm: dict[str, Any] = {
             "id": vm_id,
             "name": params.get("name", vm_id),
-            "state": "Stopped",
+            "state": "Starting",
             "hypervisor": params.get("hypervisor", self.hypervisor),
             "templateid": template["id"],
             "serviceofferingid": offering["id"],
@@ -424,12 +446,14 @@ class FakeCloudStack:
             }
             with open(self.file_of(root_id), "wb") as fh:
                 fh.truncate(1 << 30)
-            self.vms[vm_id] = vm
-            if params.get("startvm", "true") == "true":
-                vm["state"] = "Running"
+            vm["state"] = "Running" if params.get("startvm", "true") == "true" else "Stopped"
             return {"virtualmachine": self._vm_json(vm)}
 
-        return 200, {key: {"id": vm_id, "jobid": self._job("deployVirtualMachine", work)}}
+        def undo() -> None:
+            vm["state"] = "Error"  # a failed deploy leaves the VM in Error until it is destroyed
+
+        self.vms[vm_id] = vm
+        return 200, {key: {"id": vm_id, "jobid": self._job("deployVirtualMachine", work, undo)}}
 
     def api_listVirtualMachines(self, params: dict[str, str], key: str) -> tuple[int, dict[str, Any]]:
         found = [
