@@ -133,10 +133,11 @@ class SimDisk:
                 data = block_bytes(str(self.image.name), block, 0)
                 fh.write(data * (BLOCK // len(data)) if self.dense else data)
 
-    def guest_writes(self) -> list[int]:
-        """What a running guest changed since the last sync: a new generation of a few blocks."""
+    def guest_writes(self, percent: float | None = None) -> list[int]:
+        """What a running guest changed since the last sync: a new generation of a few blocks (one in
+        sixteen, or ``percent`` of them)."""
         self.generation += 1
-        count = max(1, self.blocks // 16)
+        count = max(1, round(self.blocks * percent / 100) if percent is not None else self.blocks // 16)
         changed = sorted({(self.generation * 7 + i * 13) % self.blocks for i in range(count)})
         with open(self.image, "r+b") as fh:
             for block in changed:
@@ -171,6 +172,7 @@ class SimVM:
     tools_running: bool = True  # VMware Tools answer: a guest shutdown is possible
     shutdown_seconds: float = 0.3  # how long the guest takes to shut down
     shutdown_hangs: bool = False  # the guest never finishes shutting down
+    shutdown_change_pct: float | None = None  # blocks the guest writes on its way down (None: one in 16)
     power_action: str = ""
     power_error: str = ""
 
@@ -629,7 +631,7 @@ class VmaSimulator:
                 vm.power_state, vm.power_error = "poweredOn", f"the guest did not shut down within {timeout} s"
                 return
             for disk in vm.disks:
-                disk.guest_writes()  # what the guest wrote on its way down: the final sync carries it
+                disk.guest_writes(vm.shutdown_change_pct)  # its last writes: the final sync carries them
             vm.power_state = "poweredOff"
 
     def cancel(self, replication_id: str) -> Replication:

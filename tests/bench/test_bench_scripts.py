@@ -95,3 +95,12 @@ def test_fleet_prints_its_json_line_last() -> None:
     attached, detaches = int(str(result["max_attached"])), int(str(result["detaches"]))
     assert attached <= 4 and detaches > 0, "3 two-disk VMs through 4 slots must evict"
     assert result["helper_writes_after_reattach"] == 0 and result["reloads"] == 0
+
+
+def test_failover_prints_its_json_line_last() -> None:
+    result = run_bench("bench.failover", "--vms", "2", "--disks", "2", "--size-mib", "8", "--changed-pct", "5")
+    for key in ("vms", "running", "sha256_mismatches", "rollbacks_ok", "final_sync_ms_p50", "downtime_ms_p50",
+                "downtime_ms_p95", "control_overhead_ms_p95"):  # fmt: skip
+        assert key in result, key
+    assert result["vms"] == result["running"] == result["rollbacks_ok"] == 2
+    assert result["sha256_mismatches"] == 0
