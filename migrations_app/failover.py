@@ -201,7 +201,9 @@ def _cloud_checks(vm: SourceVM, plan: Plan) -> list[Check]:
         templates = {t.id for t in compute.templates()}
     except VolumeError as exc:
         return [Check("cloud", "fail", f"CloudStack cannot be reached: {exc}")]
-    checks.append(Check("cloud", "pass", "CloudStack answers"))
+    checks.append(
+        Check("cloud", "pass", "CloudStack answers" if compute.name == "cloudstack" else "the local cloud answers")
+    )
     gone = [n.network_id for n in plan.nics if n.network_id not in networks]
     if plan.offering is not None and plan.offering.offering_id not in offerings:
         gone.append(f"offering {plan.offering.offering_id}")

@@ -7,11 +7,13 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 
+from devtools.cloud import map_cloud
 from devtools.devserver import free_port
 from devtools.vma_sim import demo_inventory
 from exports.conf import nbd_conf
 from migrations_app.actions import save_group, sync_inventory
-from migrations_app.models import MigrationGroup
+from migrations_app.backends import get_compute_backend
+from migrations_app.models import MigrationGroup, NetworkMapping
 from omaportal.web.roles import ADMIN, setup_roles
 
 # The Procfile's simulator serves 256 MiB demo disks (run_vma_sim --size-mib 256).
@@ -76,6 +78,8 @@ class Command(BaseCommand):
         setup_roles()
         user_model.objects.get(username="admin").groups.add(Group.objects.get(name=ADMIN))
         self._warm_group()
+        if not NetworkMapping.objects.exists():
+            map_cloud(get_compute_backend())  # the embedded cloud's networks, offerings and templates
         self.stdout.write(
             f"OMA_WEB_PORT={web}\nOMA_NBD_PORT={nbd}\nOMA_VMA_PORT={vma}\n"
             f"OMA_VMA_URL=http://127.0.0.1:{vma}\nOMA_VMA_TOKEN={token}\nOMA_VMA_NBD_PORT={nbd}\n"
@@ -93,6 +97,7 @@ class Command(BaseCommand):
             f"  Warm migration: group {DEMO_GROUP} syncs {' and '.join(DEMO_GROUP_VMS)} every 3 minutes (Groups).\n"
             "  Migrate a demo VM: VMs -> Refresh from the VMA -> tick the VMs -> Migrate;\n"
             "  or from another terminal:  make demo-migrate VM=web-01   (progress: make demo-jobs)\n"
+            "  Fail over a synced VM: VMs -> failover (a test, then live), or manage.py failover VM --test\n"
             "  More users: manage.py setup_roles --user NAME --role viewer|operator|admin\n"
             "              (the password comes from $OMA_ADMIN_PASSWORD)\n"
             "  Stop with Ctrl-C.\n\n"

@@ -19,6 +19,7 @@ class Command(BaseCommand):
             {
                 "job_id": job.job_id,
                 "vm": job.vm.name,
+                "kind": job.kind,
                 "state": job.state,
                 "step": job.current_step,
                 "attempt": job.attempt,
@@ -42,6 +43,6 @@ class Command(BaseCommand):
             done = sum(d["bytes_done"] for d in row["disks"])
             total = sum(d["bytes_total"] for d in row["disks"]) or 1
             self.stdout.write(
-                f"{row['job_id']}  {row['vm']:<16} {row['state']:<12} {row['step']:<12} {100 * done // total:>3}%  "
-                f"{row['error']}"
+                f"{row['job_id']}  {row['vm']:<16} {row['kind']:<13} {row['state']:<14} {row['step']:<14} "
+                f"{100 * done // total:>3}%  {row['error']}"
             )
