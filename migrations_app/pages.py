@@ -86,22 +86,43 @@ def dashboard_context(operator: bool) -> dict[str, Any]:
 def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
     attach_progress([job])
     events = list(job.events.order_by("-id")[:200])
-    timeline = []
-    stopped = job.state in (JobState.FAILED, JobState.CANCELLED, JobState.CANCELLING)
+    return {
+        "job": job,
+        "disks": list(job.disks.all()),
+        "events": events,
+        "timeline": timeline(job, events),
+        "can_operate": operator,
+    }
+
+
+def timeline(job: MigrationJob, events: list[JobEvent]) -> list[dict[str, Any]]:
+    """The job's steps in order, each done, running, waiting, failed/cancelled where it stopped, or not
+    run. A failover that was put back shows the step it failed in, the steps it never reached, and the
+    rollback as a step of its own; a test's end is part of a test failover's story."""
     steps = list(SEQUENCES[job.kind])
-    if job.kind == "test_failover":
-        steps.append(JobState.ROLLING_BACK)  # ending the test is part of its story
-    elif job.current_step == JobState.ROLLING_BACK or job.state == JobState.ROLLED_BACK:
+    rolling = job.current_step == JobState.ROLLING_BACK or job.state == JobState.ROLLED_BACK
+    if job.kind == "test_failover" or rolling:
         steps.append(JobState.ROLLING_BACK)
+    test_ran = job.kind == "test_failover" and job.test_ends_at is not None
+    failed_in = ""
+    if rolling and not test_ran:
+        marker = next((e for e in events if e.kind == "failover.rolling_back"), None)
+        failed_in = marker.step if marker and marker.step in steps else ""
+    stopped = job.state in (JobState.FAILED, JobState.CANCELLED, JobState.CANCELLING)
     current = steps.index(JobState(job.current_step)) if job.current_step in steps else -1
     if job.state == JobState.TESTING:
         current = len(steps) - 1  # every step up to the test's end is done
-    for step in steps:
+    rows = []
+    for index, step in enumerate(steps):
         started = next((e for e in reversed(events) if e.kind == "step.started" and e.step == step), None)
         finished = next((e for e in events if e.kind == "step.finished" and e.step == step), None)
         here = job.current_step == step
         note = ""
-        if steps.index(step) < current or job.state in (JobState.COMPLETED, JobState.ROLLED_BACK):
+        if failed_in and step != JobState.ROLLING_BACK:
+            stop = steps.index(JobState(failed_in))
+            status = "done" if index < stop else "failed" if index == stop else "not run"
+            note = "then put back" if index == stop else ""
+        elif index < current or job.state in (JobState.COMPLETED, JobState.ROLLED_BACK):
             status = "done"  # the job went past it (its events may have been pruned since)
         elif stopped and here:
             # Where it stopped, and how far it got ("cancelled at 38 %"), not "waiting".
@@ -109,13 +130,13 @@ def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
             progress = job.progress  # type: ignore[attr-defined]
             if step == JobState.REPLICATING and progress["total"]:
                 note = f"at {progress['percent']} %"
-        elif stopped and steps.index(step) > current:
+        elif stopped and index > current:
             status = "not run"
         elif job.state == step:
             status = "running"
         else:
             status = "waiting"
-        timeline.append(
+        rows.append(
             {
                 "step": step,
                 "label": JobState(step).label,
@@ -125,7 +146,7 @@ def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
                 "duration_ms": finished.duration_ms if finished and status == "done" else None,
             }
         )
-    return {"job": job, "disks": list(job.disks.all()), "events": events, "timeline": timeline, "can_operate": operator}
+    return rows
 
 
 def job_progress_context(job: MigrationJob, operator: bool) -> dict[str, Any]:

@@ -146,6 +146,11 @@ def test_a_failed_step_after_the_shutdown_puts_everything_back(
     (job,) = drive(job)
     assert job.state == JobState.ROLLED_BACK, job.error
     assert "insufficient capacity" in job.error
+    from migrations_app.pages import timeline
+
+    story = {row["step"]: row["status"] for row in timeline(job, list(job.events.order_by("-id")))}
+    assert story[JobState.CREATING_VM] == "done" and story[JobState.STARTING_VM] == "failed"
+    assert story[JobState.ROLLING_BACK] == "done" and list(story)[-1] == JobState.ROLLING_BACK
     assert sim.vm("web-01").power_state == "poweredOn", "the source runs again"
     assert get_compute_backend().get_vm(job.destination_vm_id) is None
     volume = DestinationVolume.objects.get(source_disk__vm=vm)
