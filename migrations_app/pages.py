@@ -160,6 +160,8 @@ def job_rows(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
         done=Coalesce(Sum("disks__bytes_done"), 0),
         total=Coalesce(Sum("disks__bytes_total"), 0),
         disk_count=Count("disks"),
+        # A sync is incremental when a disk starts from an earlier sync's change id.
+        incremental_disks=Count("disks", filter=~Q(disks__previous_change_id="")),
     )
 
 

@@ -226,3 +226,22 @@ def test_a_cancelled_job_says_where_it_stopped_not_waiting(viewer: Client) -> No
     verifying = re.search(r'<li class="step ([^"]+)"><span class="dot"[^>]*></span><strong>Verifying', html)
     assert verifying and verifying[1] == "not run"
     assert ">waiting<" not in html
+
+
+def test_job_list_says_each_jobs_kind_and_duration(viewer: Client) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from migrations_app.models import JobKind, MigrationJob
+
+    full, incremental, failover = make_jobs(3)
+    incremental.disks.update(previous_change_id="sim:2000:1")
+    MigrationJob.objects.filter(pk=failover.pk).update(kind=JobKind.LIVE_FAILOVER)
+    now = timezone.now()
+    MigrationJob.objects.filter(pk=full.pk).update(started_at=now - timedelta(minutes=12), finished_at=now)
+    page = viewer.get("/jobs/").content.decode()
+    row = {job.job_id: page.split(job.job_id, 2)[2].split("</tr>")[0] for job in (full, incremental, failover)}
+    assert "<td>Full</td>" in row[full.job_id] and "12\xa0minutes" in row[full.job_id]
+    assert "<td>Incremental</td>" in row[incremental.job_id]
+    assert "<td>Live failover</td>" in row[failover.job_id]
