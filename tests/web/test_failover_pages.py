@@ -58,3 +58,14 @@ def test_the_mappings_page_checks_ids_against_the_cloud(operator: Client, viewer
     assert LOCAL_NETWORKS[0].id in page and "edit" not in page.split("<h2>Templates")[0].split("Networks")[1]
     assert operator.post("/failover/", {"kind": "network", "pk": mapping.pk, "delete": "1"}).status_code == 302
     assert not NetworkMapping.objects.exists()
+
+
+def test_a_failed_over_vm_cannot_be_selected_for_another_sync(operator: Client) -> None:
+    from django.utils import timezone
+
+    (job,) = make_jobs(1)
+    job.vm.migrated_at, job.vm.destination_vm_id = timezone.now(), "0f0e0d0c-0000-4000-8000-000000000001"
+    job.vm.save()
+    page = operator.get("/vms/").content.decode()
+    row = page.split(f'id="vm-{job.vm.vm_id}"')[1].split("</tr>")[0]
+    assert "runs in CloudStack" in row and 'disabled title="failed over: it runs in CloudStack"' in row
