@@ -403,6 +403,26 @@ class MigrationJob(models.Model):
         return self.can_transition_to(JobState.PENDING) and self.current_step != JobState.ROLLING_BACK
 
     @property
+    def retry_plan(self) -> str:
+        """What Retry will do, in a sentence (its button asks with it)."""
+        if self.cleanup_requested:
+            return "Retry provisions the removed volumes again and copies those disks in full."
+        if self.current_step == JobState.VERIFYING:
+            return "Retry copies every disk again: what this attempt wrote did not check out."
+        if self.current_step == JobState.REPLICATING:
+            return "Retry resumes the copy from what the VMA confirmed written; nothing copied is lost."
+        step = JobState(self.current_step).label.lower() if self.current_step else "the start"
+        return f"Retry resumes at {step}; what was copied is kept."
+
+    @property
+    def cancel_plan(self) -> str:
+        if self.kind != JobKind.SYNC and self.current_step not in ("", JobState.VALIDATING):
+            return "Cancel puts everything back: the VM goes, the volumes return to the OMA, the source runs again."
+        if self.state == JobState.PENDING:
+            return "Cancel takes the job out of the queue; nothing was copied yet."
+        return "Cancel stops the copy at the VMA; volumes and exports are kept for a retry."
+
+    @property
     def is_failover(self) -> bool:
         return self.kind != JobKind.SYNC
 

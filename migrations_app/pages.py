@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import Count, Prefetch, Q, QuerySet, Sum
+from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -86,6 +86,11 @@ def dashboard_context(operator: bool) -> dict[str, Any]:
 def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
     attach_progress([job])
     events = list(job.events.order_by("-id")[:200])
+    latest = job.vm.jobs.order_by("-created_at", "-id").values_list("job_id", flat=True).first()
+    job.latest_job_id = latest  # type: ignore[attr-defined]
+    if job.state == JobState.PENDING:
+        ahead = MigrationJob.objects.filter(state=JobState.PENDING, created_at__lt=job.created_at).count()
+        job.queue_place = ahead + 1  # type: ignore[attr-defined]
     return {
         "job": job,
         "disks": list(job.disks.all()),
@@ -162,6 +167,10 @@ def job_rows(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
         disk_count=Count("disks"),
         # A sync is incremental when a disk starts from an earlier sync's change id.
         incremental_disks=Count("disks", filter=~Q(disks__previous_change_id="")),
+        # Only a VM's latest job may be retried: an older one says which job superseded it.
+        latest_job_id=Subquery(
+            MigrationJob.objects.filter(vm=OuterRef("vm")).order_by("-created_at", "-id").values("job_id")[:1]
+        ),
     )
 
 

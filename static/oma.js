@@ -44,6 +44,65 @@
     });
   });
 
+  // Elapsed times tick ("running for 42 s"): the server rendered them once, the clock moves on here.
+  function span(seconds) {
+    seconds = Math.max(0, Math.floor(seconds));
+    if (seconds < 60) return seconds + " s";
+    if (seconds < 3600) return Math.round(seconds / 60) + " min";
+    var hours = Math.floor(seconds / 3600), minutes = Math.floor((seconds % 3600) / 60);
+    return hours + " h " + (minutes < 10 ? "0" : "") + minutes + " min";
+  }
+  function tick() {
+    Array.prototype.forEach.call(document.querySelectorAll("[data-since]"), function (el) {
+      var since = Date.parse(el.getAttribute("data-since"));
+      if (!isNaN(since)) el.textContent = span((Date.now() - since) / 1000);
+    });
+  }
+  setInterval(tick, 1000);
+
+  // Times in the viewer's own zone, with the zone shown; the server's UTC time stays in the title.
+  function pad(n, width) { n = String(n); while (n.length < (width || 2)) n = "0" + n; return n; }
+  function localTimes(root) {
+    Array.prototype.forEach.call((root || document).querySelectorAll("time[datetime]"), function (el) {
+      if (el.getAttribute("data-local")) return;
+      var when = new Date(el.getAttribute("datetime"));
+      if (isNaN(when.getTime())) return;
+      var parts = new Intl.DateTimeFormat(undefined, { timeZoneName: "short" }).formatToParts(when);
+      var zone = parts.filter(function (p) { return p.type === "timeZoneName"; }).map(function (p) { return p.value; })[0] || "";
+      var clock = pad(when.getHours()) + ":" + pad(when.getMinutes()) + ":" + pad(when.getSeconds());
+      var shown = el.textContent.trim();
+      // A time of day (the event log's) stays one; a date and time stays both.
+      el.textContent = shown.length <= 12 ? clock + "." + pad(when.getMilliseconds(), 3)
+        : when.getFullYear() + "-" + pad(when.getMonth() + 1) + "-" + pad(when.getDate()) + " " + clock + " " + zone;
+      el.title = el.getAttribute("datetime") + " (" + zone + " shown)";
+      el.setAttribute("data-local", "1");
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () { localTimes(document); tick(); });
+  document.addEventListener("htmx:load", function (evt) { localTimes(evt.target); });
+
+  // Live swaps are announced to screen readers: a job whose state changed says so once, politely.
+  var heard = {};
+  function announce(root) {
+    var box = document.getElementById("announcer");
+    if (!box || !root || !root.querySelectorAll) return;
+    var states = root.matches && root.matches("[data-announce]") ? [root] : [];
+    states = states.concat(Array.prototype.slice.call(root.querySelectorAll("[data-announce]")));
+    states.forEach(function (el) {
+      var key = el.getAttribute("data-announce"), text = el.textContent.trim();
+      if (heard[key] !== undefined && heard[key] !== text) box.textContent = key + ": " + text;
+      heard[key] = text;
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () { announce(document.body); });
+  // An outerHTML swap's event may name the element it replaced: read the one now in the page.
+  function swapped(evt) {
+    var target = evt.detail.target;
+    return (target && target.id && document.getElementById(target.id)) || target;
+  }
+  document.addEventListener("htmx:oobAfterSwap", function (evt) { announce(swapped(evt)); localTimes(swapped(evt)); });
+  document.addEventListener("htmx:afterSwap", function (evt) { announce(swapped(evt)); });
+
   function badge() { return document.getElementById("live-state"); }
   document.addEventListener("htmx:wsOpen", function () {
     var el = badge(); if (!el) return;

@@ -49,6 +49,8 @@ def test_operator_tests_then_fails_over_a_vm_and_watches_each_live(
     test = MigrationJob.objects.get(kind=JobKind.TEST_FAILOVER)
     page.evaluate("window.__sameDocument = true")
     expect(page.locator("[data-testid=job-state]")).to_have_text("Test VM running", timeout=60_000)
+    # A screen reader hears it: the live region says which job changed and to what.
+    expect(page.locator("#announcer")).to_have_text(f"web-01 {test.job_id}: Test VM running")
     assert page.evaluate("window.__sameDocument") is True, "the state arrived live, not by a reload"
     page.click("button:has-text('End test')")
     page.evaluate("window.__sameDocument = true")

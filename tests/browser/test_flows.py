@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Dialog, Page, expect
 
 from migrations_app.models import STEPS, JobState, MigrationJob
 from migrations_app.vma_client import VmaVM
@@ -79,6 +79,19 @@ def test_operator_cancels_a_running_job_from_its_page(
     page.goto(f"{portal.url}/jobs/{job.job_id}/")
     expect(page.locator("[data-testid=job-state]")).to_have_text("Replicating", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "job-detail-replicating.png"), full_page=True)
+    # Cancel asks first, saying what it will do; dismissed, nothing happens.
+    questions: list[str] = []
+
+    def dismiss(dialog: Dialog) -> None:
+        questions.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    page.click("text=Cancel migration")
+    page.wait_for_timeout(500)
+    assert questions == ["Cancel stops the copy at the VMA; volumes and exports are kept for a retry."]
+    assert MigrationJob.objects.get(pk=job.pk).state == JobState.REPLICATING
+    page.once("dialog", lambda dialog: dialog.accept())
     page.click("text=Cancel migration")
     expect(page.locator("[data-testid=job-state]")).to_have_text("Cancelled", timeout=30_000)
     expect(page.locator("text=Retry from replicating")).to_be_visible()

@@ -3,11 +3,13 @@ scroll inside their own box), and no console or page error appears."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Browser, Page, expect
 
 from migrations_app.actions import start_migration
-from migrations_app.models import MigrationJob, SourceVM
+from migrations_app.models import JobState, MigrationJob, SourceVM
 from tests.support.browser import ARTIFACTS, Portal, log_in
 from tests.support.factories import UserFactory
 from tests.support.vma import Sim
@@ -60,3 +62,33 @@ def test_no_page_is_wider_than_the_screen_and_none_logs_an_error(
     errors = [e for e in errors if "404" not in e]
     assert not too_wide, too_wide
     assert not errors, errors
+
+
+def test_times_show_in_the_viewers_zone_and_elapsed_time_ticks(
+    stack: tuple[Portal, Sim], browser: Browser, make_user: UserFactory
+) -> None:
+    """A viewer in Berlin reads times in Berlin time with the zone shown; a running job's elapsed time
+    moves without a reload."""
+    from django.utils import timezone
+
+    from migrations_app.models import MigrationJob
+    from tests.support.factories import make_jobs
+
+    portal, _ = stack
+    (job,) = make_jobs(1, state=JobState.REPLICATING)
+    MigrationJob.objects.filter(pk=job.pk).update(started_at=timezone.now())
+    context = browser.new_context(timezone_id="Europe/Berlin", viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        log_in(page, portal, make_user, "viewer")
+        page.goto(f"{portal.url}/jobs/{job.job_id}/")
+        requested = page.locator("dt:has-text('Requested') + dd time")
+        expect(requested).to_have_text(re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (CET|GMT\+1)"))
+        utc_hour = job.created_at.hour
+        assert f" {(utc_hour + 1) % 24:02d}:" in requested.inner_text(), "shown in Berlin time, not UTC"
+        ticking = page.locator("dt:has-text('Started') + dd [data-since]")
+        first = ticking.inner_text()
+        page.wait_for_timeout(2200)
+        assert ticking.inner_text() != first, f"the elapsed time did not move: {first}"
+    finally:
+        context.close()

@@ -245,3 +245,27 @@ def test_job_list_says_each_jobs_kind_and_duration(viewer: Client) -> None:
     assert "<td>Full</td>" in row[full.job_id] and "12\xa0minutes" in row[full.job_id]
     assert "<td>Incremental</td>" in row[incremental.job_id]
     assert "<td>Live failover</td>" in row[failover.job_id]
+
+
+def test_only_a_vms_latest_job_offers_retry_and_it_says_what_it_will_do(operator: Client) -> None:
+    from migrations_app.models import MigrationJob
+
+    (old,) = make_jobs(1, state=JobState.FAILED)
+    newer = MigrationJob.objects.create(vm=old.vm, state=JobState.FAILED, current_step=JobState.REPLICATING)
+    page = operator.get(reverse("job-detail", args=[old.job_id])).content.decode()
+    assert f'superseded by <a href="/jobs/{newer.job_id}/">{newer.job_id}</a>' in page
+    assert "Retry from" not in page
+    page = operator.get(reverse("job-detail", args=[newer.job_id])).content.decode()
+    assert 'data-confirm="Retry resumes the copy from what the VMA confirmed written; nothing copied is lost."' in page
+    listing = operator.get(reverse("job-list")).content.decode()
+    assert f"superseded by {newer.job_id}" in listing.split(f'id="job-row-{old.pk}"')[1].split("</tr>")[0]
+
+
+def test_a_pending_job_says_its_place_in_the_queue(viewer: Client) -> None:
+    from migrations_app.models import MigrationJob
+
+    first, second = make_jobs(2, state=JobState.PENDING)
+    MigrationJob.objects.filter(pk=second.pk).update(wait_reason="needs 2 attach slots; 0 of 25 free")
+    page = viewer.get(reverse("job-detail", args=[second.job_id])).content.decode()
+    place = 1 if second.created_at < first.created_at else 2
+    assert f"Waiting: needs 2 attach slots; 0 of 25 free · number {place} in the queue" in page
