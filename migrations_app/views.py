@@ -13,7 +13,7 @@ import logging
 from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import Max, OuterRef, Q, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -27,7 +27,7 @@ from .actions import MigrationError, cancel_job, retry_job, save_group, start_mi
 from .backends import get_vma_client
 from .forms import GroupForm
 from .metrics import PortalCollector
-from .models import ACTIVE_STATES, JobState, MigrationGroup, MigrationJob, SourceVM
+from .models import ACTIVE_STATES, JobKind, JobState, MigrationGroup, MigrationJob, SourceVM
 from .pages import dashboard_context, group_context, group_rows, job_context, job_rows, with_disks
 from .vma_client import VmaError
 
@@ -56,11 +56,15 @@ def inventory(request: HttpRequest) -> HttpResponse:
     page = Paginator(vms, VMS_PER_PAGE).get_page(request.GET.get("page"))
     vm_ids = [vm.vm_id for vm in page]
     mappings = {(m.vm_id, m.disk_unit_number): m for m in VMExportMapping.objects.filter(vm_id__in=vm_ids)}
+    # The last refresh saw every VM the VMA reported; one it did not see is flagged.
+    refreshed_at = SourceVM.objects.aggregate(last=Max("last_seen_at"))["last"]
     for vm in page:
         vm.busy = vm.last_job_state in ACTIVE_STATES  # type: ignore[attr-defined]
+        vm.total_bytes = sum(d.capacity_bytes for d in vm.disks.all())  # type: ignore[attr-defined]
+        vm.gone = bool(refreshed_at and vm.last_seen_at and vm.last_seen_at < refreshed_at)  # type: ignore[attr-defined]
         for disk in vm.disks.all():
             disk.mapping = mappings.get((vm.vm_id, disk.unit_number))  # type: ignore[attr-defined]
-    context = {"page": page, "q": query, "can_operate": can_operate(request.user)}
+    context = {"page": page, "q": query, "refreshed_at": refreshed_at, "can_operate": can_operate(request.user)}
     return render_page_or_partial(request, "migrations_app/inventory.html", "vm-table", context)
 
 
@@ -71,6 +75,8 @@ def migrate_vms(request: HttpRequest) -> HttpResponse:
     if not vm_ids:
         messages.warning(request, "Select at least one VM to migrate.")
         return redirect("inventory")
+    if request.POST.get("confirm") != "yes":
+        return render(request, "migrations_app/migrate_review.html", review_context(vm_ids[:100]))
     started = []
     for vm_id in vm_ids[:100]:
         try:
@@ -81,6 +87,38 @@ def migrate_vms(request: HttpRequest) -> HttpResponse:
         names = ", ".join(f"{job.vm.name} ({job.job_id})" for job in started)
         messages.success(request, f"Started {len(started)} migration(s): {names}")
     return redirect("dashboard" if started else "inventory")
+
+
+def review_context(vm_ids: list[str]) -> dict[str, object]:
+    """What the operator confirms before anything starts: per VM full or incremental, its size, power
+    state, and whether it can start at all."""
+    vms = list(SourceVM.objects.filter(vm_id__in=vm_ids).prefetch_related("disks").order_by("name"))
+    active = set(MigrationJob.objects.filter(vm__in=vms, state__in=ACTIVE_STATES).values_list("vm_id", flat=True))
+    synced = set(
+        MigrationJob.objects.filter(vm__in=vms, kind=JobKind.SYNC, state=JobState.COMPLETED).values_list(
+            "vm_id", flat=True
+        )
+    )
+    rows = []
+    for vm in vms:
+        size = sum(d.capacity_bytes for d in vm.disks.all())
+        blocker = (
+            "a job is active"
+            if vm.pk in active
+            else "failed over: it runs in CloudStack"
+            if vm.migrated_at
+            else "no disks"
+            if not vm.disks.all()
+            else ""
+        )
+        rows.append({"vm": vm, "size": size, "incremental": vm.pk in synced, "blocker": blocker})
+    startable = [r for r in rows if not r["blocker"]]
+    return {
+        "rows": rows,
+        "startable": startable,
+        "total": sum(int(r["size"]) for r in startable),  # type: ignore[call-overload]
+        "full": sum(1 for r in startable if not r["incremental"]),
+    }
 
 
 @require_POST

@@ -103,6 +103,35 @@
   document.addEventListener("htmx:oobAfterSwap", function (evt) { announce(swapped(evt)); localTimes(swapped(evt)); });
   document.addEventListener("htmx:afterSwap", function (evt) { announce(swapped(evt)); });
 
+  // The inventory as a plan builder: select all, "3 selected, 1.5 GiB", Migrate only with a selection.
+  function human(bytes) {
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+    return (i ? bytes.toFixed(1) : bytes) + " " + units[i];
+  }
+  function selection() {
+    var form = document.getElementById("migrate-form");
+    if (!form) return;
+    var boxes = form.querySelectorAll("input[name=vm]:not(:disabled)");
+    var ticked = form.querySelectorAll("input[name=vm]:checked");
+    var bytes = 0;
+    Array.prototype.forEach.call(ticked, function (box) { bytes += Number(box.getAttribute("data-bytes") || 0); });
+    var label = document.getElementById("selection"), button = document.getElementById("migrate-button");
+    var all = document.getElementById("select-all");
+    if (label) label.textContent = ticked.length ? ticked.length + " selected, " + human(bytes) : "Nothing selected.";
+    if (button) button.disabled = !ticked.length;
+    if (all) { all.checked = boxes.length > 0 && ticked.length === boxes.length; all.indeterminate = ticked.length > 0 && ticked.length < boxes.length; }
+  }
+  document.addEventListener("change", function (evt) {
+    var el = evt.target;
+    if (el && el.id === "select-all") {
+      Array.prototype.forEach.call(document.querySelectorAll("#migrate-form input[name=vm]:not(:disabled)"), function (box) { box.checked = el.checked; });
+    }
+    if (el && (el.id === "select-all" || el.name === "vm")) selection();
+  });
+  document.addEventListener("DOMContentLoaded", selection);
+  document.addEventListener("htmx:afterSwap", selection);
+
   function badge() { return document.getElementById("live-state"); }
   document.addEventListener("htmx:wsOpen", function () {
     var el = badge(); if (!el) return;

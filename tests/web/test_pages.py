@@ -77,15 +77,22 @@ def test_migrate_selected_vms_starts_jobs_for_the_operator(
     operator: Client, django_capture_on_commit_callbacks: Any
 ) -> None:
     vm = make_jobs(1)[0].vm
+    # First the review: what would start, and nothing started yet.
+    review = operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id]}).content.decode()
+    assert "Migrate 1 VM?" in review and "Start 1 migration" in review and "Nothing has started yet" in review
+    assert "<td>Incremental</td>" in review, "its last job completed: the next sync is incremental"
+    assert not MigrationJob.objects.filter(vm=vm, state=JobState.PENDING).exists()
     with django_capture_on_commit_callbacks() as queued:
-        response = operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id]})
+        response = operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id], "confirm": "yes"})
     assert response.status_code == 302 and response["Location"] == reverse("dashboard")
     job = MigrationJob.objects.filter(vm=vm, state=JobState.PENDING).get()
     assert job.requested_by.startswith("operator-")
     # Pending until the node's follower reserves its attach slots and hands it to a worker.
     assert not queued and job.queued_at is None and job.wait_reason == ""
     # A second start while one is active is refused with a message, not a second job.
-    operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id]})
+    review = operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id]}).content.decode()
+    assert "a job is active" in review and "Start 0 migrations" in review
+    operator.post(reverse("migrate-vms"), {"vm": [vm.vm_id], "confirm": "yes"})
     assert MigrationJob.objects.filter(vm=vm, state=JobState.PENDING).count() == 1
 
 
@@ -269,3 +276,21 @@ def test_a_pending_job_says_its_place_in_the_queue(viewer: Client) -> None:
     page = viewer.get(reverse("job-detail", args=[second.job_id])).content.decode()
     place = 1 if second.created_at < first.created_at else 2
     assert f"Waiting: needs 2 attach slots; 0 of 25 free · number {place} in the queue" in page
+
+
+def test_the_inventory_says_when_it_was_refreshed_and_flags_vms_the_vma_dropped(operator: Client) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from migrations_app.models import SourceVM
+
+    kept, dropped = (job.vm for job in make_jobs(2))
+    now = timezone.now()
+    SourceVM.objects.filter(pk=kept.pk).update(last_seen_at=now)
+    SourceVM.objects.filter(pk=dropped.pk).update(last_seen_at=now - timedelta(hours=3))
+    page = operator.get(reverse("inventory")).content.decode()
+    assert "refreshed from the VMA at" in page
+    row = {vm.pk: page.split(f'id="vm-{vm.vm_id}"')[1].split("</tr>")[0] for vm in (kept, dropped)}
+    assert "no longer reported by the VMA" in row[dropped.pk] and "no longer reported" not in row[kept.pk]
+    assert f'data-bytes="{sum(d.capacity_bytes for d in kept.disks.all())}"' in row[kept.pk]

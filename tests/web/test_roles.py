@@ -68,10 +68,11 @@ def test_viewer_sees_no_buttons_and_forged_posts_get_403(viewer: Client, operato
         html = client.get(detail).content.decode()
         assert ("Cancel migration" in html) is sees
         assert ("Retry from" in client.get(reverse("job-detail", args=[failed.job_id])).content.decode()) is sees
-        assert ("Migrate selected VMs" in client.get(reverse("inventory")).content.decode()) is sees
+        assert ("Review the migration of the selected VMs" in client.get(reverse("inventory")).content.decode()) is sees
         assert ('name="vm"' in client.get(reverse("inventory")).content.decode()) is sees
     posts = [
         (reverse("migrate-vms"), {"vm": job.vm.vm_id}),
+        (reverse("migrate-vms"), {"vm": job.vm.vm_id, "confirm": "yes"}),
         (reverse("refresh-inventory"), {}),
         (reverse("job-cancel", args=[job.job_id]), {}),
         (reverse("job-retry", args=[failed.job_id]), {}),
