@@ -50,7 +50,14 @@ demo-migrate: venv
 demo-jobs: venv
 	@set -a; . var/demo.env; set +a; $(PY) manage.py jobs
 
-test: system-packages venv
+# axe-core (the npm package) is injected into every page by the browser tests' accessibility check.
+AXE_VERSION := 4.14.1
+AXE := $(VENV)/axe/node_modules/axe-core/axe.min.js
+$(AXE):
+	@command -v npm >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get install -y -qq npm; }
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/axe axe-core@$(AXE_VERSION)
+
+test: system-packages venv $(AXE)
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
 lint: venv

@@ -100,7 +100,10 @@
     var target = evt.detail.target;
     return (target && target.id && document.getElementById(target.id)) || target;
   }
-  document.addEventListener("htmx:oobAfterSwap", function (evt) { announce(swapped(evt)); localTimes(swapped(evt)); });
+  document.addEventListener("htmx:oobAfterSwap", function (evt) {
+    announce(swapped(evt)); localTimes(swapped(evt));
+    if (typeof scrollables === "function") scrollables();
+  });
   document.addEventListener("htmx:afterSwap", function (evt) { announce(swapped(evt)); });
 
   // The inventory as a plan builder: select all, "3 selected, 1.5 GiB", Migrate only with a selection.
@@ -131,6 +134,20 @@
   });
   document.addEventListener("DOMContentLoaded", selection);
   document.addEventListener("htmx:afterSwap", selection);
+
+  // A table that scrolls inside its own box (narrow screens) can be scrolled from the keyboard.
+  function scrollables() {
+    Array.prototype.forEach.call(document.querySelectorAll(".table, .table-wrap, .event-list"), function (el) {
+      if (el.scrollWidth > el.clientWidth + 1 || el.scrollHeight > el.clientHeight + 1) {
+        if (!el.hasAttribute("tabindex")) el.setAttribute("tabindex", "0");
+      } else if (el.getAttribute("tabindex") === "0") {
+        el.removeAttribute("tabindex");
+      }
+    });
+  }
+  document.addEventListener("DOMContentLoaded", scrollables);
+  document.addEventListener("htmx:afterSettle", scrollables);
+  window.addEventListener("resize", scrollables);
 
   function badge() { return document.getElementById("live-state"); }
   document.addEventListener("htmx:wsOpen", function () {
