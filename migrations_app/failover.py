@@ -449,7 +449,7 @@ def roll_back(job: MigrationJob, runner: str) -> None:
         done.append(_give_back(job))
         if job.kind == JobKind.LIVE_FAILOVER and job.source_was_on:
             done.append(_power_on(job))
-    record_job_event(job, "failover.rolled_back", step=JobState.ROLLING_BACK, message="; ".join(d for d in done if d))
+    record_job_event(job, "failover.put_back", step=JobState.ROLLING_BACK, message="; ".join(d for d in done if d))
 
 
 def _give_back(job: MigrationJob) -> str:

@@ -94,10 +94,81 @@ def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
     return {
         "job": job,
         "disks": list(job.disks.all()),
-        "events": events,
+        "events": event_rows(events),
         "timeline": timeline(job, events),
         "can_operate": operator,
     }
+
+
+# How each event reads in the log: a sentence for people, not the event's kind.
+EVENT_PHRASES = {
+    "job.created": "Created",
+    "job.queued": "Queued",
+    "job.started": "Started",
+    "job.retried": "Retried",
+    "job.recovered": "Taken over by another worker",
+    "job.cancel_requested": "Cancel asked for",
+    "job.cancelled": "Cancelled",
+    "job.completed": "Completed",
+    "job.cleaned_up": "Cleaned up",
+    "step.failed": "Failed",
+    "step.error": "Error, trying again",
+    "volume.ready": "Volume ready",
+    "volume.grown": "Volume grown",
+    "volume.replaced": "Volume replaced",
+    "exports.ready": "Exports ready",
+    "replication.started": "Copy started at the VMA",
+    "replication.interrupted": "Copy interrupted",
+    "replication.resumed": "Copy resumed",
+    "sync.verified": "Verified",
+    "failover.ready": "Ready to fail over",
+    "source.off": "Source powered off",
+    "vm.created": "VM created",
+    "volumes.moved": "Volumes moved",
+    "vm.snapshot": "Rollback point taken",
+    "vm.running": "VM running",
+    "failover.testing": "Test VM running",
+    "failover.completed": "Failed over",
+    "failover.rolling_back": "Putting everything back",
+    "failover.put_back": "Put back",
+    "failover.rolled_back": "Rolled back",
+    "failover.test_ended": "Test ended",
+}
+
+
+def event_rows(events: list[JobEvent]) -> list[dict[str, Any]]:
+    """The job's log, newest first, as people read it: a step's start and finish are one line ("Exporting
+    over NBD, 1.2 s"), every other event a short phrase with its detail."""
+    finished: dict[int, JobEvent] = {}
+    open_steps: dict[str, int] = {}
+    for event in sorted(events, key=lambda e: e.pk):
+        if event.kind == "step.started":
+            open_steps[event.step] = event.pk
+        elif event.kind == "step.finished" and event.step in open_steps:
+            finished[open_steps.pop(event.step)] = event
+    folded = {e.pk for e in finished.values()}
+    rows = []
+    for event in events:
+        if event.pk in folded:
+            continue
+        label = JobState(event.step).label if event.step in JobState.values else event.step
+        if event.kind == "step.started":
+            end = finished.get(event.pk)
+            text = label + ("" if end else " (running)")
+            duration = end.duration_ms if end else None
+        else:
+            text = EVENT_PHRASES.get(event.kind, event.kind.replace(".", " ").replace("_", " ").capitalize())
+            duration = event.duration_ms
+        rows.append(
+            {
+                "event": event,
+                "kind": event.kind,
+                "text": text,
+                "step": label if event.kind != "step.started" else "",
+                "duration_ms": duration,
+            }
+        )
+    return rows
 
 
 def timeline(job: MigrationJob, events: list[JobEvent]) -> list[dict[str, Any]]:

@@ -300,8 +300,8 @@ def finish_rollback(job: MigrationJob) -> None:
         locked.transition_to(to)
         locked.runner = ""
         locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
-        what = "test ended" if to == JobState.COMPLETED else "rolled back"
-        record_job_event(locked, f"failover.{to}", message=f"{what}: volumes back with the OMA, syncs can go on")
+        kind = "failover.test_ended" if to == JobState.COMPLETED else "failover.rolled_back"
+        record_job_event(locked, kind, message="the volumes are back with the OMA; syncs can go on")
     job.refresh_from_db()
 
 

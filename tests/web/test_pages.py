@@ -294,3 +294,18 @@ def test_the_inventory_says_when_it_was_refreshed_and_flags_vms_the_vma_dropped(
     row = {vm.pk: page.split(f'id="vm-{vm.vm_id}"')[1].split("</tr>")[0] for vm in (kept, dropped)}
     assert "no longer reported by the VMA" in row[dropped.pk] and "no longer reported" not in row[kept.pk]
     assert f'data-bytes="{sum(d.capacity_bytes for d in kept.disks.all())}"' in row[kept.pk]
+
+
+def test_the_event_log_reads_as_sentences_with_each_step_on_one_line(viewer: Client) -> None:
+    from migrations_app.events import record_job_event
+
+    (job,) = make_jobs(1, state=JobState.COMPLETED)
+    record_job_event(job, "step.started", step=JobState.EXPORTING)
+    record_job_event(job, "exports.ready", step=JobState.EXPORTING, message="migration-vm-x-disk0")
+    record_job_event(job, "step.finished", step=JobState.EXPORTING, duration_ms=1200)
+    record_job_event(job, "step.started", step=JobState.REPLICATING)
+    html = viewer.get(reverse("job-detail", args=[job.job_id])).content.decode()
+    log = html.split("Event log")[1]
+    assert "<td>Exporting over NBD</td>" in log and "<td>1.2 s</td>" in log
+    assert log.count('data-kind="step.finished"') == 0, "a finish is folded into its step's line"
+    assert "<td>Exports ready</td>" in log and "<td>Replicating (running)</td>" in log
