@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from django.core.paginator import Paginator
 from django.db import connection
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from omaportal.web.rendering import render_page_or_partial
+from omaportal.web.rendering import PER_PAGE_CHOICES, ListView, render_page_or_partial
 from omaportal.web.roles import viewer_required
 
 from .models import NbdServerState, VMExportMapping
@@ -18,10 +17,13 @@ from .pages import nbd_context
 MAPPINGS_PER_PAGE = 50
 
 
+MAPPING_SORTS = {"vm": "vm_name", "export": "export_name", "status": "status", "used": "last_used_at"}
+
+
 @require_GET
 @viewer_required
 def mapping_list(request: HttpRequest) -> HttpResponse:
-    mappings = VMExportMapping.objects.order_by("vm_name", "disk_unit_number")
+    mappings = VMExportMapping.objects.all()
     query = request.GET.get("q", "").strip()
     if query:
         mappings = mappings.filter(
@@ -32,8 +34,17 @@ def mapping_list(request: HttpRequest) -> HttpResponse:
         mappings = mappings.filter(status=status)
     else:
         status = ""
-    page = Paginator(mappings, MAPPINGS_PER_PAGE).get_page(request.GET.get("page"))
-    context = {"page": page, "q": query, "status": status, "statuses": VMExportMapping.Status.choices}
+    view = ListView.of(request, MAPPING_SORTS, "vm", MAPPINGS_PER_PAGE)
+    page = view.paginate(request, mappings, MAPPING_SORTS)
+    context = {
+        "page": page,
+        "q": query,
+        "status": status,
+        "statuses": VMExportMapping.Status.choices,
+        "sort": view.sort,
+        "per_page": view.per_page,
+        "per_page_choices": PER_PAGE_CHOICES,
+    }
     return render_page_or_partial(request, "exports/mapping_list.html", "mapping-table", context)
 
 

@@ -12,15 +12,14 @@ import logging
 
 from django.conf import settings
 from django.contrib import messages
-from django.core.paginator import Paginator
-from django.db.models import Max, OuterRef, Q, Subquery
+from django.db.models import Max, OuterRef, Q, Subquery, Sum
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from exports.models import VMExportMapping
-from omaportal.web.rendering import render_page_or_partial
+from omaportal.web.rendering import PER_PAGE_CHOICES, ListView, render_page_or_partial
 from omaportal.web.roles import can_operate, can_view, operator_required, viewer_required
 
 from .actions import MigrationError, cancel_job, retry_job, save_group, start_migration, sync_inventory
@@ -42,29 +41,42 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     return render(request, "migrations_app/dashboard.html", dashboard_context(can_operate(request.user)))
 
 
+VM_SORTS = {"name": "name", "power": "power_state", "size": "size", "seen": "last_seen_at"}
+
+
 @require_GET
 @viewer_required
 def inventory(request: HttpRequest) -> HttpResponse:
     query = request.GET.get("q", "").strip()
-    vms = SourceVM.objects.prefetch_related("disks").order_by("name")
+    vms = SourceVM.objects.prefetch_related("disks")
     if query:
         vms = vms.filter(Q(name__icontains=query) | Q(vm_id__startswith=query.lower()))
     last_jobs = MigrationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at", "-id")
     vms = vms.annotate(
         last_job_id=Subquery(last_jobs.values("job_id")[:1]), last_job_state=Subquery(last_jobs.values("state")[:1])
     )
-    page = Paginator(vms, VMS_PER_PAGE).get_page(request.GET.get("page"))
+    vms = vms.annotate(size=Sum("disks__capacity_bytes"))
+    view = ListView.of(request, VM_SORTS, "name", VMS_PER_PAGE)
+    page = view.paginate(request, vms, VM_SORTS)
     vm_ids = [vm.vm_id for vm in page]
     mappings = {(m.vm_id, m.disk_unit_number): m for m in VMExportMapping.objects.filter(vm_id__in=vm_ids)}
     # The last refresh saw every VM the VMA reported; one it did not see is flagged.
     refreshed_at = SourceVM.objects.aggregate(last=Max("last_seen_at"))["last"]
     for vm in page:
-        vm.busy = vm.last_job_state in ACTIVE_STATES  # type: ignore[attr-defined]
-        vm.total_bytes = sum(d.capacity_bytes for d in vm.disks.all())  # type: ignore[attr-defined]
-        vm.gone = bool(refreshed_at and vm.last_seen_at and vm.last_seen_at < refreshed_at)  # type: ignore[attr-defined]
+        vm.busy = vm.last_job_state in ACTIVE_STATES
+        vm.total_bytes = sum(d.capacity_bytes for d in vm.disks.all())
+        vm.gone = bool(refreshed_at and vm.last_seen_at and vm.last_seen_at < refreshed_at)
         for disk in vm.disks.all():
-            disk.mapping = mappings.get((vm.vm_id, disk.unit_number))  # type: ignore[attr-defined]
-    context = {"page": page, "q": query, "refreshed_at": refreshed_at, "can_operate": can_operate(request.user)}
+            disk.mapping = mappings.get((vm.vm_id, disk.unit_number))
+    context = {
+        "page": page,
+        "q": query,
+        "sort": view.sort,
+        "per_page": view.per_page,
+        "per_page_choices": PER_PAGE_CHOICES,
+        "refreshed_at": refreshed_at,
+        "can_operate": can_operate(request.user),
+    }
     return render_page_or_partial(request, "migrations_app/inventory.html", "vm-table", context)
 
 
@@ -141,10 +153,20 @@ def refresh_inventory(request: HttpRequest) -> HttpResponse:
     return redirect("inventory")
 
 
+JOB_SORTS = {
+    "created": "created_at",
+    "vm": "vm__name",
+    "kind": "kind",
+    "state": "state",
+    "finished": "finished_at",
+    "data": "done",
+}
+
+
 @require_GET
 @viewer_required
 def job_list(request: HttpRequest) -> HttpResponse:
-    jobs = MigrationJob.objects.order_by("-created_at", "-id")
+    jobs = MigrationJob.objects.all()
     state = request.GET.get("state", "")
     if state == "active":
         jobs = jobs.filter(state__in=ACTIVE_STATES)
@@ -155,10 +177,13 @@ def job_list(request: HttpRequest) -> HttpResponse:
     vm = request.GET.get("vm", "").strip()
     if vm:
         jobs = jobs.filter(Q(vm__name__icontains=vm) | Q(vm__vm_id__startswith=vm.lower()))
-    paginator = Paginator(job_rows(jobs), JOBS_PER_PAGE)
-    page = paginator.get_page(request.GET.get("page"))
+    view = ListView.of(request, JOB_SORTS, "-created", JOBS_PER_PAGE)
+    page = view.paginate(request, job_rows(jobs), JOB_SORTS)
     context = {
         "page": page,
+        "sort": view.sort,
+        "per_page": view.per_page,
+        "per_page_choices": PER_PAGE_CHOICES,
         "state": state,
         "vm": vm,
         "states": [("active", "Active"), *JobState.choices],

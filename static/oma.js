@@ -149,6 +149,31 @@
   document.addEventListener("htmx:afterSettle", scrollables);
   window.addEventListener("resize", scrollables);
 
+  // The jobs list hears of every job; a row it does not show (a new job, another page's) is not swapped
+  // blind (htmx would log oobErrorNoTarget): the list fetches its own table again instead, with its
+  // filters, order and page, at most every two seconds. New jobs appear that way.
+  var refreshing = null;
+  function refreshTable(id) {
+    if (refreshing) return;
+    refreshing = setTimeout(function () {
+      refreshing = null;
+      if (document.getElementById(id)) htmx.ajax("GET", location.pathname + location.search, { target: "#" + id, swap: "outerHTML" });
+    }, 2000);
+  }
+  if (window.htmx) htmx.defineExtension("oma-rows", {
+    transformResponse: function (text) {
+      if (text.indexOf('id="job-row-') < 0) return text;
+      var holder = document.createElement("template");
+      holder.innerHTML = text;
+      var missing = false;
+      Array.prototype.slice.call(holder.content.children).forEach(function (el) {
+        if (el.id && el.id.indexOf("job-row-") === 0 && !document.getElementById(el.id)) { el.remove(); missing = true; }
+      });
+      if (missing) refreshTable("job-table");
+      return holder.innerHTML;
+    }
+  });
+
   function badge() { return document.getElementById("live-state"); }
   document.addEventListener("htmx:wsOpen", function () {
     var el = badge(); if (!el) return;

@@ -175,3 +175,25 @@ def test_the_inventory_shows_a_vm_read_from_the_vma_meanwhile_and_keeps_the_tick
     expect(page.locator("text=new-vm-01")).to_be_visible(timeout=15_000)
     expect(page.locator("input[aria-label='select web-01']")).to_be_checked()
     assert page.evaluate("window.__sameDocument") is True
+
+
+def test_the_jobs_list_shows_new_jobs_live_without_oob_errors(
+    stack: tuple[Portal, Sim], page: Page, make_user: UserFactory
+) -> None:
+    from migrations_app import actions
+
+    portal, sim = stack
+    problems: list[str] = []
+    page.on("console", lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None)
+    log_in(page, portal, make_user, "viewer")
+    first = actions.start_migration(vm_id=sim.vm("web-01").id, requested_by="someone")
+    page.goto(f"{portal.url}/jobs/?per_page=25")
+    expect(page.locator(f"#job-row-{first.pk}")).to_be_visible()
+    expect(page.locator("#live-state")).to_have_text("● live")
+    page.evaluate("window.__sameDocument = true")
+    second = actions.start_migration(vm_id=sim.vm("db-01").id, requested_by="someone")
+    expect(page.locator(f"#job-row-{second.pk}")).to_be_visible(timeout=15_000)
+    # The first job's row keeps moving live meanwhile, and nothing was swapped blind.
+    expect(page.locator(f"#job-row-{first.pk} .badge")).to_have_text("Completed", timeout=60_000)
+    assert page.evaluate("window.__sameDocument") is True
+    assert not [p for p in problems if "oob" in p.lower()], problems

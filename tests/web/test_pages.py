@@ -309,3 +309,22 @@ def test_the_event_log_reads_as_sentences_with_each_step_on_one_line(viewer: Cli
     assert "<td>Exporting over NBD</td>" in log and "<td>1.2 s</td>" in log
     assert log.count('data-kind="step.finished"') == 0, "a finish is folded into its step's line"
     assert "<td>Exports ready</td>" in log and "<td>Replicating (running)</td>" in log
+
+
+def test_lists_sort_by_a_column_and_take_a_page_size(viewer: Client) -> None:
+    jobs = make_jobs(30)
+    by_vm = sorted(jobs, key=lambda j: j.vm.name)
+    html = viewer.get(reverse("job-list"), {"sort": "vm", "per_page": "50"}).content.decode()
+    assert html.count('<tr id="job-row-') == 30, "50 per page: all 30 on one page"
+    order = [j.job_id for j in by_vm]
+    assert sorted(order, key=html.index) == order, "ascending by VM name"
+    assert 'aria-sort="ascending"><a class="sort" href="?sort=-vm&amp;per_page=50">VM ▲' in html
+    html = viewer.get(reverse("job-list"), {"sort": "-vm"}).content.decode()
+    assert html.count('<tr id="job-row-') == 25 and by_vm[-1].job_id in html and by_vm[0].job_id not in html
+    # Anything else falls back to the defaults instead of failing.
+    assert viewer.get(reverse("job-list"), {"sort": "password", "per_page": "7"}).status_code == 200
+    vms = viewer.get(reverse("inventory"), {"sort": "-name"}).content.decode()
+    names = sorted((j.vm.name for j in jobs), reverse=True)
+    assert sorted(names[:5], key=vms.index) == names[:5]
+    exports = viewer.get(reverse("mapping-list"), {"sort": "-vm", "per_page": "25"}).content.decode()
+    assert exports.count("<tr><td>") == 25

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django import template
 from django.utils import timezone
@@ -95,4 +96,21 @@ def sparkline(samples: list[float] | None, width: int = 120, height: int = 24) -
         width,
         height,
         points,
+    )
+
+
+@register.simple_tag(takes_context=True)
+def sort_header(context: dict[str, Any], key: str, label: str) -> SafeString:
+    """A column header that sorts its list: a link to the same filters ordered by ``key`` (again: the
+    other way round), with aria-sort saying how it is sorted now."""
+    request = context["request"]
+    current = context.get("sort", "")
+    query = request.GET.copy()
+    query.pop("page", None)
+    ascending_now = current == key
+    query["sort"] = f"-{key}" if ascending_now else key
+    state = "ascending" if current == key else "descending" if current == f"-{key}" else "none"
+    arrow = {"ascending": " ▲", "descending": " ▼", "none": ""}[state]
+    return format_html(
+        '<th aria-sort="{}"><a class="sort" href="?{}">{}{}</a></th>', state, query.urlencode(), label, arrow
     )
