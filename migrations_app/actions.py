@@ -110,10 +110,12 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
             .order_by("-job__finished_at")
             .first()
         )
+        incremental = bool(last and not volume.full_copy_next)
         JobDisk.objects.create(
             job=job,
             source_disk=disk,
-            bytes_total=disk.capacity_bytes,
+            # An incremental sync moves only the changed blocks: its size is what the VMA counts, not the disk.
+            bytes_total=0 if incremental else disk.capacity_bytes,
             # An incremental sync only onto the volume that holds the last completed sync (and that no
             # rolled-back VM wrote to since).
             previous_change_id=last.new_change_id if last and not volume.full_copy_next else "",
@@ -229,10 +231,11 @@ def start_failover(
     for disk in vm.disks.all():
         volume, _ = DestinationVolume.objects.get_or_create(source_disk=disk)
         previous = last.get(disk.pk)
+        incremental = bool(previous and previous.volume_id == volume.volume_id and not volume.full_copy_next)
         JobDisk.objects.create(
             job=job,
             source_disk=disk,
-            bytes_total=disk.capacity_bytes,
+            bytes_total=0 if incremental else disk.capacity_bytes,
             # The final sync carries only what changed since the last one, onto the same volume.
             previous_change_id=previous.new_change_id
             if previous and previous.volume_id == volume.volume_id and not volume.full_copy_next

@@ -347,7 +347,9 @@ def provision(job: MigrationJob, runner: str) -> None:
                     message=f"disk {disk.source_disk.unit_number}: the source disk grew to {capacity >> 20} MiB; "
                     f"its volume grew from {existing.size_bytes >> 20} MiB to {grown.size_bytes >> 20} MiB",
                 )
-            JobDisk.objects.filter(pk=disk.pk).update(volume_id=volume.volume_id, bytes_total=capacity)
+            # A full copy moves the whole disk; an incremental's size is what the VMA counts as changed.
+            total = disk.bytes_total if disk.previous_change_id else capacity
+            JobDisk.objects.filter(pk=disk.pk).update(volume_id=volume.volume_id, bytes_total=total)
             continue
         name = volume_name_for(job.vm.vm_id, disk.source_disk.unit_number)
         with heartbeat_kept(job, runner):

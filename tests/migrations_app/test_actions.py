@@ -74,3 +74,18 @@ def test_the_database_itself_refuses_a_second_active_job_for_a_vm() -> None:
     # Finished jobs are not limited.
     MigrationJob.objects.create(vm=job.vm, state=JobState.COMPLETED)
     MigrationJob.objects.create(vm=job.vm, state=JobState.FAILED)
+
+
+@pytest.mark.django_db
+def test_an_incremental_sync_does_not_count_the_whole_disk_before_the_vma_does() -> None:
+    from migrations_app.models import DestinationVolume, JobDisk
+
+    vm = make_vm(1, disks=1)
+    first = actions.start_migration(vm_id=vm.vm_id)
+    assert first.disks.get().bytes_total == 1 << 30, "a full copy moves the whole disk"
+    DestinationVolume.objects.filter(source_disk__vm=vm).update(volume_id="v-1")
+    JobDisk.objects.filter(job=first).update(volume_id="v-1", new_change_id="sim:2000:1")
+    MigrationJob.objects.filter(pk=first.pk).update(state=JobState.COMPLETED)
+    second = actions.start_migration(vm_id=vm.vm_id)
+    disk = second.disks.get()
+    assert disk.previous_change_id == "sim:2000:1" and disk.bytes_total == 0
