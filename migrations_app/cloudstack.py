@@ -83,7 +83,13 @@ class CloudStackVolumeBackend:
 
     @staticmethod
     def _volume(raw: dict[str, Any], device: str = "") -> Volume:
-        return Volume(id=raw["id"], name=raw["name"], size_bytes=int(raw.get("size", 0)), attached_device=device)
+        return Volume(
+            id=raw["id"],
+            name=raw["name"],
+            size_bytes=int(raw.get("size", 0)),
+            attached_device=device,
+            state=str(raw.get("state", "")),
+        )
 
     @staticmethod
     def _owner_of(raw: dict[str, Any]) -> str | None:

@@ -214,7 +214,7 @@ def _cloud_checks(vm: SourceVM, plan: Plan) -> list[Check]:
     volumes = DestinationVolume.objects.filter(source_disk__vm=vm).select_related("source_disk")
     disks = vm.disks.count()
     backend = get_volume_backend()
-    missing = []
+    missing, unready = [], []
     for volume in volumes:
         try:
             found = backend.get_volume(volume.volume_id) if volume.volume_id else None
@@ -222,11 +222,15 @@ def _cloud_checks(vm: SourceVM, plan: Plan) -> list[Check]:
             found = None
         if found is None:
             missing.append(str(volume.source_disk.unit_number))
+        elif found.state not in ("", "Ready"):
+            unready.append(f"{volume.source_disk.unit_number} ({found.state})")
     if missing or volumes.count() < disks:
         which = ", ".join(missing) or "some"
         checks.append(Check("volumes", "fail", f"disk(s) {which} have no volume in CloudStack: sync again"))
+    elif unready:
+        checks.append(Check("volumes", "fail", f"disk(s) {', '.join(unready)}: the volume is not Ready"))
     else:
-        checks.append(Check("volumes", "pass", f"{disks} volume(s) present"))
+        checks.append(Check("volumes", "pass", f"{disks} volume(s) present and Ready"))
     return checks
 
 

@@ -41,6 +41,7 @@ class Volume:
     vm_id: str = ""  # attached to a (destination) VM instead
     device_id: int | None = None  # its place on that VM (0: the root)
     type: str = "DATADISK"
+    state: str = ""  # the cloud's word for it (CloudStack: Allocated, Ready, ...); local volumes have none
 
 
 class VolumeBackend(Protocol):

@@ -162,3 +162,18 @@ def test_a_worker_killed_while_creating_the_vm_is_replaced_and_the_failover_fini
         assert MigrationJob.objects.get(pk=job.pk).vm.migrated_at is not None
     finally:
         cluster.kill(signal.SIGTERM)
+
+
+def test_readiness_fails_for_a_volume_that_is_not_ready(
+    nbdkit_server: RunningServer, cloud: FakeCloudStack, sim: Sim, settings: object
+) -> None:
+    from migrations_app.failover import readiness
+
+    wire(settings, nbdkit_server, sim)
+    use_cloud(settings, cloud)
+    vm = synced("web-01", sim)
+    assert {c.name: c.status for c in readiness(vm)}["volumes"] == "pass"
+    volume = DestinationVolume.objects.get(source_disk__vm=vm)
+    cloud.volumes[volume.volume_id]["state"] = "Migrating"
+    check = {c.name: c for c in readiness(vm)}["volumes"]
+    assert check.status == "fail" and "(Migrating): the volume is not Ready" in check.message
