@@ -236,3 +236,21 @@ def test_the_commands_validate_fail_over_and_roll_back_a_running_vm(
     assert sync.disks.get().previous_change_id == "", "a full copy after a VM ran on the volume"
     assert_copied(sync, sim)
     assert not DestinationVolume.objects.get(pk=volume.pk).full_copy_next
+
+
+def test_a_final_sync_that_fails_puts_everything_back(nbdkit_server: RunningServer, sim: Sim, settings: object) -> None:
+    wire(settings, nbdkit_server, sim)
+    vm = ready_vm("web-01", sim)
+    sim.sim.faults.fail_at_percent = 1  # the VMA's copy fails (permanently) as soon as it starts
+    job = failover(vm, JobKind.LIVE_FAILOVER)
+    (job,) = drive(job)
+    assert job.state == JobState.ROLLED_BACK, (job.state, job.error)
+    assert job.events.get(kind="failover.rolling_back").step == JobState.REPLICATING
+    assert "final sync" in job.error and "injected failure" in job.error
+    assert sim.vm("web-01").power_state == "poweredOn", "the source runs again"
+    assert not job.destination_vm_id, "no VM was created"
+    assert DestinationVolume.objects.get(source_disk__vm=vm).state == DestinationVolume.State.ATTACHED
+    sim.sim.faults.fail_at_percent = None
+    sync = migrate("web-01", sim)
+    assert sync.state == JobState.COMPLETED, sync.error
+    assert_copied(sync, sim)
