@@ -108,6 +108,7 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
             .exclude(new_change_id="")
             .exclude(volume_id="")
             .order_by("-job__finished_at")
+            .select_related("job")
             .first()
         )
         incremental = bool(last and not volume.full_copy_next)
@@ -121,7 +122,20 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
             previous_change_id=last.new_change_id if last and not volume.full_copy_next else "",
             volume_id=volume.volume_id,
         )
-    kind = "incremental" if any(d.previous_change_id for d in job.disks.all()) else "full"
+    since = (
+        JobDisk.objects.filter(job=job)
+        .exclude(previous_change_id="")
+        .values_list("previous_change_id", flat=True)
+        .exists()
+    )
+    if since:
+        job.since_sync_at = (
+            vm.jobs.filter(kind=JobKind.SYNC, state=JobState.COMPLETED)
+            .order_by("-finished_at")
+            .values_list("finished_at", flat=True)
+        ).first()
+        job.save(update_fields=["since_sync_at"])
+    kind = "incremental" if since else "full"
     record_job_event(job, "job.created", message=f"{kind} migration of {vm.name}", actor=requested_by)
     return job
 
@@ -167,6 +181,7 @@ def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     job = _job_for_update(job_id)
     # The VM's row lock orders this retry with start_migration and with another retry of the same VM.
     SourceVM.objects.select_for_update().filter(pk=job.vm_id).first()
+    ended = attempt_summary(job)
     try:
         job.transition_to(JobState.PENDING)
     except IllegalTransition as exc:
@@ -197,6 +212,7 @@ def retry_job(*, job_id: str, actor: str = "system") -> MigrationJob:
     job.step_errors = 0
     job.retry_at = None
     _save_active(job)
+    record_job_event(job, "job.attempt_ended", step=job.current_step, message=ended)
     record_job_event(job, "job.retried", step=job.current_step, message=f"attempt {job.attempt}", actor=actor)
     return job
 
@@ -286,6 +302,19 @@ def rollback_failover(*, vm_id: str, actor: str = "system") -> MigrationJob:
         raise MigrationError(f"{job.vm.name} has newer jobs than {job.job_id}; it cannot be rolled back")
     start_rollback(job, "the operator asked for a rollback", actor=actor)
     return job
+
+
+def attempt_summary(job: MigrationJob) -> str:
+    """One line that keeps an attempt's numbers once a retry starts the next one."""
+    moved = sum(job.disks.values_list("bytes_done", flat=True))
+    samples = [int(v) for v in job.throughput_samples or [] if v]
+    took = (job.finished_at - job.started_at).total_seconds() if job.started_at and job.finished_at else None
+    parts = [f"attempt {job.attempt} {job.state} in {job.current_step or 'pending'}", f"{moved >> 20} MiB moved"]
+    if took is not None:
+        parts.append(f"{took:.0f} s")
+    if samples:
+        parts.append(f"{sum(samples) // len(samples) * 8 // 1_000_000} Mbit/s on average")
+    return ", ".join(parts)
 
 
 def cleanup_job(*, job_id: str, actor: str = "system") -> list[str]:

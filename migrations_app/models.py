@@ -354,6 +354,8 @@ class MigrationJob(models.Model):
     resumes = models.PositiveSmallIntegerField(default=0)
     # Recent total throughput samples (bytes/s), newest last: the dashboard's sparkline.
     throughput_samples = models.JSONField(default=list, blank=True)
+    # An incremental sync: when the sync it builds on finished (what "Incremental since ..." shows).
+    since_sync_at = models.DateTimeField(null=True, blank=True)
     # Failover: what it asked for and what it made, so every step (and a rollback) can be done again.
     allow_power_off = models.BooleanField(default=False, help_text="power the source off if a guest shutdown fails")
     source_was_on = models.BooleanField(null=True, blank=True, help_text="the source's power before the failover")
@@ -457,9 +459,12 @@ class MigrationJob(models.Model):
             self.current_step = to
             self.started_at = self.started_at or now
         if to == JobState.PENDING:
+            # A new attempt: its own start time and sparkline (the last one's are in its event log).
             self.attempt += 1
             self.error = ""
             self.finished_at = None
+            self.started_at = None
+            self.throughput_samples = []
         if to in FINAL_STATES:
             self.finished_at = now
         if to == JobState.FAILED:

@@ -20,6 +20,7 @@ from .models import (
     WORKER_STEPS,
     JobDisk,
     JobEvent,
+    JobKind,
     JobState,
     MigrationGroup,
     MigrationJob,
@@ -33,6 +34,11 @@ RECENT_JOBS = 8
 
 
 ACTIVE_ON_DASHBOARD = 50
+
+
+LATEST_JOB_OF_VM = Subquery(
+    MigrationJob.objects.filter(vm=OuterRef("vm")).order_by("-created_at", "-id").values("job_id")[:1]
+)
 
 
 def attach_progress(jobs: Iterable[MigrationJob]) -> None:
@@ -49,12 +55,29 @@ def attach_progress(jobs: Iterable[MigrationJob]) -> None:
             "rate": rate,
             "average_rate": sum(samples) // len(samples) if samples else 0,
             "percent": int(done * 100 / total) if total else 0,
+            **story(job, disks),
         }
 
 
+def story(job: MigrationJob, disks: list[JobDisk]) -> dict[str, Any]:
+    """What kind of copy the job is: a full one, or an incremental since the VM's last completed sync
+    (shown with that sync's time, recorded when the job was made)."""
+    if job.kind != JobKind.SYNC:
+        return {"kind": job.get_kind_display(), "since": None}
+    if not any(d.previous_change_id for d in disks):
+        return {"kind": "Full", "since": None}
+    return {"kind": "Incremental", "since": job.since_sync_at}
+
+
 def with_disks(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
-    return queryset.select_related("vm").prefetch_related(
-        Prefetch("disks", JobDisk.objects.select_related("source_disk", "mapping").order_by("source_disk__unit_number"))
+    return (
+        queryset.select_related("vm")
+        .prefetch_related(
+            Prefetch(
+                "disks", JobDisk.objects.select_related("source_disk", "mapping").order_by("source_disk__unit_number")
+            )
+        )
+        .annotate(latest_job_id=LATEST_JOB_OF_VM)
     )
 
 
@@ -86,8 +109,9 @@ def dashboard_context(operator: bool) -> dict[str, Any]:
 def job_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
     attach_progress([job])
     events = list(job.events.order_by("-id")[:200])
-    latest = job.vm.jobs.order_by("-created_at", "-id").values_list("job_id", flat=True).first()
-    job.latest_job_id = latest  # type: ignore[attr-defined]
+    if not hasattr(job, "latest_job_id"):  # with_disks() annotates it; a bare job asks once
+        latest = job.vm.jobs.order_by("-created_at", "-id").values_list("job_id", flat=True).first()
+        job.latest_job_id = latest  # type: ignore[attr-defined]
     if job.state == JobState.PENDING:
         ahead = MigrationJob.objects.filter(state=JobState.PENDING, created_at__lt=job.created_at).count()
         job.queue_place = ahead + 1  # type: ignore[attr-defined]
@@ -106,6 +130,7 @@ EVENT_PHRASES = {
     "job.queued": "Queued",
     "job.started": "Started",
     "job.retried": "Retried",
+    "job.attempt_ended": "Attempt ended",
     "job.recovered": "Taken over by another worker",
     "job.cancel_requested": "Cancel asked for",
     "job.cancelled": "Cancelled",
@@ -239,9 +264,7 @@ def job_rows(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
         # A sync is incremental when a disk starts from an earlier sync's change id.
         incremental_disks=Count("disks", filter=~Q(disks__previous_change_id="")),
         # Only a VM's latest job may be retried: an older one says which job superseded it.
-        latest_job_id=Subquery(
-            MigrationJob.objects.filter(vm=OuterRef("vm")).order_by("-created_at", "-id").values("job_id")[:1]
-        ),
+        latest_job_id=LATEST_JOB_OF_VM,
     )
 
 

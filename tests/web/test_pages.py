@@ -328,3 +328,40 @@ def test_lists_sort_by_a_column_and_take_a_page_size(viewer: Client) -> None:
     assert sorted(names[:5], key=vms.index) == names[:5]
     exports = viewer.get(reverse("mapping-list"), {"sort": "-vm", "per_page": "25"}).content.decode()
     assert exports.count("<tr><td>") == 25
+
+
+def test_a_jobs_card_and_page_say_full_or_incremental_since_when(viewer: Client) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from migrations_app.models import JobDisk, MigrationJob
+
+    (done,) = make_jobs(1, state=JobState.COMPLETED)
+    synced_at = timezone.now() - timedelta(hours=2)
+    MigrationJob.objects.filter(pk=done.pk).update(finished_at=synced_at)
+    running = MigrationJob.objects.create(
+        vm=done.vm, state=JobState.REPLICATING, current_step=JobState.REPLICATING, since_sync_at=synced_at
+    )
+    for disk in done.vm.disks.all():
+        JobDisk.objects.create(job=running, source_disk=disk, previous_change_id="sim:2000:1", bytes_total=0)
+    card = viewer.get(reverse("dashboard")).content.decode().split(f'id="job-card-{running.pk}"')[1]
+    assert f'Incremental since <time datetime="{synced_at.isoformat()}">' in card.split("</article>")[0]
+    page = viewer.get(reverse("job-detail", args=[running.job_id])).content.decode()
+    assert "Incremental since the sync of" in page
+    assert "the VMA is counting the changed blocks" in page
+    finished = viewer.get(reverse("job-detail", args=[done.job_id])).content.decode()
+    assert '<dd data-testid="job-kind">Full</dd>' in finished
+
+
+def test_a_retry_keeps_the_last_attempts_numbers_apart(operator: Client) -> None:
+    from migrations_app import actions
+    from migrations_app.models import MigrationJob
+
+    (job,) = make_jobs(1, state=JobState.FAILED)
+    MigrationJob.objects.filter(pk=job.pk).update(started_at=job.finished_at)
+    actions.retry_job(job_id=job.job_id, actor="tester")
+    job.refresh_from_db()
+    assert job.attempt == 2 and job.throughput_samples == [] and job.started_at is None
+    ended = job.events.get(kind="job.attempt_ended").message
+    assert ended.startswith("attempt 1 failed in replicating") and "MiB moved" in ended and "Mbit/s on average" in ended
