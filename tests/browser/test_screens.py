@@ -122,3 +122,43 @@ def test_times_show_in_the_viewers_zone_and_elapsed_time_ticks(
         assert ticking.inner_text() != first, f"the elapsed time did not move: {first}"
     finally:
         context.close()
+
+
+def test_screenshots_of_the_review_step_and_incremental_jobs_at_each_width(
+    stack: tuple[Portal, Sim], page: Page, make_user: UserFactory
+) -> None:
+    """What the issue asks to see at each width: the VMs review step, and a running and a finished
+    incremental job (their pages say so)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from migrations_app.models import JobDisk
+    from tests.support.factories import make_jobs
+
+    portal, _ = stack
+    (finished,) = make_jobs(1, state=JobState.COMPLETED)
+    synced_at = timezone.now() - timedelta(hours=1)
+    MigrationJob.objects.filter(pk=finished.pk).update(finished_at=synced_at - timedelta(hours=1))
+    JobDisk.objects.filter(job=finished).update(previous_change_id="sim:2000:1")
+    MigrationJob.objects.filter(pk=finished.pk).update(since_sync_at=synced_at - timedelta(hours=3))
+    running = MigrationJob.objects.create(
+        vm=finished.vm, state=JobState.REPLICATING, current_step=JobState.REPLICATING, since_sync_at=synced_at,
+        started_at=timezone.now(), throughput_samples=[40e6, 55e6, 61e6],
+    )  # fmt: skip
+    for disk in finished.vm.disks.all():
+        JobDisk.objects.create(
+            job=running, source_disk=disk, previous_change_id="sim:2000:2", bytes_total=64 << 20, bytes_done=24 << 20
+        )
+    log_in(page, portal, make_user, "operator")
+    for width, height in WIDTHS:
+        page.set_viewport_size({"width": width, "height": height})
+        for name, job in (("incremental-running", running), ("incremental-finished", finished)):
+            page.goto(f"{portal.url}/jobs/{job.job_id}/")
+            expect(page.locator("[data-testid=job-kind]")).to_contain_text("Incremental since")
+            page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"), full_page=True)
+        page.goto(f"{portal.url}/vms/")
+        page.check("input[aria-label='select web-01']")
+        page.click("#migrate-button")
+        expect(page.locator("[data-testid=review-summary]")).to_contain_text("1 to start")
+        page.screenshot(path=str(ARTIFACTS / f"review-{width}.png"), full_page=True)
