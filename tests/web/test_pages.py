@@ -365,3 +365,10 @@ def test_a_retry_keeps_the_last_attempts_numbers_apart(operator: Client) -> None
     assert job.attempt == 2 and job.throughput_samples == [] and job.started_at is None
     ended = job.events.get(kind="job.attempt_ended").message
     assert ended.startswith("attempt 1 failed in replicating") and "MiB moved" in ended and "Mbit/s on average" in ended
+
+
+def test_every_listed_time_is_a_time_element_with_its_zone(viewer: Client, nbd_state: object) -> None:
+    (job,) = make_jobs(1, state=JobState.COMPLETED)
+    row = viewer.get(reverse("job-list")).content.decode().split(f'id="job-row-{job.pk}"')[1].split("</tr>")[0]
+    assert row.count("<time datetime=") == 2 and row.count(" UTC</time>") == 2
+    assert "never" in viewer.get(reverse("nbd-server")).content.decode()

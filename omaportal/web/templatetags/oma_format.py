@@ -114,3 +114,13 @@ def sort_header(context: dict[str, Any], key: str, label: str) -> SafeString:
     return format_html(
         '<th aria-sort="{}"><a class="sort" href="?{}">{}{}</a></th>', state, query.urlencode(), label, arrow
     )
+
+
+@register.filter
+def when(value: datetime | None, empty: str = "\u2013") -> SafeString:
+    """A moment as <time>: UTC with the zone named on the server; the page's script shows it in the
+    viewer's own zone (the zone named too)."""
+    if value is None:
+        return format_html("{}", empty)
+    utc = timezone.localtime(value, timezone.UTC)
+    return format_html('<time datetime="{}">{} UTC</time>', utc.isoformat(), utc.strftime("%Y-%m-%d %H:%M:%S"))
