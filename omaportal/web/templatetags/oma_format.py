@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from datetime import datetime
 from typing import Any
 
@@ -122,5 +123,5 @@ def when(value: datetime | None, empty: str = "\u2013") -> SafeString:
     viewer's own zone (the zone named too)."""
     if value is None:
         return format_html("{}", empty)
-    utc = timezone.localtime(value, timezone.UTC)
+    utc = value.astimezone(dt.UTC)
     return format_html('<time datetime="{}">{} UTC</time>', utc.isoformat(), utc.strftime("%Y-%m-%d %H:%M:%S"))
