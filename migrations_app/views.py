@@ -202,9 +202,10 @@ def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
 @require_POST
 @operator_required
 def job_cancel(request: HttpRequest, job_id: str) -> HttpResponse:
+    # No flash on success: the page shows the job's state live, and a message saying "cancelling" would
+    # outlive it. A refusal is said (it reports no state).
     try:
-        job = cancel_job(job_id=job_id, actor=request.user.get_username())
-        messages.success(request, f"{job.job_id}: {job.get_state_display().lower()}.")
+        cancel_job(job_id=job_id, actor=request.user.get_username())
     except MigrationError as exc:
         messages.error(request, str(exc))
     return redirect("job-detail", job_id=job_id)
@@ -214,10 +215,7 @@ def job_cancel(request: HttpRequest, job_id: str) -> HttpResponse:
 @operator_required
 def job_retry(request: HttpRequest, job_id: str) -> HttpResponse:
     try:
-        job = retry_job(job_id=job_id, actor=request.user.get_username())
-        messages.success(
-            request, f"{job.job_id}: retrying (attempt {job.attempt}) from {job.current_step or 'the start'}."
-        )
+        retry_job(job_id=job_id, actor=request.user.get_username())
     except MigrationError as exc:
         messages.error(request, str(exc))
     return redirect("job-detail", job_id=job_id)

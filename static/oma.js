@@ -90,11 +90,7 @@
     states = states.concat(Array.prototype.slice.call(root.querySelectorAll("[data-announce]")));
     states.forEach(function (el) {
       var key = el.getAttribute("data-announce"), text = el.textContent.trim();
-      if (heard[key] !== undefined && heard[key] !== text) {
-        box.textContent = key + ": " + text;
-        // A flash message reported the state before this one ("cancelling"): it would mislead now.
-        Array.prototype.forEach.call(document.querySelectorAll(".messages .msg"), function (msg) { msg.remove(); });
-      }
+      if (heard[key] !== undefined && heard[key] !== text) box.textContent = key + ": " + text;
       heard[key] = text;
     });
   }
