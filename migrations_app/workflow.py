@@ -18,7 +18,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from django.db import connections, transaction
@@ -462,10 +461,10 @@ def finish_cancel(job: MigrationJob, runner: str = "") -> None:
 def verify(job: MigrationJob, runner: str) -> None:
     """Before a sync counts: each disk's device is still there and is the volume this job provisioned,
     it is as large as its source, and the ranges the VMA says it wrote read back, through the export,
-    with the VMA's digest. Anything else fails the job, saying which disk and why. The disks are read
-    back at once, one connection each (a VM's disks verify in the time of its largest)."""
-    disks = _disks(job)
-    for disk in disks:
+    with the VMA's digest. Anything else fails the job, saying which disk and why."""
+    conf = nbd_conf()
+    checked, unverified = 0, []
+    for disk in _disks(job):
         unit = disk.source_disk.unit_number
         volume = DestinationVolume.objects.filter(source_disk=disk.source_disk).first()
         if volume is None or volume.volume_id != disk.volume_id:
@@ -477,44 +476,33 @@ def verify(job: MigrationJob, runner: str) -> None:
             )
         if disk.mapping is None:
             raise StepFailed(f"verifying: disk {unit} has no export to read back")
-    with heartbeat_kept(job, runner), ThreadPoolExecutor(max_workers=min(4, len(disks) or 1)) as pool:
-        results = list(pool.map(_read_back, disks))
-    unverified = [disk.source_disk.unit_number for disk, value in zip(disks, results, strict=True) if value is None]
-    checked = [disk for disk, value in zip(disks, results, strict=True) if value is not None]
-    JobDisk.objects.filter(pk__in=[d.pk for d in checked]).update(verified_at=timezone.now())
-    message = f"{len(checked)} disk(s) read back and matched the VMA's digests"
+        digest = disk.digest
+        with heartbeat_kept(job, runner):
+            try:
+                with NbdConnection(conf.host, conf.port, timeout=30, tls=conf.tls()) as conn:
+                    size = conn.open(disk.mapping.export_name).size
+                    if size < disk.source_disk.capacity_bytes:
+                        raise StepFailed(
+                            f"verifying: disk {unit}: the volume holds {size} bytes, the source "
+                            f"{disk.source_disk.capacity_bytes}: it must be grown first"
+                        )
+                    if not digest:
+                        unverified.append(unit)
+                        continue
+                    value = _read_digest(conn, digest["ranges"])
+            except NbdError as exc:
+                raise StepFailed(f"verifying: disk {unit}: cannot read it back through its export: {exc}") from exc
+        if value != digest.get("value"):
+            raise StepFailed(
+                f"verifying: disk {unit}: what the volume holds differs from what the VMA sent "
+                f"(sha256 {value[:12]}... read back, {str(digest.get('value'))[:12]}... sent); sync it again"
+            )
+        JobDisk.objects.filter(pk=disk.pk).update(verified_at=timezone.now())
+        checked += 1
+    message = f"{checked} disk(s) read back and matched the VMA's digests"
     if unverified:
         message += f"; disk(s) {', '.join(map(str, unverified))}: the VMA sent no digest, not compared"
     record_job_event(job, "sync.verified", step=JobState.VERIFYING, message=message)
-
-
-def _read_back(disk: JobDisk) -> str | None:
-    """One disk read back through its export (no database here: it runs in a thread of its own). The
-    digest it matched, or None when the VMA sent no digest; StepFailed when it does not match."""
-    conf = nbd_conf()
-    unit = disk.source_disk.unit_number
-    if disk.mapping is None:
-        raise StepFailed(f"verifying: disk {unit} has no export to read back")
-    digest = disk.digest
-    try:
-        with NbdConnection(conf.host, conf.port, timeout=30, tls=conf.tls()) as conn:
-            size = conn.open(disk.mapping.export_name).size
-            if size < disk.source_disk.capacity_bytes:
-                raise StepFailed(
-                    f"verifying: disk {unit}: the volume holds {size} bytes, the source "
-                    f"{disk.source_disk.capacity_bytes}: it must be grown first"
-                )
-            if not digest:
-                return None
-            value = _read_digest(conn, digest["ranges"])
-    except NbdError as exc:
-        raise StepFailed(f"verifying: disk {unit}: cannot read it back through its export: {exc}") from exc
-    if value != digest.get("value"):
-        raise StepFailed(
-            f"verifying: disk {unit}: what the volume holds differs from what the VMA sent "
-            f"(sha256 {value[:12]}... read back, {str(digest.get('value'))[:12]}... sent); sync it again"
-        )
-    return value
 
 
 VERIFY_CHUNK = 4 << 20
