@@ -92,15 +92,8 @@ def main() -> None:
         env.update(
             {
                 "OMA_VOLUME_ROOT": str(layout.volume_root),
-                "OMA_VOLUME_BACKEND": "cloudstack",
-                "OMA_CLOUDSTACK_ENDPOINT": fake.endpoint,
-                "OMA_CLOUDSTACK_KEY": fake.key,
-                "OMA_CLOUDSTACK_SECRET": fake.secret,
-                "OMA_CLOUDSTACK_ZONE_ID": fake.zone_id,
-                "OMA_CLOUDSTACK_DISK_OFFERING_ID": fake.offering_id,
-                "OMA_CLOUDSTACK_OMA_VM_ID": fake.oma_vm_id,
+                **fake.portal_env(),
                 "OMA_CLOUDSTACK_POLL_INTERVAL": "0.05",
-                "OMA_CLOUDSTACK_DEVICE_ROOT": str(fake.device_root),
                 "OMA_VMA_URL": f"http://127.0.0.1:{vma_port}",
                 "OMA_VMA_TOKEN": TOKEN,
                 "OMA_VMA_NBD_PORT": str(layout.port),

@@ -80,17 +80,26 @@ def sync_inventory(vms: list[VmaVM]) -> int:
     return len(vms)
 
 
+def _normalized(vm_id: str) -> str:
+    try:
+        return normalize_vm_id(vm_id)
+    except ValidationError as exc:
+        raise MigrationError(f"{vm_id!r} is not a VMware instance UUID") from exc
+
+
+def _vm_for_update(vm_id: str) -> SourceVM:
+    """The inventory's VM, row-locked: one request at a time decides what runs on it."""
+    vm = SourceVM.objects.select_for_update().filter(vm_id=_normalized(vm_id)).first()
+    if vm is None:
+        raise MigrationError(f"no VM {vm_id} in the inventory; run discover_vms first")
+    return vm
+
+
 @transaction.atomic(durable=True)
 def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob:
     """Create a job for the VM's disks and queue it. A later job of the same VM is an incremental sync:
     each disk starts from the change id its last completed job reported, on the same volume."""
-    try:
-        normalized = normalize_vm_id(vm_id)
-    except ValidationError as exc:
-        raise MigrationError(f"{vm_id!r} is not a VMware instance UUID") from exc
-    vm = SourceVM.objects.select_for_update().filter(vm_id=normalized).first()
-    if vm is None:
-        raise MigrationError(f"no VM {vm_id} in the inventory; run discover_vms first")
+    vm = _vm_for_update(vm_id)
     active = vm.jobs.filter(state__in=ACTIVE_STATES).first()
     if active is not None:
         raise MigrationError(f"{vm.name} already has an active job {active.job_id} ({active.state})")
@@ -225,13 +234,7 @@ def start_failover(
     between the page and the worker); a live failover's final sync follows the source's shutdown."""
     if kind not in (JobKind.LIVE_FAILOVER, JobKind.TEST_FAILOVER):
         raise MigrationError(f"{kind!r} is not a failover")
-    try:
-        normalized = normalize_vm_id(vm_id)
-    except ValidationError as exc:
-        raise MigrationError(f"{vm_id!r} is not a VMware instance UUID") from exc
-    vm = SourceVM.objects.select_for_update().filter(vm_id=normalized).first()
-    if vm is None:
-        raise MigrationError(f"no VM {vm_id} in the inventory")
+    vm = _vm_for_update(vm_id)
     if vm.migrated_at is not None:
         raise MigrationError(f"{vm.name} was failed over already (CloudStack VM {vm.destination_vm_id})")
     if not vm.jobs.filter(kind=JobKind.SYNC, state=JobState.COMPLETED).exists():
@@ -265,12 +268,8 @@ def start_failover(
 
 
 def _failover_job(vm_id: str) -> MigrationJob:
-    try:
-        normalized = normalize_vm_id(vm_id)
-    except ValidationError as exc:
-        raise MigrationError(f"{vm_id!r} is not a VMware instance UUID") from exc
     job = (
-        MigrationJob.objects.filter(vm__vm_id=normalized)
+        MigrationJob.objects.filter(vm__vm_id=_normalized(vm_id))
         .exclude(kind=JobKind.SYNC)
         .order_by("-created_at", "-id")
         .first()

@@ -107,17 +107,7 @@ def test_the_oma_side_killed_mid_copy_picks_the_copy_up_again(
 
 
 def cloudstack_env(fake: FakeCloudStack) -> dict[str, str]:
-    return {
-        "OMA_VOLUME_BACKEND": "cloudstack",
-        "OMA_CLOUDSTACK_ENDPOINT": fake.endpoint,
-        "OMA_CLOUDSTACK_KEY": fake.key,
-        "OMA_CLOUDSTACK_SECRET": fake.secret,
-        "OMA_CLOUDSTACK_ZONE_ID": fake.zone_id,
-        "OMA_CLOUDSTACK_DISK_OFFERING_ID": fake.offering_id,
-        "OMA_CLOUDSTACK_OMA_VM_ID": fake.oma_vm_id,
-        "OMA_CLOUDSTACK_POLL_INTERVAL": "0.2",
-        "OMA_CLOUDSTACK_DEVICE_ROOT": str(fake.device_root),
-    }
+    return fake.portal_env()
 
 
 @pytest.fixture

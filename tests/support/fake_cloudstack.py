@@ -580,6 +580,20 @@ class FakeCloudStack:
             }
         return vm_id
 
+    def portal_env(self) -> dict[str, str]:
+        """The portal's environment for this fake (its processes: workers, follower, daphne)."""
+        return {
+            "OMA_VOLUME_BACKEND": "cloudstack",
+            "OMA_CLOUDSTACK_ENDPOINT": self.endpoint,
+            "OMA_CLOUDSTACK_KEY": self.key,
+            "OMA_CLOUDSTACK_SECRET": self.secret,
+            "OMA_CLOUDSTACK_ZONE_ID": self.zone_id,
+            "OMA_CLOUDSTACK_DISK_OFFERING_ID": self.offering_id,
+            "OMA_CLOUDSTACK_OMA_VM_ID": self.oma_vm_id,
+            "OMA_CLOUDSTACK_POLL_INTERVAL": "0.2",
+            "OMA_CLOUDSTACK_DEVICE_ROOT": str(self.device_root),
+        }
+
     def file_of(self, volume_id: str) -> Path:
         return self.data_dir / f"{volume_id}.img"
 
