@@ -85,7 +85,10 @@ def vm_failover_start(request: HttpRequest, vm_id: str) -> HttpResponse:
 def vm_failover_end(request: HttpRequest, vm_id: str) -> HttpResponse:
     """End a running test, or roll the last failover back (the same button on the job page)."""
     vm = get_object_or_404(SourceVM, vm_id=vm_id)
-    action = end_test_failover if request.POST.get("what") == "end_test" else rollback_failover
+    actions = {"end_test": end_test_failover, "rollback": rollback_failover}
+    action = actions.get(request.POST.get("what", ""))
+    if action is None:
+        return HttpResponse("what must be end_test or rollback\n", status=400)
     try:
         job = action(vm_id=vm.vm_id, actor=request.user.get_username())
     except MigrationError as exc:
@@ -99,6 +102,8 @@ def vm_failover_end(request: HttpRequest, vm_id: str) -> HttpResponse:
 def failover_mappings(request: HttpRequest) -> HttpResponse:
     """Every mapping; an operator adds or changes one (checked against the cloud) or deletes one."""
     kind = request.POST.get("kind") or request.GET.get("kind") or "network"
+    if request.method == "POST" and kind not in MAPPING_FORMS:
+        return HttpResponse(f"kind must be one of {', '.join(MAPPING_FORMS)}\n", status=400)
     form_class = MAPPING_FORMS.get(kind, NetworkMappingForm)
     model = form_class._meta.model
     instance = None

@@ -69,3 +69,15 @@ def test_a_failed_over_vm_cannot_be_selected_for_another_sync(operator: Client) 
     page = operator.get("/vms/").content.decode()
     row = page.split(f'id="vm-{job.vm.vm_id}"')[1].split("</tr>")[0]
     assert "runs in CloudStack" in row and 'disabled title="failed over: it runs in CloudStack"' in row
+
+
+def test_a_failover_request_outside_its_choices_is_refused_and_changes_nothing(operator: Client) -> None:
+    (job,) = make_jobs(1)
+    answer = operator.post(f"/vms/{job.vm.vm_id}/failover/end/", {"what": "nuke"})
+    assert answer.status_code == 400 and b"end_test or rollback" in answer.content
+    bad = {"kind": "volume", "source_network": "VM Network", "network_id": LOCAL_NETWORKS[0].id}
+    assert operator.post("/failover/", bad).status_code == 400
+    assert not NetworkMapping.objects.exists()
+    answer = operator.post(f"/vms/{job.vm.vm_id}/failover/start/", {"kind": "sync"}, follow=True)
+    assert "is not a failover" in answer.content.decode()
+    assert not MigrationJob.objects.exclude(kind=JobKind.SYNC).exists()
