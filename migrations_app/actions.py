@@ -110,6 +110,7 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
         raise MigrationError(f"{vm.name} has no disks in the inventory")
     job = MigrationJob(vm=vm, requested_by=requested_by)
     _save_active(job)
+    any_incremental = False
     for disk in disks:
         volume, _ = DestinationVolume.objects.get_or_create(source_disk=disk)
         last = (
@@ -117,10 +118,10 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
             .exclude(new_change_id="")
             .exclude(volume_id="")
             .order_by("-job__finished_at")
-            .select_related("job")
             .first()
         )
         incremental = bool(last and not volume.full_copy_next)
+        any_incremental |= incremental
         JobDisk.objects.create(
             job=job,
             source_disk=disk,
@@ -128,23 +129,17 @@ def start_migration(*, vm_id: str, requested_by: str = "system") -> MigrationJob
             bytes_total=0 if incremental else disk.capacity_bytes,
             # An incremental sync only onto the volume that holds the last completed sync (and that no
             # rolled-back VM wrote to since).
-            previous_change_id=last.new_change_id if last and not volume.full_copy_next else "",
+            previous_change_id=last.new_change_id if last and incremental else "",
             volume_id=volume.volume_id,
         )
-    since = (
-        JobDisk.objects.filter(job=job)
-        .exclude(previous_change_id="")
-        .values_list("previous_change_id", flat=True)
-        .exists()
-    )
-    if since:
+    if any_incremental:
         job.since_sync_at = (
             vm.jobs.filter(kind=JobKind.SYNC, state=JobState.COMPLETED)
             .order_by("-finished_at")
             .values_list("finished_at", flat=True)
         ).first()
         job.save(update_fields=["since_sync_at"])
-    kind = "incremental" if since else "full"
+    kind = "incremental" if any_incremental else "full"
     record_job_event(job, "job.created", message=f"{kind} migration of {vm.name}", actor=requested_by)
     return job
 

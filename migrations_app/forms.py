@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from django import forms
 
+from .backends import get_compute_backend
 from .models import FailoverPlan, MigrationGroup, NetworkMapping, OfferingMapping, SourceVM, TemplateMapping
+from .volumes import VolumeError
 
 
 class GroupForm(forms.ModelForm):
@@ -43,9 +45,6 @@ class CloudCheckedForm(forms.ModelForm):
         wanted = {name: str(cleaned.get(name) or "").strip() for name in self.cloud_fields}
         if not any(wanted.values()):
             return cleaned
-        from .backends import get_compute_backend
-        from .volumes import VolumeError
-
         compute = get_compute_backend()
         known: dict[str, dict[str, str]] = {}
         try:

@@ -202,9 +202,9 @@ def timeline(job: MigrationJob, events: list[JobEvent]) -> list[dict[str, Any]]:
     rollback as a step of its own; a test's end is part of a test failover's story."""
     steps = list(SEQUENCES[job.kind])
     rolling = job.current_step == JobState.ROLLING_BACK or job.state == JobState.ROLLED_BACK
-    if job.kind == "test_failover" or rolling:
+    if job.kind == JobKind.TEST_FAILOVER or rolling:
         steps.append(JobState.ROLLING_BACK)
-    test_ran = job.kind == "test_failover" and job.test_ends_at is not None
+    test_ran = job.kind == JobKind.TEST_FAILOVER and job.test_ends_at is not None
     failed_in = ""
     if rolling and not test_ran:
         marker = next((e for e in events if e.kind == "failover.rolling_back"), None)
