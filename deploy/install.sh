@@ -61,6 +61,10 @@ owned root:oma "$ROOT/etc/oma"
 say "the privileged helper, its config and its sudoers rule"
 install -D -m 0755 "$SRC/deploy/oma_nbd_helper.py" "$ROOT/usr/local/libexec/oma/oma-nbd-helper"
 [ -e "$ROOT/etc/oma/nbd-helper.conf" ] || install -m 0644 "$SRC/deploy/etc/nbd-helper.conf" "$ROOT/etc/oma/nbd-helper.conf"
+# AES-GCM for NBD over TLS, where the CPU has AES instructions (see the file).
+if grep -qw aes /proc/cpuinfo; then
+  install -m 0644 "$SRC/deploy/etc/nbd-tls-priority.conf" "$ROOT/etc/oma/nbd-tls-priority.conf"
+fi
 install -D -m 0440 "$SRC/deploy/sudoers.d/oma-nbd-helper" "$ROOT/etc/sudoers.d/oma-nbd-helper"
 if [ "$FILES_ONLY" = 0 ]; then visudo -cf /etc/sudoers.d/oma-nbd-helper; fi
 

@@ -132,6 +132,10 @@ class Config(NamedTuple):
     service: str
     tls_psk_file: Path | None  # nbdkit only: --tls=require --tls-psk=FILE
     tls_group: str | None  # the server's group, which may read the key file (it does not run as root)
+    # A GnuTLS priority file for the server (GNUTLS_SYSTEM_PRIORITY_FILE): where the CPU has AES
+    # instructions, it takes ChaCha20 off so TLS 1.3 with a SHA-256 key settles on AES-128-GCM, about
+    # three times cheaper per byte here. A missing file leaves GnuTLS on its defaults.
+    tls_priority_file: Path | None = None
 
 
 def _config_path(value: str, key: str) -> Path:
@@ -200,6 +204,7 @@ def load_config() -> Config:
         if psk and backend != "nbdkit":
             raise HelperError(EXIT_CONFIG, "bad_config", "tls_psk_file needs backend nbdkit (nbd-server has no PSK)")
         tls_group = section.get("tls_group", "").strip() or None
+        priority = section.get("tls_priority_file", "").strip()
         if tls_group is not None and not IDENTITY_RE.fullmatch(tls_group):
             raise HelperError(EXIT_CONFIG, "bad_config", f"tls_group {tls_group!r} is not a group name")
         return Config(
@@ -217,6 +222,7 @@ def load_config() -> Config:
             service=section.get("service", "direct"),
             tls_psk_file=_config_path(psk, "tls_psk_file") if psk else None,
             tls_group=tls_group,
+            tls_priority_file=_config_path(priority, "tls_priority_file") if priority else None,
         )
     except HelperError:
         raise
@@ -757,6 +763,13 @@ def _server_argv(config: Config) -> list[str]:
     return [str(config.server_exe), "-C", str(config.server_config), "-p", str(config.pidfile)]
 
 
+def _server_env(config: Config) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GNUTLS_")}
+    if config.tls_priority_file is not None:
+        env["GNUTLS_SYSTEM_PRIORITY_FILE"] = str(config.tls_priority_file)
+    return env
+
+
 def _wait_ready(config: Config, old_pid: int | None) -> MainProcess:
     deadline = time.monotonic() + START_TIMEOUT
     why = "not started"
@@ -791,6 +804,7 @@ def _start(config: Config, old_pid: int | None) -> MainProcess:
     remove_durably(config.pidfile)
     result = subprocess.run(
         _server_argv(config),
+        env=_server_env(config),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

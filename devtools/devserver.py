@@ -110,6 +110,23 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+TLS_PRIORITY_FILE = Path(__file__).resolve().parent.parent / "deploy" / "etc" / "nbd-tls-priority.conf"
+
+
+def cpu_has_aes() -> bool:
+    """Whether the CPU has AES instructions (x86 and arm64 both list the flag as ``aes``), as
+    deploy/install.sh decides whether to install the server's TLS priority file."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
+
+
 def _write_keys(layout: DevServerLayout) -> None:
     """Keys for the portal and the simulated VMA, kept across runs: the server's file and one client file
     each (psktool's format), readable by their owner only."""
@@ -146,7 +163,9 @@ def write_layout(root: Path, backend: str, host: str, port: int, tls: bool | Non
         f"lock_file = {layout.root / 'helper.lock'}\n"
         f"listen_address = {host}\n"
         f"port = {port}\n"
-        f"dev_volume_root = {layout.volume_root}\n" + (f"tls_psk_file = {layout.psk_file}\n" if tls else ""),
+        f"dev_volume_root = {layout.volume_root}\n"
+        + (f"tls_psk_file = {layout.psk_file}\n" if tls else "")
+        + (f"tls_priority_file = {TLS_PRIORITY_FILE}\n" if tls and cpu_has_aes() else ""),
     )
     if tls:
         _write_keys(layout)
