@@ -282,9 +282,23 @@ def main() -> None:
         # and the follower noticing a copy's end (the VMA's end -> job completed).
         chains: list[list[float]] = [[] for _ in walls]
         notices: list[list[float]] = [[] for _ in walls]
+        steps: list[dict[str, list[float]]] = [{} for _ in walls]
         for job in MigrationJob.objects.filter(pk__in=[j.pk for j in all_jobs], state=JobState.COMPLETED):
             number = int(job.requested_by.rsplit("-", 1)[-1]) - 1
-            events = {e.kind: e.created_at for e in JobEvent.objects.filter(job=job)}
+            log = list(JobEvent.objects.filter(job=job).order_by("id"))
+            events = {e.kind: e.created_at for e in log}
+            # Each step's own time, and the queue's: placed (job.started) -> the worker's first step.
+            begun: dict[str, Any] = {"queue": events.get("job.started")}
+            for event in log:
+                if event.kind == "step.started":
+                    begun[event.step] = event.created_at
+                    if begun.get("queue") is not None:
+                        steps[number].setdefault("queue", []).append(
+                            (event.created_at - begun.pop("queue")).total_seconds() * 1000
+                        )
+                elif event.kind == "step.finished" and begun.get(event.step) is not None:
+                    took = (event.created_at - begun.pop(event.step)).total_seconds() * 1000
+                    steps[number].setdefault(event.step, []).append(took)
             replication = sim.replications.get(f"{job.job_id}-{job.attempt}")
             if "job.started" in events and replication is not None:
                 chains[number].append((replication.started_at - events["job.started"].timestamp()) * 1000)
@@ -352,6 +366,7 @@ def main() -> None:
             "rate_mbit": args.rate_mbit,
             "round_worker_steps_p50_ms": [percentile(values, 50) for values in chains],
             "round_copy_end_noticed_p50_ms": [percentile(values, 50) for values in notices],
+            "round_step_p50_ms": [{step: percentile(v, 50) for step, v in sorted(r.items())} for r in steps],
             "round_slot_utilization": [
                 round(sum(shares) / len(shares), 3) if shares else None for shares in sampler.round_shares if shares
             ],
