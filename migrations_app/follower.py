@@ -137,7 +137,7 @@ class Follower:
         self.wake = threading.Event()
         self.freed = True
         self.waiting = 0
-        self.pending_signature: tuple[int, int | None] = (-1, None)
+        self.pending_signature: tuple[int, int | None, int] = (-1, None, -1)
         self.dispatched_at = 0.0
 
     def close(self) -> None:
@@ -457,11 +457,21 @@ class Follower:
     # --- 3. pending jobs ------------------------------------------------------------------------
 
     def _dispatch_due(self, report: TickReport) -> bool:
-        """Whether placing pending jobs could come out differently from the last time: a job ended, a slot
-        was freed, the pending jobs changed, or a while passed (settings, another node's moves). Placing
-        takes the node's lock; on SQLite that is the write lock every worker needs."""
-        pending = MigrationJob.objects.filter(state=JobState.PENDING).aggregate(n=Count("pk"), last=Max("pk"))
-        signature = (pending["n"], pending["last"])
+        """Whether placing pending jobs could come out differently from the last time: a job ended (here or
+        in a worker: its volumes turn idle and may be evicted), a slot was freed, the pending jobs changed,
+        or a while passed (settings, another node's moves). Placing takes the node's lock; on SQLite that
+        is the write lock every worker needs."""
+        is_pending = Q(state=JobState.PENDING)
+        pending = MigrationJob.objects.aggregate(
+            n=Count("pk", filter=is_pending),
+            last=Max("pk", filter=is_pending),
+            active=Count(
+                "pk",
+                filter=Q(state__in=[*WORKER_STEPS, JobState.CANCELLING])
+                & (Q(node=self.node) | Q(node__isnull=True)),
+            ),
+        )
+        signature = (pending["n"], pending["last"], pending["active"])
         now = time.monotonic()
         due = (
             bool(report.finished or report.recovered)

@@ -9,8 +9,8 @@ from django.utils import timezone
 
 from devtools.vma_sim import Faults
 from migrations_app import actions
-from migrations_app.follower import drop_lease, hold_lease
-from migrations_app.models import JobState, OmaNode
+from migrations_app.follower import Follower, drop_lease, hold_lease
+from migrations_app.models import JobState, MigrationJob, OmaNode
 from migrations_app.slots import this_node
 from tests.support.flows import drive, run_until, wire
 from tests.support.nbd import RunningServer
@@ -49,3 +49,29 @@ def test_a_cancel_while_the_vma_is_unreachable_waits_and_reaches_it(
     (job,) = drive(job)
     assert job.state == JobState.CANCELLED
     assert sim.sim.replications[job.replication_id].state == "cancelled", "the VMA stopped the copy"
+
+
+def test_a_job_a_worker_ends_lets_the_next_tick_place_a_waiting_one(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """A job ends in a worker, not in the follower: its end must make the very next tick place what
+    waits for it, not the next periodic placement (up to two seconds of an idle slot)."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ACTIVE_JOBS": 1}  # type: ignore[attr-defined]
+    first = actions.start_migration(vm_id=sim.vm("web-01").id)
+    second = actions.start_migration(vm_id=sim.vm("db-01").id)
+    queued: list[int] = []
+    follower = Follower(enqueue=lambda task, pk: queued.append(pk), detach=lambda pk: None)
+    try:
+        follower.tick()
+        assert queued == [first.pk]
+        second.refresh_from_db()
+        assert second.state == JobState.PENDING and "maximum is 1" in second.wait_reason
+        follower.tick()
+        assert queued == [first.pk], "nothing changed: nothing more is placed"
+        MigrationJob.objects.filter(pk=first.pk).update(state=JobState.FAILED)  # as a worker's step would
+        follower.tick()
+        assert queued == [first.pk, second.pk]
+    finally:
+        follower.close()
