@@ -467,8 +467,7 @@ class Follower:
             last=Max("pk", filter=is_pending),
             active=Count(
                 "pk",
-                filter=Q(state__in=[*WORKER_STEPS, JobState.CANCELLING])
-                & (Q(node=self.node) | Q(node__isnull=True)),
+                filter=Q(state__in=[*WORKER_STEPS, JobState.CANCELLING]) & (Q(node=self.node) | Q(node__isnull=True)),
             ),
         )
         signature = (pending["n"], pending["last"], pending["active"])
