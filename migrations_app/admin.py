@@ -15,6 +15,7 @@ from .models import (
     FailoverPlan,
     MigrationGroup,
     NetworkMapping,
+    NodeEvent,
     OfferingMapping,
     OmaNode,
     TemplateMapping,
@@ -61,8 +62,31 @@ class MigrationGroupAdmin(admin.ModelAdmin):
 
 @admin.register(OmaNode)
 class OmaNodeAdmin(admin.ModelAdmin):
-    list_display = ["name", "attach_slots", "follower", "follower_beat_at"]
-    readonly_fields = ["follower", "follower_beat_at", "created_at"]
+    list_display = ["name", "attach_slots", "nbd_address", "drained_at", "follower", "follower_beat_at"]
+    # Registration writes the address and VM id, the follower its lease; draining goes through the nodes
+    # page or drain_node (each recorded as a NodeEvent).
+    readonly_fields = [
+        "nbd_address",
+        "oma_vm_id",
+        "follower",
+        "follower_beat_at",
+        "drained_at",
+        "drained_by",
+        "drain_reason",
+        "created_at",
+    ]
+
+
+@admin.register(NodeEvent)
+class NodeEventAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "node", "kind", "actor", "message"]
+    list_filter = ["kind", "node"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: NodeEvent | None = None) -> bool:
+        return False
 
 
 @admin.register(DestinationVolume)

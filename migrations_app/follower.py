@@ -51,6 +51,7 @@ from .models import (
     MigrationJob,
     OmaNode,
 )
+from .nodes import drained_wait_reason
 from .slots import Placer, release, this_node
 from .topics import JOB, PROGRESS
 from .vma_client import DiskProgress, Replication, VmaClient, VmaError, VmaUnavailable
@@ -137,7 +138,7 @@ class Follower:
         self.wake = threading.Event()
         self.freed = True
         self.waiting = 0
-        self.pending_signature: tuple[int, int | None, int] = (-1, None, -1)
+        self.pending_signature: tuple[int, int | None, int, datetime | None] = (-1, None, -1, None)
         self.dispatched_at = 0.0
 
     def close(self) -> None:
@@ -459,8 +460,8 @@ class Follower:
     def _dispatch_due(self, report: TickReport) -> bool:
         """Whether placing pending jobs could come out differently from the last time: a job ended (here or
         in a worker: its volumes turn idle and may be evicted), a slot was freed, the pending jobs changed,
-        or a while passed (settings, another node's moves). Placing takes the node's lock; on SQLite that
-        is the write lock every worker needs."""
+        the node was drained or undrained, or a while passed (settings, another node's moves). Placing
+        takes the node's lock; on SQLite that is the write lock every worker needs."""
         is_pending = Q(state=JobState.PENDING)
         pending = MigrationJob.objects.aggregate(
             n=Count("pk", filter=is_pending),
@@ -470,7 +471,7 @@ class Follower:
                 filter=Q(state__in=[*WORKER_STEPS, JobState.CANCELLING]) & (Q(node=self.node) | Q(node__isnull=True)),
             ),
         )
-        signature = (pending["n"], pending["last"], pending["active"])
+        signature = (pending["n"], pending["last"], pending["active"], self.node.drained_at)
         now = time.monotonic()
         due = (
             bool(report.finished or report.recovered)
@@ -520,6 +521,9 @@ class Follower:
             )
             placer = Placer(node)
             for job in pending:
+                if node.drained:
+                    waits.append((job, drained_wait_reason(node)))
+                    continue
                 job_volumes = [volumes[sd] for sd in disks[job.pk]]
                 if len(job_volumes) > node.attach_slots:
                     why = f"needs {len(job_volumes)} attach slots; node {node.name} has {node.attach_slots} in all"

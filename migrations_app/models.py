@@ -7,6 +7,7 @@ job's state changes, and an illegal transition raises ``IllegalTransition``.
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 
 from django.core.validators import MinValueValidator
 from django.db import models
@@ -91,9 +92,18 @@ class OmaNode(models.Model):
 
     name = models.CharField(max_length=64, unique=True, help_text="OMA_NODE_NAME")
     attach_slots = models.PositiveSmallIntegerField(default=25)
-    # The progress follower that holds this node's lease (one per node), and its last beat.
+    # What the node says of itself each time its services start (registration): where the VMAs reach
+    # its NBD server, and its own CloudStack VM (the one its volumes are attached to).
+    nbd_address = models.CharField(max_length=255, blank=True, help_text="host:port the VMAs copy to")
+    oma_vm_id = models.CharField(max_length=64, blank=True, help_text="this OMA's CloudStack VM id")
+    # The progress follower that holds this node's lease (one per node), and its last beat: the node's
+    # heartbeat (a node whose follower stopped beating is down).
     follower = models.CharField(max_length=64, blank=True)
     follower_beat_at = models.DateTimeField(null=True, blank=True)
+    # Drained: copies running on it finish, nothing new is placed on it.
+    drained_at = models.DateTimeField(null=True, blank=True)
+    drained_by = models.CharField(max_length=150, blank=True)
+    drain_reason = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -102,6 +112,30 @@ class OmaNode(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def drained(self) -> bool:
+        return self.drained_at is not None
+
+    def is_up(self, stale_before: datetime) -> bool:
+        """Its follower beat since ``stale_before`` (the workflow's stale threshold ago)."""
+        return self.follower_beat_at is not None and self.follower_beat_at >= stale_before
+
+
+class NodeEvent(models.Model):
+    """What happened to a node and who did it: drained, undrained, registered with a new address."""
+
+    node = models.ForeignKey(OmaNode, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=32)
+    actor = models.CharField(max_length=150, blank=True)
+    message = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.kind}"
 
 
 class DestinationVolume(models.Model):

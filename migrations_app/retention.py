@@ -1,5 +1,5 @@
 """History is kept for OMA_RETENTION_DAYS, then pruned: job events of finished jobs, export events, login
-records and django-q2's finished task rows. Jobs themselves, mappings and volumes are never pruned, and
+records, node events and django-q2's finished task rows. Jobs themselves, mappings and volumes are never pruned, and
 an active job keeps all its events."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from django_q.models import Task
 from exports.models import ExportEvent
 from omaportal.web.models import LoginEvent
 
-from .models import FINAL_STATES, JobEvent
+from .models import FINAL_STATES, JobEvent, NodeEvent
 
 PRUNE_EVERY_SECONDS = 3600.0
 
@@ -27,6 +27,7 @@ def prune(days: int | None = None, dry_run: bool = False) -> dict[str, int]:
     querysets = {
         "job_events": JobEvent.objects.filter(created_at__lt=cutoff, job__state__in=FINAL_STATES),
         "export_events": ExportEvent.objects.filter(created_at__lt=cutoff),
+        "node_events": NodeEvent.objects.filter(created_at__lt=cutoff),
         "login_events": LoginEvent.objects.filter(created_at__lt=cutoff),
         "tasks": Task.objects.filter(stopped__lt=cutoff),
     }

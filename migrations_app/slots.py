@@ -17,21 +17,30 @@ from django.utils import timezone
 
 from exports.conf import nbd_conf
 
-from .conf import workflow_conf
-from .models import ACTIVE_STATES, DestinationVolume, JobDisk, MigrationJob, OmaNode
+from .conf import vma_conf, volume_conf, workflow_conf
+from .models import ACTIVE_STATES, DestinationVolume, JobDisk, MigrationJob, NodeEvent, OmaNode
 
 Volume = DestinationVolume
 State = DestinationVolume.State
 
 
 def this_node() -> OmaNode:
-    """This OMA's node row (OMA_NODE_NAME), registered with its configured slot count: the node's own
-    settings are the truth for its slots."""
-    slots = workflow_conf().attach_slots
-    node, created = OmaNode.objects.get_or_create(name=nbd_conf().node, defaults={"attach_slots": slots})
-    if not created and node.attach_slots != slots:
-        OmaNode.objects.filter(pk=node.pk).update(attach_slots=slots)
-        node.attach_slots = slots
+    """This OMA's node row (OMA_NODE_NAME), registered with what its own settings say: its slot count,
+    where the VMAs reach its NBD server, and its CloudStack VM. A change is recorded on the node."""
+    said = {
+        "attach_slots": workflow_conf().attach_slots,
+        "nbd_address": f"{vma_conf().nbd_host}:{vma_conf().nbd_port}",
+        "oma_vm_id": volume_conf().cloudstack.oma_vm_id if volume_conf().backend == "cloudstack" else "",
+    }
+    node, created = OmaNode.objects.get_or_create(name=nbd_conf().node, defaults=said)
+    changed = {key: value for key, value in said.items() if getattr(node, key) != value}
+    if changed:
+        OmaNode.objects.filter(pk=node.pk).update(**changed)
+        for key, value in changed.items():
+            setattr(node, key, value)
+    if created or changed:
+        message = ", ".join(f"{key.replace('_', ' ')} {value or '-'}" for key, value in said.items())
+        NodeEvent.objects.create(node=node, kind="node.registered", message=message)
     return node
 
 

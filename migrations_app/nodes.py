@@ -1,0 +1,135 @@
+"""OMA nodes as the operator sees them: each node's slots, copies, NBD server and heartbeat, and draining
+(copies running on a node finish; nothing new is placed on it until it is undrained).
+
+A node registers itself when its follower starts (``slots.this_node``) and beats through its follower's
+lease; a node whose follower has not beaten for the stale period is shown as down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import transaction
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from exports.models import NbdServerState
+
+from .models import WORKER_STEPS, DestinationVolume, JobState, MigrationJob, NodeEvent, OmaNode
+from .workflow import stale_before
+
+DRAIN_REASON_MAX = 200
+
+
+class NodeError(Exception):
+    """A node request that cannot be taken; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    node: OmaNode
+    state: str  # "up", "down" or "drained" (a drained node that stopped beating is "down")
+    slots_used: int
+    active_jobs: int
+    copies: int  # jobs whose copy runs at a VMA into this node
+    nbd_health: str
+    beat_at: datetime | None
+
+    @property
+    def slots_free(self) -> int:
+        return max(0, self.node.attach_slots - self.slots_used)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.node.name,
+            "state": self.state,
+            "drained_at": self.node.drained_at.isoformat() if self.node.drained_at else None,
+            "drained_by": self.node.drained_by,
+            "drain_reason": self.node.drain_reason,
+            "attach_slots": self.node.attach_slots,
+            "slots_used": self.slots_used,
+            "slots_free": self.slots_free,
+            "active_jobs": self.active_jobs,
+            "copies": self.copies,
+            "nbd_health": self.nbd_health,
+            "nbd_address": self.node.nbd_address,
+            "oma_vm_id": self.node.oma_vm_id,
+            "heartbeat_at": self.beat_at.isoformat() if self.beat_at else None,
+        }
+
+
+def node_rows() -> list[NodeRow]:
+    """Every node with its figures, in a fixed number of queries."""
+    nodes = list(OmaNode.objects.order_by("name"))
+    slots = dict(
+        DestinationVolume.objects.filter(node__isnull=False)  # a volume holds a slot while it names a node
+        .values_list("node")
+        .annotate(n=Count("pk"))
+    )
+    jobs: dict[int, tuple[int, int]] = {
+        row["node"]: (row["active"], row["copies"])
+        for row in MigrationJob.objects.filter(node__isnull=False, state__in=[*WORKER_STEPS, JobState.CANCELLING])
+        .values("node")
+        .annotate(active=Count("pk"), copies=Count("pk", filter=Q(state=JobState.REPLICATING)))
+    }
+    health = dict(NbdServerState.objects.values_list("node", "health"))
+    stale = stale_before()
+    rows = []
+    for node in nodes:
+        up = node.is_up(stale)
+        state = "down" if not up else "drained" if node.drained else "up"
+        active, copies = jobs.get(node.pk, (0, 0))
+        rows.append(
+            NodeRow(
+                node=node,
+                state=state,
+                slots_used=slots.get(node.pk, 0),
+                active_jobs=active,
+                copies=copies,
+                nbd_health=health.get(node.name, "unknown"),
+                beat_at=node.follower_beat_at,
+            )
+        )
+    return rows
+
+
+def _node(name: str) -> OmaNode:
+    node = OmaNode.objects.select_for_update().filter(name=name).first()
+    if node is None:
+        known = ", ".join(OmaNode.objects.order_by("name").values_list("name", flat=True)) or "none yet"
+        raise NodeError(f"no OMA node named {name!r} (known: {known})")
+    return node
+
+
+def drain(name: str, actor: str, reason: str = "") -> tuple[OmaNode, bool]:
+    """Stop placing new work on the node; returns the node and whether this call drained it (False:
+    it was drained already, and its reason is kept)."""
+    reason = " ".join(reason.split())
+    if len(reason) > DRAIN_REASON_MAX:
+        raise NodeError(f"the reason is {len(reason)} characters long; at most {DRAIN_REASON_MAX}")
+    with transaction.atomic():
+        node = _node(name)
+        if node.drained:
+            return node, False
+        node.drained_at, node.drained_by, node.drain_reason = timezone.now(), actor, reason
+        node.save(update_fields=["drained_at", "drained_by", "drain_reason"])
+        NodeEvent.objects.create(node=node, kind="node.drained", actor=actor, message=reason or "no reason given")
+    return node, True
+
+
+def undrain(name: str, actor: str) -> tuple[OmaNode, bool]:
+    """Let the node take new work again; returns the node and whether this call changed it."""
+    with transaction.atomic():
+        node = _node(name)
+        if not node.drained:
+            return node, False
+        node.drained_at, node.drained_by, node.drain_reason = None, "", ""
+        node.save(update_fields=["drained_at", "drained_by", "drain_reason"])
+        NodeEvent.objects.create(node=node, kind="node.undrained", actor=actor)
+    return node, True
+
+
+def drained_wait_reason(node: OmaNode) -> str:
+    why = f": {node.drain_reason}" if node.drain_reason else ""
+    return f"node {node.name} is drained{why}; nothing new starts on it until it is undrained"
