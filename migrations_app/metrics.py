@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from exports.models import NbdServerState
 
 from .models import DestinationVolume, JobDisk, JobState, MigrationJob, OmaNode
+from .workflow import stale_before
 
 HEALTHS = [choice.value for choice in NbdServerState.Health]
 
@@ -44,11 +45,15 @@ class PortalCollector(Collector):
             .annotate(n=Count("id"))
             .values_list("node__name", "n")
         )
-        for name, slots in OmaNode.objects.values_list("name", "attach_slots"):
-            used.add_metric([name], held.get(name, 0))
-            total.add_metric([name], slots)
-        yield used
-        yield total
+        up = GaugeMetricFamily("oma_node_up", "1 while the node's follower beats (its heartbeat)", labels=["node"])
+        drained = GaugeMetricFamily("oma_node_drained", "1 while nothing new starts on the node", labels=["node"])
+        stale = stale_before()
+        for node in OmaNode.objects.only("name", "attach_slots", "follower_beat_at", "drained_at"):
+            used.add_metric([node.name], held.get(node.name, 0))
+            total.add_metric([node.name], node.attach_slots)
+            up.add_metric([node.name], int(node.is_up(stale)))
+            drained.add_metric([node.name], int(node.drained))
+        yield from (used, total, up, drained)
 
     def _nbd(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("oma_nbd_server_up", "1 when the NBD server is verified and serving", labels=["node"])

@@ -71,7 +71,7 @@ def story(job: MigrationJob, disks: list[JobDisk]) -> dict[str, Any]:
 
 def with_disks(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
     return (
-        queryset.select_related("vm")
+        queryset.select_related("vm", "node")
         .prefetch_related(
             Prefetch(
                 "disks", JobDisk.objects.select_related("source_disk", "mapping").order_by("source_disk__unit_number")

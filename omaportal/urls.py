@@ -3,7 +3,7 @@ from django.contrib.auth.views import LogoutView
 from django.urls import path
 
 from exports import views as export_views
-from migrations_app import failover_views
+from migrations_app import failover_views, node_views
 from migrations_app import views as migration_views
 from omaportal.web.auth import OmaLoginView
 
@@ -24,6 +24,9 @@ urlpatterns = [
     path("jobs/<str:job_id>/", migration_views.job_detail, name="job-detail"),
     path("jobs/<str:job_id>/cancel/", migration_views.job_cancel, name="job-cancel"),
     path("jobs/<str:job_id>/retry/", migration_views.job_retry, name="job-retry"),
+    path("nodes/", node_views.node_list, name="node-list"),
+    path("nodes/<str:name>/drain/", node_views.node_drain, name="node-drain"),
+    path("nodes/<str:name>/undrain/", node_views.node_undrain, name="node-undrain"),
     path("exports/", export_views.mapping_list, name="mapping-list"),
     path("nbd/", export_views.nbd_server, name="nbd-server"),
     path("healthz", export_views.healthz, name="healthz"),

@@ -64,7 +64,7 @@ def live_role(user: Any) -> str | None:
 type View = Callable[..., HttpResponse]
 
 
-def _requires(allowed: Callable[[Any], bool], refusal: str) -> Callable[[View], View]:
+def requires(allowed: Callable[[Any], bool], refusal: str) -> Callable[[View], View]:
     """Login first (a redirect to the login page), then ``allowed(user)`` or 403 with ``refusal``."""
 
     def decorator(view: View) -> View:
@@ -81,6 +81,6 @@ def _requires(allowed: Callable[[Any], bool], refusal: str) -> Callable[[View], 
 
 
 # Every page and fragment: a viewer (or more).
-viewer_required = _requires(can_view, "your account has no role yet; ask an admin")
+viewer_required = requires(can_view, "your account has no role yet; ask an admin")
 # Start, cancel, retry, refresh: an operator, whatever the form says (buttons are not the guard).
-operator_required = _requires(can_operate, "only operators can start, cancel or retry migrations")
+operator_required = requires(can_operate, "only operators can start, cancel or retry migrations")

@@ -42,6 +42,7 @@ def pages_to_walk(job: MigrationJob) -> dict[str, str]:
         "job": f"/jobs/{job.job_id}/",
         "exports": "/exports/",
         "nbd": "/nbd/",
+        "nodes": "/nodes/",
         "failover": f"/vms/{job.vm.vm_id}/failover/",
         "mappings": "/failover/",
         "not-found": "/jobs/no-such-job/",

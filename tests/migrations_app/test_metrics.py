@@ -69,6 +69,8 @@ def test_metrics_say_jobs_bytes_slots_and_nbd_health(settings: Any) -> None:
     assert found[("oma_copy_throughput_bytes_per_second", ())] == rate
     assert found[("oma_attach_slots_used", (("node", "oma-1"),))] == 2
     assert found[("oma_attach_slots", (("node", "oma-1"),))] == 25
+    assert found[("oma_node_up", (("node", "oma-1"),))] == 0, "no follower has beaten on it"
+    assert found[("oma_node_drained", (("node", "oma-1"),))] == 0
     assert found[("oma_nbd_server_up", (("node", "oma-1"),))] == 1
     assert found[("oma_nbd_server_health", (("health", "degraded"), ("node", "oma-1")))] == 1
     assert found[("oma_nbd_server_health", (("health", "ok"), ("node", "oma-1")))] == 0

@@ -15,6 +15,7 @@ from migrations_app import actions
 from migrations_app.follower import Follower, hold_lease
 from migrations_app.models import JobState, NodeEvent, OmaNode
 from migrations_app.slots import this_node
+from tests.support.factories import UserFactory, client_as
 from tests.support.flows import wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import SimFactory
@@ -102,3 +103,32 @@ def test_a_drained_node_starts_nothing_new_until_undrained(
     finally:
         follower.close()
 
+
+def test_the_nodes_page_shows_every_node_and_only_admins_drain(make_user: UserFactory) -> None:
+    node = this_node()
+    hold_lease(node, "follower-a")
+    viewer = client_as(make_user("viewer"))
+    page = viewer.get("/nodes/")
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert node.name in text and "Drain" not in text
+    assert viewer.post(f"/nodes/{node.name}/drain/", {"reason": "x"}).status_code == 403
+    assert client_as(make_user("operator")).post(f"/nodes/{node.name}/drain/").status_code == 403
+    node.refresh_from_db()
+    assert not node.drained
+
+    admin = client_as(make_user("admin"))
+    assert "Drain" in admin.get("/nodes/").content.decode()
+    response = admin.post(f"/nodes/{node.name}/drain/", {"reason": "disk swap"}, follow=True)
+    assert response.status_code == 200 and "drained" in response.content.decode()
+    node.refresh_from_db()
+    assert node.drained and node.drain_reason == "disk swap" and node.drained_by.startswith("admin-")
+    assert "Undrain" in response.content.decode()
+    event = NodeEvent.objects.get(kind="node.drained")
+    assert event.actor == node.drained_by and event.message == "disk swap"
+    missing = admin.post("/nodes/nope/drain/", follow=True)
+    assert "no OMA node named" in missing.content.decode()
+    admin.post(f"/nodes/{node.name}/undrain/")
+    node.refresh_from_db()
+    assert not node.drained
+    assert admin.get(f"/nodes/{node.name}/drain/").status_code == 405
