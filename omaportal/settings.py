@@ -183,8 +183,12 @@ STATIC_ROOT = VAR_DIR / "staticfiles"
 # many concurrent migrations. The timeout covers the slowest step: a CloudStack job (OMA_CLOUDSTACK_JOB_
 # TIMEOUT, 300 s) per disk; "retry" must exceed it.
 _Q_TIMEOUT = int(os.environ.get("OMA_Q_TIMEOUT", "900"))
+# This OMA node's name: its attach slots, volumes, jobs, NBD server state and task queue carry it.
+_NODE_NAME = os.environ.get("OMA_NODE_NAME", "local")
 Q_CLUSTER = {
-    "name": "oma",
+    # One queue per OMA node: a job's steps attach volumes and publish exports on the node it was placed
+    # on, so only that node's workers may take them (the node's follower queues them under this name).
+    "name": f"oma-{_NODE_NAME}",
     "orm": "default",
     "workers": int(os.environ.get("OMA_Q_WORKERS", "4")),
     "timeout": _Q_TIMEOUT,
@@ -226,7 +230,7 @@ OMA_NBD: dict[str, Any] = {
     "MIN_RELOAD_SPACING": float(os.environ.get("OMA_NBD_MIN_RELOAD_SPACING", "2.0")),
     # How long a new export may take to appear before ensure_export gives up.
     "SERVE_TIMEOUT": float(os.environ.get("OMA_NBD_SERVE_TIMEOUT", "15")),
-    "NODE": os.environ.get("OMA_NODE_NAME", "local"),
+    "NODE": _NODE_NAME,
     # NBD over TLS (nbdkit --tls=require with pre-shared keys): the portal's own key file (psktool
     # format, readable only by the portal's user) for its health probes and verification reads, and
     # the identity in it. Empty: the server speaks plain NBD (nbd-server has no PSK support).
