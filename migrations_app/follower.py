@@ -525,6 +525,8 @@ class Follower:
                     waits.append((job, drained_wait_reason(node)))
                     continue
                 job_volumes = [volumes[sd] for sd in disks[job.pk]]
+                if job.node_id is None and placer.better_node(job_volumes) is not None:
+                    continue  # another node has more room: its follower places it
                 if len(job_volumes) > node.attach_slots:
                     why = f"needs {len(job_volumes)} attach slots; node {node.name} has {node.attach_slots} in all"
                     job.transition_to(JobState.FAILED, error=why)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from exports.conf import nbd_conf
@@ -76,6 +77,28 @@ class Placer:
         self.free = node.attach_slots - used_slots(node)
         self.detaching = DestinationVolume.objects.filter(node=node, state=State.DETACHING).count()
         self.blocked = False  # an older job waits for slots: younger ones may not take freed ones first
+        self.active = MigrationJob.objects.filter(node=node, state__in=ACTIVE_STATES).count()
+        self.others = other_nodes(node)
+
+    def better_node(self, volumes: list[DestinationVolume]) -> OmaNode | None:
+        """For a job no node holds yet: another node that should take it instead (more free slots, then
+        fewer active jobs, then its name), or None. Its follower places it there under that node's own
+        lock, so no node is ever overfilled; the job it is left for counts against that node's free slots
+        for the rest of this tick."""
+        needed = sum(1 for v in volumes if v.node_id is None)
+        if not needed or len(volumes) != needed:
+            return None  # some of its volumes are on a node already: that node takes it
+        mine = (-self.free, self.active, self.node.name)
+        best = min(
+            (other for other in self.others if other.free >= needed and other.key < mine),
+            key=lambda other: other.key,
+            default=None,
+        )
+        if best is None:
+            return None
+        best.free -= needed
+        best.active += 1
+        return best.node
 
     def place(self, volumes: list[DestinationVolume]) -> Reservation:
         """Reserve a slot for every volume of one job that holds none: all or none. When slots are short,
@@ -110,6 +133,42 @@ class Placer:
         if self.detaching:
             why += f", {self.detaching} idle volume(s) being detached"
         return Reservation(False, why, evict)
+
+
+@dataclass
+class OtherNode:
+    node: OmaNode
+    free: int
+    active: int
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (-self.free, self.active, self.node.name)
+
+
+def other_nodes(node: OmaNode) -> list[OtherNode]:
+    """The other nodes that take new work now (their follower beats, not drained), with their free slots
+    and active jobs as of this moment (read without their locks: a node only ever reserves its own)."""
+    from .workflow import stale_before
+
+    nodes = list(
+        OmaNode.objects.exclude(pk=node.pk).filter(drained_at__isnull=True, follower_beat_at__gte=stale_before())
+    )
+    if not nodes:
+        return []
+    used = dict(
+        DestinationVolume.objects.filter(node__in=nodes)
+        .values_list("node")
+        .annotate(n=Count("pk"))
+        .values_list("node", "n")
+    )
+    active = dict(
+        MigrationJob.objects.filter(node__in=nodes, state__in=ACTIVE_STATES)
+        .values_list("node")
+        .annotate(n=Count("pk"))
+        .values_list("node", "n")
+    )
+    return [OtherNode(n, n.attach_slots - used.get(n.pk, 0), active.get(n.pk, 0)) for n in nodes]
 
 
 def idle_volumes(node: OmaNode) -> list[DestinationVolume]:

@@ -4,6 +4,9 @@ node; what runs there finishes)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
 from io import StringIO
 
@@ -13,7 +16,7 @@ from django.utils import timezone
 
 from migrations_app import actions
 from migrations_app.follower import Follower, hold_lease
-from migrations_app.models import JobState, NodeEvent, OmaNode
+from migrations_app.models import DestinationVolume, JobState, MigrationJob, NodeEvent, OmaNode
 from migrations_app.slots import this_node
 from tests.support.factories import UserFactory, client_as
 from tests.support.flows import wire
@@ -132,3 +135,74 @@ def test_the_nodes_page_shows_every_node_and_only_admins_drain(make_user: UserFa
     node.refresh_from_db()
     assert not node.drained
     assert admin.get(f"/nodes/{node.name}/drain/").status_code == 405
+
+
+def test_each_node_takes_its_tasks_from_its_own_queue(settings: object) -> None:
+    """A job's steps attach volumes and publish exports on the node it was placed on: its follower
+    queues them under that node's name, and another node's workers never see them."""
+    from django_q.brokers import get_broker
+
+    from migrations_app.follower import enqueue_task
+
+    own = settings.Q_CLUSTER["name"]  # type: ignore[attr-defined]
+    assert own == f"oma-{settings.OMA_NBD['NODE']}"  # type: ignore[attr-defined]
+    enqueue_task("run_job_task", 123)
+    assert get_broker(own).queue_size() == 1
+    assert get_broker("oma-node-b").queue_size() == 0
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "manage.py",
+            "shell",
+            "-c",
+            "from django.conf import settings; print(settings.Q_CLUSTER['name'])",
+        ],
+        env={**os.environ, "OMA_NODE_NAME": "node-b"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "oma-node-b", "a node's workers read its own queue"
+
+
+def test_a_job_goes_to_the_node_with_the_most_free_slots_and_no_node_overfills(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """Two nodes' followers on one database, each placing only on its own node under its own lock: a
+    new VM goes where most slots are free, then where fewer jobs run; a drained node gets none."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 6}  # type: ignore[attr-defined]
+    queues: dict[str, list[int]] = {"a": [], "b": []}
+    a = Follower(enqueue=lambda task, pk: queues["a"].append(pk), detach=lambda pk: None)
+    b = Follower(enqueue=lambda task, pk: queues["b"].append(pk), detach=lambda pk: None)
+    b.node = OmaNode.objects.create(name="node-b", attach_slots=8)
+    try:
+        assert hold_lease(a.node, "follower-a") and hold_lease(b.node, "follower-b")
+        jobs = {name: actions.start_migration(vm_id=sim.vm(name).id) for name in ("web-01", "db-01", "app-01")}
+        # 6 free here, 8 on node-b: web-01 (1 disk) and db-01 (2) are left for node-b; then node-b's 5
+        # free slots are fewer than this node's 6, so app-01 (3 disks) stays here.
+        a.tick()
+        b.tick()
+        placed = {name: MigrationJob.objects.get(pk=job.pk).node.name for name, job in jobs.items()}  # type: ignore[union-attr]
+        assert placed == {"web-01": "node-b", "db-01": "node-b", "app-01": a.node.name}
+        assert queues == {"a": [jobs["app-01"].pk], "b": [jobs["web-01"].pk, jobs["db-01"].pk]}
+        for node in (a.node, b.node):
+            held = DestinationVolume.objects.filter(node=node).count()
+            assert held <= OmaNode.objects.get(pk=node.pk).attach_slots
+
+        # file-01 (2 disks) would go to node-b (5 free against 3 here), but node-b is drained.
+        late = actions.start_migration(vm_id=sim.vm("file-01").id)
+        a.tick()
+        late.refresh_from_db()
+        assert late.node is None and late.state == JobState.PENDING, "left for node-b"
+        call_command("drain_node", "node-b", stdout=StringIO())
+        b.tick()
+        a.freed = True  # another node's change is seen by the periodic placement (every 2 s): now
+        a.tick()
+        late.refresh_from_db()
+        assert late.node == a.node and queues["a"][-1] == late.pk
+    finally:
+        a.close()
+        b.close()
