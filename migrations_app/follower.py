@@ -51,7 +51,7 @@ from .models import (
     MigrationJob,
     OmaNode,
 )
-from .nodes import drained_wait_reason
+from .nodes import drained_wait_reason, mark_back, mark_lost_nodes
 from .slots import Placer, release, this_node
 from .topics import JOB, PROGRESS
 from .vma_client import DiskProgress, Replication, VmaClient, VmaError, VmaUnavailable
@@ -111,12 +111,15 @@ class TickReport:
     detaching: list[int] = field(default_factory=list)
     scheduled: list[str] = field(default_factory=list)
     still_detaching: int = 0  # volumes being detached for a waiting job
+    lost_nodes: list[str] = field(default_factory=list)  # other nodes this tick marked down
 
     @property
     def changed(self) -> bool:
         """Something moved, or jobs wait for capacity that a running copy or a detach is about to free:
         the next tick should come soon (a slot left idle is a copy not running)."""
-        moved = self.finished or self.dispatched or self.recovered or self.detaching or self.scheduled
+        moved = (
+            self.finished or self.dispatched or self.recovered or self.detaching or self.scheduled or self.lost_nodes
+        )
         return bool(moved) or bool(self.waiting and (self.still_detaching or self.followed))
 
 
@@ -166,6 +169,9 @@ class Follower:
     def tick(self) -> TickReport:
         report = TickReport()
         self.node = OmaNode.objects.get(pk=self.node.pk)
+        if self.node.down_since is not None:
+            mark_back(self.node)
+        report.lost_nodes = mark_lost_nodes(self.node)
         self.follow(report)
         self.recover(report)
         if self._dispatch_due(report):
@@ -474,7 +480,7 @@ class Follower:
         signature = (pending["n"], pending["last"], pending["active"], self.node.drained_at)
         now = time.monotonic()
         due = (
-            bool(report.finished or report.recovered)
+            bool(report.finished or report.recovered or report.lost_nodes)
             or self.freed
             or signature != self.pending_signature
             or now - self.dispatched_at > DISPATCH_AT_LEAST_EVERY

@@ -100,6 +100,9 @@ class OmaNode(models.Model):
     # heartbeat (a node whose follower stopped beating is down).
     follower = models.CharField(max_length=64, blank=True)
     follower_beat_at = models.DateTimeField(null=True, blank=True)
+    # Set by another node's follower when this one stopped beating (recorded once), cleared when it
+    # beats again.
+    down_since = models.DateTimeField(null=True, blank=True)
     # Drained: copies running on it finish, nothing new is placed on it.
     drained_at = models.DateTimeField(null=True, blank=True)
     drained_by = models.CharField(max_length=150, blank=True)

@@ -133,3 +133,41 @@ def undrain(name: str, actor: str) -> tuple[OmaNode, bool]:
 def drained_wait_reason(node: OmaNode) -> str:
     why = f": {node.drain_reason}" if node.drain_reason else ""
     return f"node {node.name} is drained{why}; nothing new starts on it until it is undrained"
+
+
+def mark_lost_nodes(me: OmaNode) -> list[str]:
+    """Seen from a live node: every other node whose follower stopped beating is marked down (once, as
+    a node event), and the jobs that wait there without holding any of its slots are let go, so the
+    live nodes place them. Returns the names marked down now. Copies running on a lost node stay bound
+    to it until it comes back (moving their volumes to another node is not built yet)."""
+    lost = []
+    stale = stale_before()
+    candidates = OmaNode.objects.exclude(pk=me.pk).filter(down_since__isnull=True, follower_beat_at__lt=stale)
+    for node in candidates:
+        with transaction.atomic():
+            if not OmaNode.objects.filter(pk=node.pk, down_since__isnull=True, follower_beat_at__lt=stale).update(
+                down_since=timezone.now()
+            ):
+                continue  # another live node marked it first, or it beat again
+            held_vms = DestinationVolume.objects.filter(node=node).values("source_disk__vm_id")
+            let_go = list(
+                MigrationJob.objects.filter(node=node, state=JobState.PENDING)
+                .exclude(vm_id__in=held_vms)
+                .values_list("job_id", flat=True)
+            )
+            MigrationJob.objects.filter(job_id__in=let_go).update(node=None, wait_reason="")
+            message = f"no heartbeat since {node.follower_beat_at:%Y-%m-%d %H:%M:%S} UTC"
+            if let_go:
+                message += f"; {len(let_go)} waiting job(s) let go to the live nodes: {', '.join(let_go)}"
+            NodeEvent.objects.create(node=node, kind="node.down", actor=me.name, message=message)
+        lost.append(node.name)
+    return lost
+
+
+def mark_back(node: OmaNode) -> bool:
+    """This node beats again after another marked it down: recorded once."""
+    with transaction.atomic():
+        if not OmaNode.objects.filter(pk=node.pk, down_since__isnull=False).update(down_since=None):
+            return False
+        NodeEvent.objects.create(node=node, kind="node.up", message="its follower beats again")
+    return True

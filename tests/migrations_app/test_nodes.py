@@ -206,3 +206,42 @@ def test_a_job_goes_to_the_node_with_the_most_free_slots_and_no_node_overfills(
     finally:
         a.close()
         b.close()
+
+
+def test_a_node_that_stops_beating_is_marked_down_once_and_its_waiting_jobs_go_elsewhere(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    queued: list[int] = []
+    a = Follower(enqueue=lambda task, pk: queued.append(pk), detach=lambda pk: None)
+    lost = OmaNode.objects.create(name="node-b", attach_slots=25)
+    try:
+        assert hold_lease(a.node, "follower-a") and hold_lease(lost, "follower-b")
+        # A retried job bound to node-b, holding none of its slots; node-b then goes silent.
+        job = actions.start_migration(vm_id=sim.vm("web-01").id)
+        MigrationJob.objects.filter(pk=job.pk).update(node=lost, wait_reason="waits on node-b")
+        a.tick()
+        job.refresh_from_db()
+        assert job.node == lost and queued == [], "node-b is alive: its job is its own"
+
+        OmaNode.objects.filter(pk=lost.pk).update(follower_beat_at=timezone.now() - timedelta(hours=1))
+        report = a.tick()
+        assert report.lost_nodes == ["node-b"]
+        job.refresh_from_db()
+        assert job.node == a.node and queued == [job.pk], "placed on the live node in the same tick"
+        (down,) = NodeEvent.objects.filter(kind="node.down")
+        assert down.node == lost and down.actor == a.node.name and job.job_id in down.message
+        assert a.tick().lost_nodes == [], "marked once"
+
+        b = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None)
+        b.node = lost
+        try:
+            assert hold_lease(lost, "follower-b2")
+            b.tick()
+        finally:
+            b.close()
+        lost.refresh_from_db()
+        assert lost.down_since is None and NodeEvent.objects.filter(node=lost, kind="node.up").count() == 1
+    finally:
+        a.close()
