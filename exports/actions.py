@@ -165,6 +165,7 @@ def _reuse(backend: NbdBackend, served: _ServedNames, req: ExportRequest, name: 
     current = VMExportMapping.objects.filter(vm_id=req.vm_id, disk_unit_number=req.disk_unit).first()
     if (
         current is None
+        or current.node != nbd_conf().node
         or current.status != Status.ACTIVE
         or current.device_path != req.device
         or backend.link_target(name) != req.device
@@ -179,7 +180,7 @@ def _reuse(backend: NbdBackend, served: _ServedNames, req: ExportRequest, name: 
 
 def _device_conflict(vm_id: str, disk_unit: int, device: str) -> ExportConflict | None:
     other = (
-        VMExportMapping.objects.filter(device_path=device)
+        VMExportMapping.objects.filter(device_path=device, node=nbd_conf().node)
         .exclude(vm_id=vm_id, disk_unit_number=disk_unit)
         .exclude(status=Status.RETIRED)
         .first()
@@ -199,6 +200,7 @@ def _write_exports(
         conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
         if conflict is not None:
             raise conflict
+    node = nbd_conf().node
     with transaction.atomic(durable=True):
         rows = []
         for req, name in sorted(requests, key=lambda r: (r[0].vm_id, r[0].disk_unit)):
@@ -210,9 +212,11 @@ def _write_exports(
                     "export_name": name,
                     "device_path": req.device,
                     "status": Status.PENDING,
+                    "node": node,
                 },
             )
-            needs_link = created or backend.needs_reload or backend.link_target(name) != req.device
+            moved_here = mapping.node != node  # the VM's volumes are on this node now: its server serves it
+            needs_link = created or moved_here or backend.needs_reload or backend.link_target(name) != req.device
             rows.append((req, name, mapping, created, mapping.device_path, mapping.status, needs_link))
         written_at = time.time()
         results: dict[str, LinkResult] = {}
@@ -233,6 +237,7 @@ def _write_exports(
             written = result is not None and (result["link_changed"] or result["conf_changed"])
             mapping.vm_name = req.vm_name
             mapping.device_path = req.device
+            mapping.node = node
             if mapping.status != Status.ACTIVE or written:
                 mapping.status = Status.PENDING
             mapping.status_detail = ""

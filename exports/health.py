@@ -58,7 +58,7 @@ def check_nbd_server(*, repair: bool = False, actor: str = "system") -> ServerCh
         incidents += report.notes
         status = backend.helper_status()
         state.refresh_from_db()
-    live = VMExportMapping.objects.filter(status__in=[Status.ACTIVE, Status.PENDING]).values_list(
+    live = VMExportMapping.objects.filter(status__in=[Status.ACTIVE, Status.PENDING], node=nbd_conf().node).values_list(
         "export_name", "device_path"
     )
     parked = {name for name, device in live if not device_present(device)}

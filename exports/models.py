@@ -68,6 +68,8 @@ class VMExportMapping(models.Model):
     export_name = models.CharField(max_length=80, unique=True, editable=False)
     device_path = models.CharField(max_length=255, validators=[validate_device_path])
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    # The OMA node whose NBD server serves it (OMA_NODE_NAME): a device path names a device on that node.
+    node = models.CharField(max_length=64, default="local")
     status_detail = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -80,11 +82,11 @@ class VMExportMapping(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["vm_id", "disk_unit_number"], name="one_export_per_vm_disk"),
             models.UniqueConstraint(
-                fields=["device_path"], condition=~Q(status="retired"), name="one_live_export_per_device"
+                fields=["node", "device_path"], condition=~Q(status="retired"), name="one_live_export_per_device"
             ),
             models.CheckConstraint(condition=Q(disk_unit_number__lte=MAX_DISK_UNIT), name="disk_unit_in_range"),
         ]
-        indexes = [models.Index(fields=["status"])]
+        indexes = [models.Index(fields=["status"]), models.Index(fields=["node", "status"])]
 
     def __str__(self) -> str:
         return self.export_name

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .actions import ExportError, ensure_export, record_event
 from .backends import get_backend
+from .conf import nbd_conf
 from .helper_client import HelperFailed
 from .models import VMExportMapping
 from .nbd_protocol import NbdError
@@ -62,7 +63,7 @@ def reconcile_exports(*, fix: bool = False, actor: str = "system") -> ReconcileR
         served = backend.served_names()
     except NbdError:
         served = set()
-    rows = {m.export_name: m for m in VMExportMapping.objects.all()}
+    rows = {m.export_name: m for m in VMExportMapping.objects.filter(node=nbd_conf().node)}
     live = {name: m for name, m in rows.items() if m.status != Status.RETIRED}
     broken: list[VMExportMapping] = []
     for name, mapping in live.items():

@@ -245,3 +245,31 @@ def test_a_node_that_stops_beating_is_marked_down_once_and_its_waiting_jobs_go_e
         assert lost.down_since is None and NodeEvent.objects.filter(node=lost, kind="node.up").count() == 1
     finally:
         a.close()
+
+
+def test_an_export_belongs_to_the_node_that_serves_it(nbdkit_server: RunningServer) -> None:
+    """A device path names a device on one node: another node's live export of the same path is no
+    conflict here, and this node's health and reconcile neither expect nor repair it."""
+    from exports import actions as exports_actions
+    from exports.health import check_nbd_server
+    from exports.models import VMExportMapping, export_name_for
+    from exports.reconcile import reconcile_exports
+
+    device = nbdkit_server.volume("v0.img", size=1 << 20)
+    other_vm = "4210bbbb-bbbb-4ccc-8ddd-eeeeffff0001"
+    VMExportMapping.objects.create(
+        vm_id=other_vm,
+        vm_name="elsewhere",
+        disk_unit_number=0,
+        export_name=export_name_for(other_vm, 0),
+        device_path=device,
+        status=VMExportMapping.Status.ACTIVE,
+        node="node-b",
+    )
+    vm = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
+    mapping = exports_actions.ensure_export(vm_id=vm, vm_name="here", disk_unit=0, device=device)
+    assert mapping.node == "local" and mapping.status == VMExportMapping.Status.ACTIVE
+    report = reconcile_exports(fix=False, actor="test")
+    assert report.clean, report
+    check = check_nbd_server(actor="test")
+    assert check.health == "ok" and check.expected == [mapping.export_name] and check.missing == []
