@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,10 +18,10 @@ import pytest
 
 from devtools.vma_sim import Faults
 from migrations_app import actions
-from migrations_app.models import DestinationVolume, JobDisk, JobState, MigrationJob
+from migrations_app.models import DestinationVolume, JobDisk, JobState, MigrationJob, OmaNode
 from tests.support.fake_cloudstack import FakeCloudStack
 from tests.support.flows import STALE_SECONDS, Cluster, assert_copied, wait_for, wire
-from tests.support.nbd import RunningServer
+from tests.support.nbd import RunningServer, run_helper, start_server
 from tests.support.vma import Sim, SimFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -276,3 +277,55 @@ def test_a_system_error_in_a_step_is_shown_tried_again_and_then_fails_the_job(
         assert_copied(finished, sim)
     finally:
         cluster.kill(signal.SIGTERM)
+
+
+def test_two_nodes_share_the_work_each_with_its_own_server_queue_and_volumes(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, tmp_path: Path
+) -> None:
+    """Two OMA nodes as separate process groups on one database, each with its own nbdkit, helper
+    config, volume root and django-q2 queue: new VMs go where most slots are free, each job's steps
+    run on its node, its volumes and export live there, and the VMA copies into that node's server."""
+    wire(settings, nbdkit_server, sim)
+    layout_b, helper_b, _ = start_server(tmp_path / "node-b", "nbdkit")
+    layout_b.psk_file.write_bytes(nbdkit_server.layout.psk_file.read_bytes())  # the same VMA and portal keys
+    node_b_env = {
+        "OMA_NODE_NAME": "node-b",
+        "OMA_ATTACH_SLOTS": "6",
+        "OMA_NBD_PORT": str(layout_b.port),
+        "OMA_NBD_HELPER": shlex.join(helper_b),
+        "OMA_NBD_HELPER_CONFIG": str(layout_b.helper_config),
+        "OMA_NBD_EXPORT_ROOT": str(layout_b.export_root),
+        "OMA_NBD_STATE_DIR": str(layout_b.state_dir),
+        "OMA_VOLUME_ROOT": str(layout_b.volume_root),
+        "OMA_VMA_NBD_PORT": str(layout_b.port),
+    }
+    a = Cluster(nbdkit_server, sim, tmp_path / "node-a.log", OMA_NODE_NAME="node-a", OMA_ATTACH_SLOTS="6")
+    b = Cluster(nbdkit_server, sim, tmp_path / "node-b.log", **node_b_env)
+    roots = {"node-a": nbdkit_server.layout.volume_root, "node-b": layout_b.volume_root}
+    ports = {"node-a": nbdkit_server.layout.port, "node-b": layout_b.port}
+    try:
+        a.start()
+        b.start()
+        deadline = time.monotonic() + 60
+        while OmaNode.objects.filter(name__in=roots, follower_beat_at__isnull=False).count() < 2:
+            assert time.monotonic() < deadline, "both nodes register and beat"
+            time.sleep(0.1)
+        jobs = [actions.start_migration(vm_id=sim.vm(name).id) for name in ("web-01", "db-01", "app-01", "file-01")]
+        done = [wait_for(job, FINISHED, timeout=120, log=a.log) for job in jobs]
+        assert [job.state for job in done] == [JobState.COMPLETED] * 4, [job.error for job in done]
+        placed = {job.vm.name: job.node.name for job in done}  # type: ignore[union-attr]
+        assert set(placed.values()) == {"node-a", "node-b"}, placed
+        for job in done:
+            node = job.node.name  # type: ignore[union-attr]
+            assert_copied(job, sim)
+            for disk in JobDisk.objects.filter(job=job).select_related("mapping"):
+                assert Path(disk.device_path).resolve().is_relative_to(roots[node]), (node, disk.device_path)
+                assert disk.mapping is not None and disk.mapping.node == node
+            replication = sim.sim.replications[job.replication_id]
+            assert all(f":{ports[node]}/" in copy.nbd_url for copy in replication.copies), "the node's own server"
+        for node in OmaNode.objects.filter(name__in=roots):
+            assert DestinationVolume.objects.filter(node=node).count() <= node.attach_slots
+    finally:
+        a.kill(signal.SIGTERM)
+        b.kill(signal.SIGTERM)
+        run_helper(layout_b, "stop")
