@@ -19,6 +19,7 @@ from .failover import blocking, plan_for, readiness
 from .forms import NetworkMappingForm, OfferingMappingForm, TemplateMappingForm
 from .models import (
     SEQUENCES,
+    DestinationVolume,
     JobKind,
     JobState,
     MigrationJob,
@@ -53,6 +54,13 @@ def vm_failover(request: HttpRequest, vm_id: str) -> HttpResponse:
         "live_steps": [JobState(s).label for s in SEQUENCES[JobKind.LIVE_FAILOVER]],
         "test_steps": [JobState(s).label for s in SEQUENCES[JobKind.TEST_FAILOVER]],
         "failover_job": last,
+        "volume_nodes": sorted(
+            set(
+                DestinationVolume.objects.filter(source_disk__vm=vm, node__isnull=False).values_list(
+                    "node__name", flat=True
+                )
+            )
+        ),
         "can_operate": can_operate(request.user),
     }
     return render(request, "migrations_app/vm_failover.html", context)

@@ -9,7 +9,7 @@ import pytest
 from django.test import Client
 
 from migrations_app.compute import LOCAL_NETWORKS
-from migrations_app.models import JobKind, JobState, MigrationJob, NetworkMapping
+from migrations_app.models import DestinationVolume, JobKind, JobState, MigrationJob, NetworkMapping, OmaNode
 from tests.support.factories import make_jobs
 
 pytestmark = pytest.mark.django_db
@@ -29,6 +29,14 @@ def test_the_failover_page_says_what_is_missing_and_gives_a_viewer_no_buttons(vi
     assert "the VMA cannot power the source down" in page
     assert "virtio drivers" in page
     assert "Fail over now" not in page and "Start test failover" not in page
+    assert "on no OMA node" in page
+    node = OmaNode.objects.create(name="oma-7")
+    disk = job.vm.disks.earliest("unit_number")
+    DestinationVolume.objects.create(
+        source_disk=disk, volume_id="v-1", state=DestinationVolume.State.ATTACHED, node=node
+    )
+    page = viewer.get(f"/vms/{job.vm.vm_id}/failover/").content.decode()
+    assert 'attached to OMA node <span data-testid="volume-node">oma-7</span>' in page
 
 
 def test_a_live_failover_needs_the_typed_name_and_an_operator(operator: Client, viewer: Client) -> None:
