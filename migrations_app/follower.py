@@ -169,12 +169,11 @@ class Follower:
     def tick(self) -> TickReport:
         report = TickReport()
         self.node = OmaNode.objects.get(pk=self.node.pk)
-        if self.node.down_since is not None:
-            mark_back(self.node)
+        back = self.node.down_since is None or mark_back(self.node)  # reconciles its exports first
         report.lost_nodes = mark_lost_nodes(self.node)
         self.follow(report)
         self.recover(report)
-        if self._dispatch_due(report):
+        if back and self._dispatch_due(report):
             self.dispatch(report)
             self.waiting = report.waiting
         else:

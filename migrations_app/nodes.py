@@ -7,6 +7,7 @@ lease; a node whose follower has not beaten for the stale period is shown as dow
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,6 +21,8 @@ from .models import WORKER_STEPS, DestinationVolume, JobState, MigrationJob, Nod
 from .workflow import stale_before
 
 DRAIN_REASON_MAX = 200
+
+log = logging.getLogger(__name__)
 
 
 class NodeError(Exception):
@@ -165,9 +168,25 @@ def mark_lost_nodes(me: OmaNode) -> list[str]:
 
 
 def mark_back(node: OmaNode) -> bool:
-    """This node beats again after another marked it down: recorded once."""
+    """This node beats again after another marked it down. Before it takes work again it reconciles its
+    exports with the database (its own rows only): links are republished, leftovers reported. Returns
+    False, leaving it marked down (so it places nothing), while that fails; recorded once when done."""
+    from exports.helper_client import HelperFailed
+    from exports.reconcile import reconcile_exports
+
+    try:
+        report = reconcile_exports(fix=True, actor=f"node {node.name}")
+    except HelperFailed as exc:
+        log.warning("node %s is back but cannot reconcile its exports yet: %s", node.name, exc)
+        return False
+    message = "its follower beats again; exports reconciled"
+    if report.fixed:
+        message += f", {len(report.fixed)} repaired: {', '.join(report.fixed[:10])}"
+    if report.unfixed:
+        message += f"; {len(report.unfixed)} left for a person: {', '.join(report.unfixed[:10])}"
     with transaction.atomic():
         if not OmaNode.objects.filter(pk=node.pk, down_since__isnull=False).update(down_since=None):
             return False
-        NodeEvent.objects.create(node=node, kind="node.up", message="its follower beats again")
+        NodeEvent.objects.create(node=node, kind="node.up", message=message[:500])
+    node.down_since = None
     return True

@@ -273,3 +273,32 @@ def test_an_export_belongs_to_the_node_that_serves_it(nbdkit_server: RunningServ
     assert report.clean, report
     check = check_nbd_server(actor="test")
     assert check.health == "ok" and check.expected == [mapping.export_name] and check.missing == []
+
+
+def test_a_node_back_from_down_reconciles_its_exports_before_it_takes_work(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    from exports import actions as exports_actions
+
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    device = nbdkit_server.volume("v0.img", size=1 << 20)
+    mapping = exports_actions.ensure_export(
+        vm_id="4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000", vm_name="here", disk_unit=0, device=device
+    )
+    link = nbdkit_server.layout.export_root / mapping.export_name
+    queued: list[int] = []
+    follower = Follower(enqueue=lambda task, pk: queued.append(pk), detach=lambda pk: None)
+    try:
+        # While it was away another node marked it down, and its export link was lost.
+        OmaNode.objects.filter(pk=follower.node.pk).update(down_since=timezone.now())
+        link.unlink()
+        job = actions.start_migration(vm_id=sim.vm("web-01").id)
+        follower.tick()
+        assert link.is_symlink() and str(link.readlink()) == device, "republished from the database"
+        back = NodeEvent.objects.get(kind="node.up")
+        assert "exports reconciled, 1 repaired" in back.message and mapping.export_name in back.message
+        assert OmaNode.objects.get(pk=follower.node.pk).down_since is None
+        assert queued == [job.pk], "it takes work once reconciled"
+    finally:
+        follower.close()
