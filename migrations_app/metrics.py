@@ -11,7 +11,8 @@ from prometheus_client.registry import Collector
 
 from exports.models import NbdServerState
 
-from .models import DestinationVolume, JobDisk, JobState, MigrationJob, OmaNode
+from .models import JobDisk, JobState, MigrationJob, OmaNode
+from .slots import used_slots_by_node
 from .workflow import stale_before
 
 HEALTHS = [choice.value for choice in NbdServerState.Health]
@@ -39,17 +40,12 @@ class PortalCollector(Collector):
     def _slots(self) -> Iterator[Metric]:
         used = GaugeMetricFamily("oma_attach_slots_used", "Volumes holding an attach slot", labels=["node"])
         total = GaugeMetricFamily("oma_attach_slots", "Attach slots of the node", labels=["node"])
-        held = dict(
-            DestinationVolume.objects.filter(node__isnull=False)
-            .values_list("node__name")
-            .annotate(n=Count("id"))
-            .values_list("node__name", "n")
-        )
+        held = used_slots_by_node()
         up = GaugeMetricFamily("oma_node_up", "1 while the node's follower beats (its heartbeat)", labels=["node"])
         drained = GaugeMetricFamily("oma_node_drained", "1 while nothing new starts on the node", labels=["node"])
         stale = stale_before()
         for node in OmaNode.objects.only("name", "attach_slots", "follower_beat_at", "drained_at"):
-            used.add_metric([node.name], held.get(node.name, 0))
+            used.add_metric([node.name], held.get(node.pk, 0))
             total.add_metric([node.name], node.attach_slots)
             up.add_metric([node.name], int(node.is_up(stale)))
             drained.add_metric([node.name], int(node.drained))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import messages
@@ -11,7 +12,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from omaportal.web.roles import requires, viewer_required
 
-from .models import NodeEvent
+from .models import NodeEvent, OmaNode
 from .nodes import NodeError, drain, node_rows, undrain
 
 MANAGE_NODES = "migrations_app.change_omanode"
@@ -35,31 +36,39 @@ def node_list(request: HttpRequest) -> HttpResponse:
     return render(request, "migrations_app/node_list.html", context)
 
 
-@require_POST
-@admin_required
-def node_drain(request: HttpRequest, name: str) -> HttpResponse:
+type NodeChange = Callable[[], tuple[OmaNode, bool]]
+
+
+def _change(request: HttpRequest, change: NodeChange, done: str, unchanged: str) -> HttpResponse:
+    """Run a drain or undrain and say what it did (or why it was refused); back to the nodes page."""
     try:
-        node, changed = drain(name, actor=request.user.get_username(), reason=request.POST.get("reason", ""))
+        node, changed = change()
     except NodeError as exc:
         messages.error(request, str(exc))
     else:
         if changed:
-            messages.success(request, f"{node.name} drained: its running copies finish, nothing new starts on it.")
+            messages.success(request, f"{node.name} {done}")
         else:
-            messages.info(request, f"{node.name} was drained already; nothing changed.")
+            messages.info(request, f"{node.name} {unchanged}; nothing changed.")
     return redirect("node-list")
+
+
+@require_POST
+@admin_required
+def node_drain(request: HttpRequest, name: str) -> HttpResponse:
+    actor, reason = request.user.get_username(), request.POST.get("reason", "")
+    return _change(
+        request,
+        lambda: drain(name, actor=actor, reason=reason),
+        "drained: its running copies finish, nothing new starts on it.",
+        "was drained already",
+    )
 
 
 @require_POST
 @admin_required
 def node_undrain(request: HttpRequest, name: str) -> HttpResponse:
-    try:
-        node, changed = undrain(name, actor=request.user.get_username())
-    except NodeError as exc:
-        messages.error(request, str(exc))
-    else:
-        if changed:
-            messages.success(request, f"{node.name} undrained: it takes new work again.")
-        else:
-            messages.info(request, f"{node.name} was not drained; nothing changed.")
-    return redirect("node-list")
+    actor = request.user.get_username()
+    return _change(
+        request, lambda: undrain(name, actor=actor), "undrained: it takes new work again.", "was not drained"
+    )

@@ -18,6 +18,7 @@ from django.utils import timezone
 from exports.models import NbdServerState
 
 from .models import WORKER_STEPS, DestinationVolume, JobState, MigrationJob, NodeEvent, OmaNode
+from .slots import used_slots_by_node
 from .workflow import stale_before
 
 DRAIN_REASON_MAX = 200
@@ -65,11 +66,7 @@ class NodeRow:
 def node_rows() -> list[NodeRow]:
     """Every node with its figures, in a fixed number of queries."""
     nodes = list(OmaNode.objects.order_by("name"))
-    slots = dict(
-        DestinationVolume.objects.filter(node__isnull=False)  # a volume holds a slot while it names a node
-        .values_list("node")
-        .annotate(n=Count("pk"))
-    )
+    slots = used_slots_by_node()
     jobs: dict[int, tuple[int, int]] = {
         row["node"]: (row["active"], row["copies"])
         for row in MigrationJob.objects.filter(node__isnull=False, state__in=[*WORKER_STEPS, JobState.CANCELLING])

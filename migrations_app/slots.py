@@ -68,6 +68,14 @@ def used_slots(node: OmaNode) -> int:
     return DestinationVolume.objects.filter(node=node).count()
 
 
+def used_slots_by_node(nodes: list[OmaNode] | None = None) -> dict[int, int]:
+    """Slots held per node pk (a volume holds one while it names a node), in one query."""
+    volumes = DestinationVolume.objects.filter(node__isnull=False)
+    if nodes is not None:
+        volumes = volumes.filter(node__in=nodes)
+    return dict(volumes.values_list("node").annotate(n=Count("pk")).values_list("node", "n"))
+
+
 class Placer:
     """One dispatch tick's slot bookkeeping on a node. Use it inside the transaction that locked the node
     row: it counts the node's used slots once, then hands them out in memory, oldest job first."""
@@ -156,12 +164,7 @@ def other_nodes(node: OmaNode) -> list[OtherNode]:
     )
     if not nodes:
         return []
-    used = dict(
-        DestinationVolume.objects.filter(node__in=nodes)
-        .values_list("node")
-        .annotate(n=Count("pk"))
-        .values_list("node", "n")
-    )
+    used = used_slots_by_node(nodes)
     active = dict(
         MigrationJob.objects.filter(node__in=nodes, state__in=ACTIVE_STATES)
         .values_list("node")
