@@ -105,6 +105,8 @@ def _node(name: str) -> OmaNode:
 def drain(name: str, actor: str, reason: str = "") -> tuple[OmaNode, bool]:
     """Stop placing new work on the node; returns the node and whether this call drained it (False:
     it was drained already, and its reason is kept)."""
+    if any(not char.isprintable() and not char.isspace() for char in reason):
+        raise NodeError("the reason holds control characters; write it as plain text")
     reason = " ".join(reason.split())
     if len(reason) > DRAIN_REASON_MAX:
         raise NodeError(f"the reason is {len(reason)} characters long; at most {DRAIN_REASON_MAX}")

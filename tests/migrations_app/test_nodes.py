@@ -67,6 +67,8 @@ def test_draining_is_refused_clearly_and_changes_nothing() -> None:
         call_command("drain_node", "nope", stdout=StringIO())
     with pytest.raises(CommandError, match="at most 200"):
         call_command("drain_node", node.name, "--reason", "x" * 201, stdout=StringIO())
+    with pytest.raises(CommandError, match="control characters"):
+        call_command("drain_node", node.name, "--reason", "reboot\x00\x1b[2J", stdout=StringIO())
     node.refresh_from_db()
     assert not node.drained and not NodeEvent.objects.exclude(kind="node.registered").exists()
     out = StringIO()
