@@ -302,3 +302,11 @@ def test_mounted_loop_device_is_refused(prod_layout: DevServerLayout, loop_devic
         assert snapshot(prod_layout) == before
     finally:
         subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("value", ["relative/priority.conf", "/etc/oma/../shadow", "/etc/oma/p.conf;rm", "/etc/a b"])
+def test_a_tls_priority_file_that_is_not_a_plain_absolute_path_is_refused(layout: DevServerLayout, value: str) -> None:
+    """The file is handed to the server's environment: only a plain absolute path gets that far."""
+    layout.helper_config.write_text(layout.helper_config.read_text() + f"tls_priority_file = {value}\n")
+    proc = run_helper(layout, "status")
+    assert proc.returncode == 4 and "tls_priority_file" in str(result_of(proc)["message"])
