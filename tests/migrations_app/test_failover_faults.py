@@ -126,6 +126,11 @@ def test_the_vma_gone_during_the_shutdown_fails_the_rollback_until_it_is_back(
     assert job.state == JobState.FAILED and job.current_step == JobState.ROLLING_BACK, (job.state, job.error)
     assert "VMA is unreachable" in job.error
     sim.come_back()
+    # The guest finishes shutting down (1 s) before the operator rolls back: a power-on during the
+    # shutdown is refused by the VMA, which a loaded machine could otherwise hit.
+    deadline = time.monotonic() + 10
+    while sim.vm("web-01").power_state == "shuttingDown" and time.monotonic() < deadline:
+        time.sleep(0.05)
     actions.rollback_failover(vm_id=vm.vm_id, actor="tester")
     (job,) = drive(job, timeout=60)
     assert job.state == JobState.ROLLED_BACK, job.error
