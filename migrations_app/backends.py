@@ -3,6 +3,8 @@ swap settings)."""
 
 from __future__ import annotations
 
+from exports.conf import nbd_conf
+
 from .cloudstack import CloudStackCompute, CloudStackVolumeBackend
 from .compute import ComputeBackend, LocalComputeBackend
 from .conf import vma_conf, volume_conf
@@ -13,7 +15,7 @@ from .volumes import LocalVolumeBackend, VolumeBackend
 def get_volume_backend() -> VolumeBackend:
     conf = volume_conf()
     if conf.backend == "local":
-        return LocalVolumeBackend(conf.root, loop=conf.loop)
+        return LocalVolumeBackend(conf.root, loop=conf.loop, node=nbd_conf().node, device_root=conf.device_root)
     cs = conf.cloudstack
     return CloudStackVolumeBackend(
         endpoint=cs.endpoint,

@@ -202,6 +202,17 @@ class CloudStackVolumeBackend:
             raise VolumeError(f"volume {raw['name']} is attached to another VM; not detaching it")
         self._call("detachVolume", id=volume_id)
 
+    def detach_from_node(self, volume_id: str, node_name: str, node_vm_id: str) -> None:
+        """Take the volume from another OMA node that was lost (its VM ``node_vm_id``), so this one can
+        attach it; nothing when it is not attached there (any more). Every node of one portal shares its
+        owner tag (OMA_CLOUDSTACK_OWNER), or it could not touch the others' volumes."""
+        if not node_vm_id:
+            raise VolumeError(f"OMA node {node_name} never registered its CloudStack VM; detach its volumes by hand")
+        raw = self._raw(volume_id)
+        if raw is None or raw.get("virtualmachineid") != node_vm_id:
+            return
+        self._call("detachVolume", id=volume_id)
+
     def resize_volume(self, volume_id: str, size_bytes: int) -> Volume:
         """Grow the volume (resizeVolume, whole GiB, never shrink); KVM grows an attached one online."""
         raw = self._raw(volume_id)

@@ -36,6 +36,8 @@ class VolumeConf:
     backend: str  # "local" (sparse files under the helper's dev volume root) or "cloudstack"
     root: str
     loop: bool  # local volumes as loop devices (root only)
+    # Where this node's by-id links appear ("": <root>/by-id). Nodes sharing one root each have their own.
+    device_root: str
     cloudstack: CloudStackConf
 
 
@@ -80,6 +82,7 @@ def volume_conf() -> VolumeConf:
         backend=str(raw["BACKEND"]),
         root=str(raw.get("ROOT", "")),
         loop=bool(raw.get("LOOP", False)),
+        device_root=str(raw.get("DEVICE_ROOT", "")),
         cloudstack=CloudStackConf(
             endpoint=str(cs.get("ENDPOINT", "")),
             key=str(cs.get("KEY", "")),

@@ -42,6 +42,7 @@ class Volume:
     device_id: int | None = None  # its place on that VM (0: the root)
     type: str = "DATADISK"
     state: str = ""  # the cloud's word for it (CloudStack: Allocated, Ready, ...); local volumes have none
+    attached_node: str = ""  # local volumes on a shared root: the OMA node it is attached to
 
 
 class VolumeBackend(Protocol):
@@ -55,6 +56,7 @@ class VolumeBackend(Protocol):
     def get_volume(self, volume_id: str) -> Volume | None: ...
     def find_volume(self, name: str) -> Volume | None: ...
     def list_volumes(self) -> list[Volume]: ...
+    def detach_from_node(self, volume_id: str, node_name: str, node_vm_id: str) -> None: ...
 
 
 def by_id_serial(volume_id: str) -> str:
@@ -76,13 +78,21 @@ def round_up_gib(size_bytes: int) -> int:
 
 
 class LocalVolumeBackend:
-    """Sparse files under ``root``; ``<id>.img`` with its metadata in ``<id>.json``."""
+    """Sparse files under ``root``; ``<id>.img`` with its metadata in ``<id>.json``.
+
+    Several OMA nodes may share one root (as CloudStack volumes are shared by every VM of a zone): each
+    node then names itself (``node``) and has its own ``device_root`` for its by-id links, a volume is
+    attached to one node at a time, and another node attaches it only once it was detached there."""
 
     name = "local"
 
-    def __init__(self, root: Path | str, loop: bool = False) -> None:
+    def __init__(
+        self, root: Path | str, loop: bool = False, node: str = "", device_root: Path | str | None = None
+    ) -> None:
         self.root = Path(root)
         self.loop = loop
+        self.node = node
+        self.device_root = Path(device_root) if device_root else self.root / "by-id"
         self.root.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
@@ -106,7 +116,7 @@ class LocalVolumeBackend:
 
     def device_path(self, volume_id: str) -> Path:
         """Where the attached volume shows, as /dev/disk/by-id/virtio-<serial> does on a KVM guest."""
-        return self.root / "by-id" / f"virtio-{by_id_serial(volume_id)}"
+        return self.device_root / f"virtio-{by_id_serial(volume_id)}"
 
     def _save(self, volume: Volume) -> None:
         path = self._meta_path(volume.id)
@@ -152,6 +162,10 @@ class LocalVolumeBackend:
         """The device to export: the image file itself, or a loop device when ``loop``. Idempotent."""
         with self._locked():
             volume = self._require(volume_id)
+            if volume.attached_device and volume.attached_node not in ("", self.node):
+                raise VolumeError(
+                    f"volume {volume.name} is attached to OMA node {volume.attached_node}; detach it there first"
+                )
             if volume.attached_device:
                 return volume.attached_device
             if volume.vm_id:
@@ -159,7 +173,7 @@ class LocalVolumeBackend:
             image = self.image_path(volume_id)
             if not self.loop:
                 device = self.device_path(volume_id)
-                device.parent.mkdir(exist_ok=True)
+                device.parent.mkdir(parents=True, exist_ok=True)
                 tmp = device.with_name(f".{device.name}.tmp")
                 tmp.unlink(missing_ok=True)
                 tmp.symlink_to(image)
@@ -172,6 +186,7 @@ class LocalVolumeBackend:
                 if proc.returncode != 0:
                     raise VolumeError(f"losetup failed for {image}: {proc.stderr.strip()}")
                 volume.attached_device = proc.stdout.strip()
+            volume.attached_node = self.node
             self._save(volume)
             return volume.attached_device
 
@@ -180,6 +195,21 @@ class LocalVolumeBackend:
             volume = self._require(volume_id)
             if not volume.attached_device:
                 return
+            if volume.attached_node not in ("", self.node):
+                raise VolumeError(f"volume {volume.name} is attached to OMA node {volume.attached_node}; not detaching")
+            self._detach(volume)
+
+    def detach_from_node(self, volume_id: str, node_name: str, node_vm_id: str) -> None:
+        """Take the volume from another OMA node that was lost (as CloudStack detaches a volume from a VM
+        that is gone); nothing when it is not attached there (any more)."""
+        with self._locked():
+            volume = self._require(volume_id)
+            if not volume.attached_device or volume.attached_node != node_name:
+                return
+            self._detach(volume)
+
+    def _detach(self, volume: Volume) -> None:
+        if volume.attached_device:
             if self.loop:
                 proc = subprocess.run(  # noqa: S603
                     [LOSETUP, "-d", volume.attached_device], capture_output=True, text=True, check=False
@@ -187,9 +217,12 @@ class LocalVolumeBackend:
                 if proc.returncode != 0 and "No such device" not in proc.stderr:
                     raise VolumeError(f"losetup -d {volume.attached_device} failed: {proc.stderr.strip()}")
             else:
-                self.device_path(volume_id).unlink(missing_ok=True)
-            volume.attached_device = ""
-            self._save(volume)
+                # The link it was attached as (on whichever node); our own metadata names it.
+                link = Path(volume.attached_device)
+                if link.is_symlink() and link.resolve() == self.image_path(volume.id).resolve():
+                    link.unlink()
+        volume.attached_device, volume.attached_node = "", ""
+        self._save(volume)
 
     def resize_volume(self, volume_id: str, size_bytes: int) -> Volume:
         """Grow the volume to at least ``size_bytes`` (whole GiB), attached or not; never shrink it."""

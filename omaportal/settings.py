@@ -268,6 +268,8 @@ OMA_VOLUMES: dict[str, Any] = {
     "BACKEND": os.environ.get("OMA_VOLUME_BACKEND", "local"),
     "ROOT": os.environ.get("OMA_VOLUME_ROOT", str(_NBD_DIR / "volumes")),
     "LOOP": env_bool("OMA_VOLUME_LOOP", False),
+    # This node's by-id links (blank: <ROOT>/by-id). OMA nodes sharing one volume root each need their own.
+    "DEVICE_ROOT": os.environ.get("OMA_VOLUME_DEVICE_ROOT", ""),
     "CLOUDSTACK": {
         "ENDPOINT": os.environ.get("OMA_CLOUDSTACK_ENDPOINT", ""),
         "KEY": os.environ.get("OMA_CLOUDSTACK_KEY", ""),

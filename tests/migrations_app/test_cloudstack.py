@@ -91,6 +91,24 @@ def test_volume_attached_to_another_vm_is_left_alone(fake: FakeCloudStack) -> No
     assert "attachVolume" not in fake.requests and "detachVolume" not in fake.requests
 
 
+def test_a_lost_nodes_volume_is_detached_from_its_vm_only(fake: FakeCloudStack) -> None:
+    backend = backend_for(fake)
+    lost_oma = fake.add_foreign_vm("oma-node-b", owner="portal")
+    other = fake.add_foreign_vm("someone-else")
+    ours, theirs = backend.create_volume("v", GIB), backend.create_volume("w", GIB)
+    fake.volumes[ours.id].update(virtualmachineid=lost_oma, deviceid=1)
+    fake.volumes[theirs.id].update(virtualmachineid=other, deviceid=1)
+    with pytest.raises(VolumeError, match="never registered its CloudStack VM"):
+        backend.detach_from_node(ours.id, "node-b", "")
+    backend.detach_from_node(theirs.id, "node-b", lost_oma)  # attached elsewhere: not the lost node's to give
+    assert fake.volumes[theirs.id]["virtualmachineid"] == other
+    backend.detach_from_node(ours.id, "node-b", lost_oma)
+    backend.detach_from_node(ours.id, "node-b", lost_oma)  # nothing left to detach
+    assert "virtualmachineid" not in fake.volumes[ours.id] and fake.requests.count("detachVolume") == 1
+    backend.attach_volume(ours.id)  # and this node can take it
+    assert fake.volumes[ours.id]["virtualmachineid"] == fake.oma_vm_id
+
+
 @pytest.mark.parametrize(("command", "code"), [("createVolume", 530), ("createVolume", 533), ("attachVolume", 530)])
 def test_async_job_failures_carry_code_and_text(fake: FakeCloudStack, command: str, code: int) -> None:
     backend = backend_for(fake)

@@ -65,6 +65,28 @@ def test_attach_detach_delete_without_loop(tmp_path: Path) -> None:
     assert backend.list_volumes() == [] and not list(tmp_path.glob("*.img"))
 
 
+def test_nodes_sharing_a_root_attach_a_volume_one_at_a_time(tmp_path: Path) -> None:
+    """Two OMA nodes on one volume root, each with its own by-id folder: a volume attached to one is
+    refused to the other (and to its plain detach) until it is taken from the lost node."""
+    a = LocalVolumeBackend(tmp_path, node="node-a", device_root=tmp_path / "by-id-a")
+    b = LocalVolumeBackend(tmp_path, node="node-b", device_root=tmp_path / "by-id-b")
+    volume = a.create_volume("v", GIB)
+    on_a = a.attach_volume(volume.id)
+    assert Path(on_a).parent == tmp_path / "by-id-a" and a.get_volume(volume.id).attached_node == "node-a"  # type: ignore[union-attr]
+    with pytest.raises(VolumeError, match="attached to OMA node node-a; detach it there first"):
+        b.attach_volume(volume.id)
+    with pytest.raises(VolumeError, match="attached to OMA node node-a; not detaching"):
+        b.detach_volume(volume.id)
+    b.detach_from_node(volume.id, "node-c", "")  # not attached there: nothing happens
+    assert os.path.lexists(on_a)
+    b.detach_from_node(volume.id, "node-a", "")
+    assert not os.path.lexists(on_a) and a.get_volume(volume.id).attached_node == ""  # type: ignore[union-attr]
+    on_b = b.attach_volume(volume.id)
+    assert Path(on_b).parent == tmp_path / "by-id-b" and os.path.realpath(on_b) == str(b.image_path(volume.id))
+    b.detach_from_node(volume.id, "node-b", "")
+    assert not os.path.lexists(on_b)
+
+
 def test_unknown_or_malformed_ids_are_errors(tmp_path: Path) -> None:
     backend = LocalVolumeBackend(tmp_path)
     with pytest.raises(VolumeError, match="not a volume id"):
