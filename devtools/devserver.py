@@ -24,6 +24,8 @@ class DevServerLayout:
     host: str
     port: int
     tls: bool = False  # nbdkit --tls=require with pre-shared keys
+    # Volumes shared with other nodes (as a zone's volumes are): by default this layout's own folder.
+    shared_volume_root: Path | None = None
 
     @property
     def psk_file(self) -> Path:
@@ -58,7 +60,7 @@ class DevServerLayout:
 
     @property
     def volume_root(self) -> Path:
-        return self.root / "volumes"
+        return self.shared_volume_root or self.root / "volumes"
 
     @property
     def state_dir(self) -> Path:
@@ -141,13 +143,17 @@ def _write_keys(layout: DevServerLayout) -> None:
     _write(layout.psk_file, "".join(f"{i}:{k}\n" for i, k in sorted(keys.items())), mode=0o600)
 
 
-def write_layout(root: Path, backend: str, host: str, port: int, tls: bool | None = None) -> DevServerLayout:
+def write_layout(
+    root: Path, backend: str, host: str, port: int, tls: bool | None = None, volume_root: Path | None = None
+) -> DevServerLayout:
     """Create the folders and write the helper and nbd-server configs (dev mode: volumes are files).
-    TLS (by default with nbdkit; nbd-server has no pre-shared keys) adds the key files."""
+    TLS (by default with nbdkit; nbd-server has no pre-shared keys) adds the key files. ``volume_root``:
+    volumes shared with other OMA nodes' layouts (each node then links its devices in its own folder)."""
     tls = backend == "nbdkit" if tls is None else tls
     if tls and backend != "nbdkit":
         raise ValueError("NBD over TLS with pre-shared keys needs the nbdkit backend")
-    layout = DevServerLayout(root.resolve(), backend, host, port, tls)
+    shared = volume_root.resolve() if volume_root else None
+    layout = DevServerLayout(root.resolve(), backend, host, port, tls, shared)
     for folder in (layout.root, layout.confd, layout.export_root, layout.volume_root, layout.state_dir):
         folder.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("nbdkit" if backend == "nbdkit" else "nbd-server") or f"/usr/bin/{backend}"

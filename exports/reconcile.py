@@ -25,6 +25,8 @@ class ReconcileReport:
     not_served: list[str] = field(default_factory=list)
     retired_but_linked: list[str] = field(default_factory=list)
     orphaned: list[str] = field(default_factory=list)
+    # Links left here of exports that moved to another node (this one was lost meanwhile).
+    moved_away: list[str] = field(default_factory=list)
     served_unknown: list[str] = field(default_factory=list)
     conflicting: list[str] = field(default_factory=list)
     # Live mappings whose device is absent (volume detached to free a slot): not served, not a problem.
@@ -41,6 +43,7 @@ class ReconcileReport:
             self.not_served,
             self.retired_but_linked,
             self.orphaned,
+            self.moved_away,
             self.served_unknown,
             self.conflicting,
         )
@@ -89,7 +92,14 @@ def reconcile_exports(*, fix: bool = False, actor: str = "system") -> ReconcileR
             report.unfixed.append(f"{name}: its device is absent (volume detached); fixed once it is attached")
     retired = [n for n in set(links) | confs if n in rows and n not in live]
     report.retired_but_linked = sorted(retired)
-    report.orphaned = sorted(n for n in set(links) | confs if n not in rows)
+    unknown_here = {n for n in set(links) | confs if n not in rows}
+    elsewhere = set(
+        VMExportMapping.objects.filter(export_name__in=unknown_here)
+        .exclude(status=Status.RETIRED)
+        .values_list("export_name", flat=True)
+    )
+    report.moved_away = sorted(unknown_here & elsewhere)
+    report.orphaned = sorted(unknown_here - elsewhere)
     report.served_unknown = sorted(served - set(live))
     by_target: dict[str, list[str]] = {}
     for name, target in links.items():
@@ -116,6 +126,13 @@ def reconcile_exports(*, fix: bool = False, actor: str = "system") -> ReconcileR
                     "export.withdrawn", mapping=rows[name], message="reconcile removed a retired link", actor=actor
                 )
                 report.fixed.append(f"removed link of retired {name}")
+            except HelperFailed as exc:
+                report.unfixed.append(f"{name}: {exc}")
+        for name in report.moved_away:
+            # The database says another node serves it now: this node's stale link must not serve it too.
+            try:
+                backend.withdraw(name)
+                report.fixed.append(f"removed link of {name}, which moved to another node")
             except HelperFailed as exc:
                 report.unfixed.append(f"{name}: {exc}")
         for name in report.orphaned:

@@ -40,6 +40,7 @@ from .events import record_job_event
 from .groups import start_due_syncs
 from .models import (
     ACTIVE_STATES,
+    MOVABLE_STATES,
     ROLLBACK_ON_FAILURE,
     SEQUENCES,
     WORKER_STEPS,
@@ -49,6 +50,7 @@ from .models import (
     JobKind,
     JobState,
     MigrationJob,
+    NodeEvent,
     OmaNode,
 )
 from .nodes import drained_wait_reason, mark_back, mark_lost_nodes
@@ -70,6 +72,7 @@ DISPATCH_FIELDS = ["node", "wait_reason", "queued_at", "runner", "replication_id
 DISPATCH_AT_LEAST_EVERY = 2.0
 # Detaches the follower runs at once (each a CloudStack job on that backend).
 DETACH_THREADS = 4
+
 
 type Enqueue = Callable[[str, int], None]
 type Detach = Callable[[int], None]
@@ -112,13 +115,20 @@ class TickReport:
     scheduled: list[str] = field(default_factory=list)
     still_detaching: int = 0  # volumes being detached for a waiting job
     lost_nodes: list[str] = field(default_factory=list)  # other nodes this tick marked down
+    taken_over: list[str] = field(default_factory=list)  # jobs of lost nodes this tick let go to be placed again
 
     @property
     def changed(self) -> bool:
         """Something moved, or jobs wait for capacity that a running copy or a detach is about to free:
         the next tick should come soon (a slot left idle is a copy not running)."""
         moved = (
-            self.finished or self.dispatched or self.recovered or self.detaching or self.scheduled or self.lost_nodes
+            self.finished
+            or self.dispatched
+            or self.recovered
+            or self.detaching
+            or self.scheduled
+            or self.lost_nodes
+            or self.taken_over
         )
         return bool(moved) or bool(self.waiting and (self.still_detaching or self.followed))
 
@@ -171,6 +181,8 @@ class Follower:
         self.node = OmaNode.objects.get(pk=self.node.pk)
         back = self.node.down_since is None or mark_back(self.node)  # reconciles its exports first
         report.lost_nodes = mark_lost_nodes(self.node)
+        if back:
+            self.take_over(report)
         self.follow(report)
         self.recover(report)
         if back and self._dispatch_due(report):
@@ -460,7 +472,139 @@ class Follower:
         # A copy was running: the follower follows it until the VMA says it stopped.
         MigrationJob.objects.filter(pk=job.pk, replication_id="").update(replication_id=replication_id)
 
-    # --- 3. pending jobs ------------------------------------------------------------------------
+    # --- 3. a lost node's work ------------------------------------------------------------------
+
+    def take_over(self, report: TickReport) -> None:
+        """Empty every node that was marked down: its jobs that were provisioning, copying or verifying
+        are placed again (the live nodes' followers place them, by free slots, like new work), their copy
+        resumed from what the VMA confirmed written; its volumes are detached from it, so they can be
+        attached to the node that takes them. A copy is let go only once the VMA says it stopped, and a
+        volume only once no job of its VM is left on the lost node: no volume is ever written through two
+        nodes, nor attached to two. Failovers past their final sync stay with their node (they move
+        volumes between VMs) until it comes back. Runs on every live node's tick; each move is guarded,
+        so two nodes taking over at once do each thing once."""
+        lost = list(OmaNode.objects.exclude(pk=self.node.pk).filter(down_since__isnull=False))
+        if not lost:
+            return
+        stale = stale_before()
+        backend = None
+        for node in lost:
+            jobs = MigrationJob.objects.filter(node=node, state__in=sorted(MOVABLE_STATES)).filter(
+                Q(heartbeat_at__lt=stale)
+                | Q(heartbeat_at__isnull=True)
+                | Q(state=JobState.REPLICATING, replication_id__gt="")
+            )
+            moved: list[str] = []
+            for job in jobs.select_related("vm"):
+                if self._let_go(job, node):
+                    moved.append(job.job_id)
+            # A cancel in flight is followed by this node's follower from now on (its volumes stay where
+            # they are until it is cancelled).
+            adopted = MigrationJob.objects.filter(node=node, state=JobState.CANCELLING).update(node=self.node)
+            busy = MigrationJob.objects.filter(node=node, state__in=ACTIVE_STATES).exclude(state=JobState.PENDING)
+            volumes = list(
+                DestinationVolume.objects.filter(node=node).exclude(source_disk__vm_id__in=busy.values("vm_id"))
+            )
+            detached, failed = 0, []
+            for volume in volumes:
+                backend = backend or get_volume_backend()
+                try:
+                    if volume.volume_id:
+                        backend.detach_from_node(volume.volume_id, node.name, node.oma_vm_id)
+                except VolumeError as exc:
+                    failed.append(f"{volume.volume_id}: {exc}")
+                    continue
+                release(volume)
+                detached += 1
+            held = DestinationVolume.objects.filter(node=node).values("source_disk__vm_id")
+            freed = list(
+                MigrationJob.objects.filter(node=node, state=JobState.PENDING)
+                .exclude(vm_id__in=held)
+                .values_list("job_id", flat=True)
+            )
+            MigrationJob.objects.filter(job_id__in=freed, node=node).update(node=None, wait_reason="")
+            if not (moved or adopted or detached or failed or freed):
+                continue
+            parts = []
+            if moved:
+                parts.append(f"{len(moved)} job(s) placed again on the live nodes: {', '.join(moved[:20])}")
+            if freed:
+                parts.append(f"{len(freed)} waiting job(s) let go")
+            if adopted:
+                parts.append(f"{adopted} cancel(s) followed by {self.node.name}")
+            if detached:
+                parts.append(f"{detached} volume(s) detached from it")
+            if failed:
+                parts.append(f"{len(failed)} volume(s) could not be detached: {'; '.join(failed[:5])}")
+                log.warning("taking volumes from lost node %s: %s", node.name, "; ".join(failed))
+            NodeEvent.objects.create(
+                node=node, kind="node.taken_over", actor=self.node.name, message=scrub("; ".join(parts))[:500]
+            )
+            report.taken_over += moved + freed
+
+    def _let_go(self, job: MigrationJob, node: OmaNode) -> bool:
+        """One job of a lost node: stop its copy at the VMA (by its replication's name, even if the dead
+        worker never recorded it), keep what the VMA confirmed written, and put it back to pending with
+        its step kept. False, leaving it as it is, while the VMA cannot confirm the copy stopped."""
+        state: Replication | None = None
+        if job.state == JobState.REPLICATING:
+            replication_id = job.replication_id or f"{job.job_id}-{job.attempt}"
+            try:
+                state = self.vma.cancel(replication_id)
+            except VmaUnavailable:
+                return False
+            except VmaError as exc:
+                if exc.status != 404:
+                    log.warning("stopping %s of lost node %s: %s", replication_id, node.name, exc)
+                    return False
+            if state is not None and state["state"] in ("running", "cancelling"):
+                return False  # stopping: asked again next tick
+        with transaction.atomic():
+            locked = MigrationJob.objects.select_for_update().filter(pk=job.pk, node=node, state=job.state).first()
+            if locked is None:
+                return False  # another live node took it first
+            if state is not None:
+                write_progress(
+                    locked,
+                    {d.source_disk.unit_number: d for d in locked.disks.select_related("source_disk")},
+                    state["disks"],
+                )
+            confirmed = sum(locked.disks.values_list("checkpoint_bytes", flat=True))
+            step = locked.current_step
+            locked.transition_to(JobState.PENDING, node_lost=True)
+            locked.node = None
+            locked.runner = ""
+            locked.replication_id = ""
+            locked.queued_at = None
+            locked.retry_at = None
+            locked.outage_since = None
+            locked.wait_reason = f"its node {node.name} was lost; it is placed again on a live node"
+            locked.save(
+                update_fields=[
+                    *TRANSITION_FIELDS,
+                    "node",
+                    "runner",
+                    "replication_id",
+                    "queued_at",
+                    "retry_at",
+                    "outage_since",
+                    "wait_reason",
+                ]
+            )
+            record_job_event(
+                locked,
+                "job.moved",
+                step=step,
+                actor=self.node.name,
+                message=f"node {node.name} was lost in {step}; placed again on a live node, the copy resumes "
+                f"from what the VMA confirmed written ({confirmed >> 20} MiB)",
+            )
+        self.resumed_at_bytes.pop(job.pk, None)
+        for key in [k for k in self.written if k[0] == job.pk]:
+            del self.written[key]
+        return True
+
+    # --- 4. pending jobs ------------------------------------------------------------------------
 
     def _dispatch_due(self, report: TickReport) -> bool:
         """Whether placing pending jobs could come out differently from the last time: a job ended (here or
@@ -479,7 +623,7 @@ class Follower:
         signature = (pending["n"], pending["last"], pending["active"], self.node.drained_at)
         now = time.monotonic()
         due = (
-            bool(report.finished or report.recovered or report.lost_nodes)
+            bool(report.finished or report.recovered or report.lost_nodes or report.taken_over)
             or self.freed
             or signature != self.pending_signature
             or now - self.dispatched_at > DISPATCH_AT_LEAST_EVERY
@@ -548,7 +692,7 @@ class Follower:
                     continue
                 running += 1
                 resume = JobState(job.current_step or SEQUENCES[job.kind][0])
-                if resume in (JobState.EXPORTING, JobState.REPLICATING) and any(
+                if resume in (JobState.EXPORTING, JobState.REPLICATING, JobState.VERIFYING) and any(
                     v.state != DestinationVolume.State.ATTACHED for v in job_volumes
                 ):
                     resume = JobState.ATTACHING  # its volumes lost their slot meanwhile: attach them again

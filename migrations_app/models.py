@@ -318,6 +318,10 @@ FAILOVER_STEPS = [
 WORKER_STEPS = [*STEPS, *FAILOVER_STEPS]
 ACTIVE_STATES = {JobState.PENDING, JobState.CANCELLING, JobState.TESTING, *WORKER_STEPS}
 FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.ROLLED_BACK}
+# A job whose node was lost in one of these goes back to pending, its step kept, for a live node to take
+# (``transition_to(..., node_lost=True)``; migrations_app/follower.py, take_over): nothing of it is on a
+# destination VM yet. Not a transition anyone may ask for: the job runs.
+MOVABLE_STATES = {JobState.VALIDATING, JobState.SHUTTING_DOWN, *STEPS}
 # A failover step that failed puts everything back (a failed readiness check changed nothing).
 ROLLBACK_ON_FAILURE = set(WORKER_STEPS) - {JobState.VALIDATING, JobState.ROLLING_BACK}
 
@@ -487,9 +491,11 @@ class MigrationJob(models.Model):
         silent = (timezone.now() - self.heartbeat_at).total_seconds()
         return int(silent) if silent > workflow_conf().heartbeat_stale_seconds else None
 
-    def transition_to(self, to: str, *, error: str = "") -> None:
-        """Move to state ``to`` (not saved). Raises IllegalTransition for anything the machine forbids."""
-        if not self.can_transition_to(to):
+    def transition_to(self, to: str, *, error: str = "", node_lost: bool = False) -> None:
+        """Move to state ``to`` (not saved). Raises IllegalTransition for anything the machine forbids.
+        ``node_lost``: the job's node is gone, and the job goes back to pending for another one."""
+        moved = node_lost and to == JobState.PENDING and self.state in MOVABLE_STATES
+        if not moved and not self.can_transition_to(to):
             raise IllegalTransition(self, to)
         now = timezone.now()
         if to in WORKER_STEPS:

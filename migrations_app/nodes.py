@@ -140,8 +140,8 @@ def drained_wait_reason(node: OmaNode) -> str:
 def mark_lost_nodes(me: OmaNode) -> list[str]:
     """Seen from a live node: every other node whose follower stopped beating is marked down (once, as
     a node event), and the jobs that wait there without holding any of its slots are let go, so the
-    live nodes place them. Returns the names marked down now. Copies running on a lost node stay bound
-    to it until it comes back (moving their volumes to another node is not built yet)."""
+    live nodes place them. Returns the names marked down now. The rest of its work (copies, volumes)
+    is taken over by the live nodes' followers (``Follower.take_over``)."""
     lost = []
     stale = stale_before()
     candidates = OmaNode.objects.exclude(pk=me.pk).filter(down_since__isnull=True, follower_beat_at__lt=stale)

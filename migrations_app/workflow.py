@@ -131,14 +131,14 @@ def heartbeat_kept(job: MigrationJob, runner: str) -> Iterator[None]:
         keeper.join()
 
 
-def _move(job: MigrationJob, to: str, **kwargs: str) -> None:
+def _move(job: MigrationJob, to: str, error: str = "") -> None:
     """Change the job's state (and only the fields a transition owns): never write back a stale copy of
     what others (the follower's progress, an operator's cancel) wrote meanwhile."""
     with transaction.atomic():
         job.refresh_from_db(fields=["state"])
         if job.state == JobState.CANCELLING and to not in (JobState.CANCELLED, JobState.FAILED):
             raise Cancelled(job.job_id)
-        job.transition_to(to, **kwargs)
+        job.transition_to(to, error=error)
         job.save(update_fields=TRANSITION_FIELDS)
 
 

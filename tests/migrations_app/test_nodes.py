@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from io import StringIO
 
@@ -14,6 +15,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from devtools.vma_sim import Faults
 from migrations_app import actions
 from migrations_app.follower import Follower, hold_lease
 from migrations_app.models import DestinationVolume, JobState, MigrationJob, NodeEvent, OmaNode
@@ -304,3 +306,69 @@ def test_a_node_back_from_down_reconciles_its_exports_before_it_takes_work(
         assert queued == [job.pk], "it takes work once reconciled"
     finally:
         follower.close()
+
+
+def test_a_lost_nodes_copy_moves_only_once_the_vma_says_it_stopped(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """The node this test runs as starts a copy and dies; node-a takes over. While the VMA cannot say
+    the copy stopped, nothing moves (a copy still writing through the lost node must not meet a second
+    one); then the copy is stopped, what it confirmed kept, its volumes detached from the lost node, and
+    the job placed on node-a to resume, in one tick."""
+    from exports.reconcile import reconcile_exports
+    from migrations_app.volumes import LocalVolumeBackend
+    from tests.support.flows import InProcess
+
+    sim = make_sim(Faults(rate_bits_per_second=8_000_000), size_mib=16)
+    wire(settings, nbdkit_server, sim)
+    runner = InProcess()
+    lost = runner.follower.node
+    job = actions.start_migration(vm_id=sim.vm("db-01").id)
+    queued: list[int] = []
+    a = Follower(enqueue=lambda task, pk: queued.append(pk), detach=lambda pk: None)
+    a.node = OmaNode.objects.create(name="node-a", attach_slots=25)
+    try:
+        deadline = time.monotonic() + 30
+        while sum(MigrationJob.objects.get(pk=job.pk).disks.values_list("checkpoint_bytes", flat=True)) < 1 << 20:
+            assert time.monotonic() < deadline, MigrationJob.objects.get(pk=job.pk).state
+            runner.tick()
+            time.sleep(0.05)
+        job.refresh_from_db()
+        replication_id = job.replication_id
+        assert job.state == JobState.REPLICATING and job.node == lost and replication_id
+        assert hold_lease(a.node, "follower-a")
+        OmaNode.objects.filter(pk=lost.pk).update(follower_beat_at=timezone.now() - timedelta(hours=1))
+
+        sim.go_offline()
+        assert a.tick().lost_nodes == [lost.name]
+        job.refresh_from_db()
+        assert job.state == JobState.REPLICATING and job.node == lost, "the VMA cannot say it stopped"
+        assert DestinationVolume.objects.filter(node=lost).count() == 2
+
+        sim.come_back()
+        while job.job_id not in a.tick().taken_over:  # asked to stop, the copy says "cancelling" first
+            assert time.monotonic() < deadline + 30, "the copy stops"
+            time.sleep(0.05)
+        job.refresh_from_db()
+        assert sim.sim.replications[replication_id].state == "cancelled"
+        confirmed = sum(job.disks.values_list("checkpoint_bytes", flat=True))
+        assert confirmed >= 1 << 20 and all(job.disks.values_list("checkpoint", flat=True)), "what it confirmed"
+        assert job.node == a.node and queued == [job.pk], "placed on node-a in the same tick"
+        assert job.state == JobState.ATTACHING and job.attempt == 2, "attached again there, then resumed"
+        moved = job.events.get(kind="job.moved")
+        assert f"node {lost.name} was lost in replicating" in moved.message and moved.actor == "node-a"
+        assert not DestinationVolume.objects.filter(node=lost).exists()
+        backend = LocalVolumeBackend(nbdkit_server.layout.volume_root)
+        assert all(v.attached_device == "" for v in backend.list_volumes()), "detached from the lost node"
+        taken = NodeEvent.objects.get(kind="node.taken_over")
+        assert taken.node == lost and "2 volume(s) detached" in taken.message and job.job_id in taken.message
+        # The export links it left: once its VM's export moved to node-a, reconcile there removes them.
+        from exports.models import VMExportMapping
+
+        VMExportMapping.objects.filter(vm_id=job.vm.vm_id).update(node="node-a")
+        report_back = reconcile_exports(fix=True, actor="test")
+        assert len(report_back.moved_away) == 2 and not report_back.orphaned
+        assert not [p for p in nbdkit_server.layout.export_root.iterdir() if job.vm.vm_id in p.name]
+    finally:
+        a.close()
+        runner.close()

@@ -19,10 +19,11 @@ import pytest
 from devtools.vma_sim import Faults
 from migrations_app import actions
 from migrations_app.models import DestinationVolume, JobDisk, JobState, MigrationJob, OmaNode
+from migrations_app.volumes import LocalVolumeBackend
 from tests.support.fake_cloudstack import FakeCloudStack
 from tests.support.flows import STALE_SECONDS, Cluster, assert_copied, wait_for, wire
 from tests.support.nbd import RunningServer, run_helper, start_server
-from tests.support.vma import Sim, SimFactory
+from tests.support.vma import Sim, SimFactory, sha
 
 pytestmark = pytest.mark.django_db(transaction=True)
 FINISHED: set[str] = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
@@ -328,4 +329,108 @@ def test_two_nodes_share_the_work_each_with_its_own_server_queue_and_volumes(
     finally:
         a.kill(signal.SIGTERM)
         b.kill(signal.SIGTERM)
+        run_helper(layout_b, "stop")
+
+
+def test_a_node_killed_mid_copy_hands_its_copies_to_a_live_node_with_every_byte_intact(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object, tmp_path: Path
+) -> None:
+    """Two nodes on one database and one shared volume root (as a zone's volumes are shared by its VMs),
+    each linking its attached devices in its own folder. Mid-copy, node-b dies at once (its workers,
+    follower and NBD server, SIGKILL): node-a marks it down, stops its copies at the VMA, detaches its
+    volumes and places its jobs again; they finish on node-a, resumed from what the VMA confirmed
+    written, with every byte intact, and no volume is ever attached to both nodes."""
+    sim = make_sim(Faults(rate_bits_per_second=24_000_000), size_mib=32)  # about 11 s a disk
+    wire(settings, nbdkit_server, sim)
+    shared = nbdkit_server.layout.volume_root
+    layout_b, helper_b, _ = start_server(tmp_path / "node-b", "nbdkit", volume_root=shared)
+    layout_b.psk_file.write_bytes(nbdkit_server.layout.psk_file.read_bytes())
+    devices = {"node-a": shared / "by-id-node-a", "node-b": shared / "by-id-node-b"}
+    a = Cluster(
+        nbdkit_server,
+        sim,
+        tmp_path / "node-a.log",
+        OMA_NODE_NAME="node-a",
+        OMA_ATTACH_SLOTS="6",
+        OMA_VOLUME_DEVICE_ROOT=str(devices["node-a"]),
+    )
+    b = Cluster(
+        nbdkit_server,
+        sim,
+        tmp_path / "node-b.log",
+        OMA_NODE_NAME="node-b",
+        OMA_ATTACH_SLOTS="6",
+        OMA_NBD_PORT=str(layout_b.port),
+        OMA_NBD_HELPER=shlex.join(helper_b),
+        OMA_NBD_HELPER_CONFIG=str(layout_b.helper_config),
+        OMA_NBD_EXPORT_ROOT=str(layout_b.export_root),
+        OMA_NBD_STATE_DIR=str(layout_b.state_dir),
+        OMA_VOLUME_DEVICE_ROOT=str(devices["node-b"]),
+        OMA_VMA_NBD_PORT=str(layout_b.port),
+    )
+    both: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # every 20 ms: a volume's device on both nodes at once is a double attach
+        while not stop.wait(0.02):
+            seen = [{p.name for p in d.glob("virtio-*")} if d.exists() else set() for d in devices.values()]
+            both.extend(seen[0] & seen[1])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        a.start()
+        b.start()
+        watcher.start()
+        deadline = time.monotonic() + 60
+        while OmaNode.objects.filter(name__in=devices, follower_beat_at__isnull=False).count() < 2:
+            assert time.monotonic() < deadline, "both nodes register and beat"
+            time.sleep(0.1)
+        jobs = [actions.start_migration(vm_id=sim.vm(name).id) for name in ("web-01", "db-01", "app-01", "file-01")]
+        node_b = OmaNode.objects.get(name="node-b")
+
+        def copying_on_b() -> list[MigrationJob]:
+            return list(
+                MigrationJob.objects.filter(pk__in=[j.pk for j in jobs], node=node_b, state=JobState.REPLICATING)
+            )
+
+        while not any(sum(j.disks.values_list("checkpoint_bytes", flat=True)) >= 4 << 20 for j in copying_on_b()):
+            assert time.monotonic() < deadline + 60, ("node-b never copied", a.log.read_text()[-2000:])
+            time.sleep(0.05)
+        on_b = {j.job_id for j in copying_on_b()}
+        # A copy that confirmed nothing yet starts again from the start; one that did resumes from there.
+        checkpointed = {j.job_id for j in copying_on_b() if j.disks.exclude(checkpoint="").exists()}
+        b.kill(signal.SIGKILL)
+        os.kill(int(layout_b.pidfile.read_text()), signal.SIGKILL)  # its NBD server dies with it
+
+        done = [wait_for(job, FINISHED, timeout=180, log=a.log) for job in jobs]
+        assert [job.state for job in done] == [JobState.COMPLETED] * 4, [job.error for job in done]
+        volumes = LocalVolumeBackend(shared)
+        for job in done:
+            assert job.node is not None and job.node.name == "node-a", (job.job_id, job.node)
+            for disk in JobDisk.objects.filter(job=job).select_related("source_disk"):
+                # Read from the volume itself: node-a, 2 slots short now, may have detached it since.
+                source = sim.vm(job.vm.name).disks[disk.source_disk.unit_number]
+                image = volumes.image_path(disk.volume_id)
+                assert sha(image, source.capacity_bytes) == sha(source.image), (job.job_id, disk.pk)
+        moved = {job.job_id for job in done if job.events.filter(kind="job.moved").exists()}
+        assert on_b and on_b <= moved, (on_b, moved)
+        assert checkpointed, "the copy that was 4 MiB in had a checkpoint"
+        for job in done:
+            if job.job_id in checkpointed:
+                replications = [r for rid, r in sim.sim.replications.items() if rid.startswith(job.job_id)]
+                resumed = [c for r in replications for c in r.copies if c.resume_from]
+                assert resumed, f"{job.job_id} resumed from its checkpoint, not copied again"
+        node_b.refresh_from_db()
+        assert node_b.down_since is not None
+        kinds = set(node_b.events.values_list("kind", flat=True))
+        assert {"node.down", "node.taken_over"} <= kinds, kinds
+        assert not DestinationVolume.objects.filter(node=node_b).exists(), "nothing is left on the lost node"
+        assert not list(devices["node-b"].glob("virtio-*")), "its devices are detached"
+        stop.set()
+        watcher.join(5)
+        assert both == [], f"attached to both nodes at once: {sorted(set(both))}"
+    finally:
+        stop.set()
+        a.kill(signal.SIGTERM)
+        b.kill(signal.SIGKILL)
         run_helper(layout_b, "stop")

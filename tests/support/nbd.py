@@ -124,8 +124,10 @@ def _kill_layout_processes(layout: DevServerLayout) -> None:
                 proc.kill()
 
 
-def start_server(tmp_path: Path, backend: str) -> tuple[DevServerLayout, list[str], Path]:
-    layout = write_layout(tmp_path / "nbd", backend, "127.0.0.1", free_port())
+def start_server(
+    tmp_path: Path, backend: str, volume_root: Path | None = None
+) -> tuple[DevServerLayout, list[str], Path]:
+    layout = write_layout(tmp_path / "nbd", backend, "127.0.0.1", free_port(), volume_root=volume_root)
     command, log = _counting_helper(tmp_path)
     result = run_helper(layout, "start")
     assert result.returncode == 0, result.stdout + result.stderr
