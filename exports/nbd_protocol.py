@@ -74,6 +74,10 @@ class NbdUnavailable(NbdError):
     """Nothing answered the NBD handshake at that address."""
 
 
+class NbdConnectionLost(NbdError):
+    """The server went away in the middle of a reply (it stopped, or was restarted)."""
+
+
 class NbdTlsRefused(NbdError):
     """The server answered but the TLS upgrade failed: no TLS, or it does not accept this key."""
 
@@ -137,7 +141,7 @@ def _recv_exact(sock: socket.socket, count: int) -> bytearray:
     while got < count:
         n = sock.recv_into(view[got:], count - got)
         if not n:
-            raise NbdError(f"connection closed after {got} of {count} bytes")
+            raise NbdConnectionLost(f"connection closed after {got} of {count} bytes")
         got += n
     return buf
 

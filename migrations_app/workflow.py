@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from exports.actions import ExportError, ExportRequest, ensure_exports
 from exports.conf import nbd_conf
-from exports.nbd_protocol import NbdConnection, NbdError
+from exports.nbd_protocol import NbdConnection, NbdConnectionLost, NbdError, NbdUnavailable
 
 from .backends import get_vma_client, get_volume_backend
 from .conf import vma_conf, workflow_conf
@@ -490,6 +490,10 @@ def verify(job: MigrationJob, runner: str) -> None:
                         unverified.append(unit)
                         continue
                     value = _read_digest(conn, digest["ranges"])
+            except (NbdUnavailable, NbdConnectionLost, OSError) as exc:
+                # The node's NBD server is down or restarting (its supervisor brings it back): read again
+                # after a back-off; the copy is not in doubt, only the reading.
+                raise StepRetry(f"verifying: disk {unit}: cannot reach its export to read it back: {exc}") from exc
             except NbdError as exc:
                 raise StepFailed(f"verifying: disk {unit}: cannot read it back through its export: {exc}") from exc
         if value != digest.get("value"):

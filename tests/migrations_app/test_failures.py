@@ -14,7 +14,7 @@ from migrations_app.backends import get_volume_backend
 from migrations_app.models import JobDisk, JobState, MigrationJob
 from migrations_app.workflow import describe_error
 from tests.support.flows import assert_copied, drive, migrate, wire
-from tests.support.nbd import RunningServer
+from tests.support.nbd import RunningServer, run_helper
 from tests.support.vma import Sim, SimFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -109,6 +109,31 @@ def test_what_differs_from_the_vmas_digest_fails_the_sync(
     assert job.state == JobState.FAILED and job.current_step == JobState.VERIFYING
     assert job.error.startswith("verifying: disk 0: what the volume holds differs from what the VMA sent")
     assert not job.disks.exclude(verified_at=None).exists()
+
+
+def test_an_nbd_server_down_while_verifying_is_waited_for_not_blamed_on_the_copy(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's NBD server stops just as the verification starts (a crash its supervisor will undo):
+    the read-back is tried again after a back-off, and once the server is back the sync completes."""
+    wire(settings, nbdkit_server, sim)
+    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
+    calls = {"n": 0}
+
+    def verify(job: MigrationJob, runner: str) -> None:
+        calls["n"] += 1
+        verb = "stop" if calls["n"] == 1 else "start"
+        result = run_helper(nbdkit_server.layout, verb)
+        assert result.returncode == 0, result.stdout + result.stderr
+        real(job, runner)
+
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+    job = migrate("web-01", sim)
+    assert job.state == JobState.COMPLETED, job.error
+    (error,) = job.events.filter(kind="step.error").values_list("message", flat=True)
+    assert error.startswith("verifying: disk 0: cannot reach its export to read it back: cannot connect")
+    assert calls["n"] == 2 and job.disks.filter(verified_at=None).count() == 0
+    assert_copied(job, sim)
 
 
 def test_a_volume_deleted_during_the_copy_never_gives_a_completed_job(
