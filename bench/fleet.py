@@ -1,4 +1,4 @@
-"""A fleet on one OMA node: N VMs x D disks of S MiB through K attach slots, for R rounds.
+"""A fleet on one or more OMA nodes: N VMs x D disks of S MiB through K attach slots a node, for R rounds.
 
 The simulator serves N generated VMs; every VM gets a job at once in each round (round 1 full, later
 rounds incremental: the simulator changes some blocks first), and the portal's own runtime (the default
@@ -9,11 +9,20 @@ at the same concurrency (the slots' worth of disks at once): ``ratio = ideal_wal
 
     .venv/bin/python -m bench.fleet --vms 100 --disks 2 --size-mib 32 --slots 25 --rounds 2
 
+With ``--nodes M`` (PostgreSQL only: ``--postgres URL``) M OMA nodes run as separate process groups on one
+database, each with its own nbdkit, helper config, device folder and django-q2 queue, over one shared
+volume root (as a zone's volumes are shared by its VMs). ``--kill-node-at PCT`` SIGKILLs one node (its
+workers, follower and NBD server; the one with the most jobs under way) once PCT percent of round 1's jobs
+finished: the live nodes must take its work over and finish every job with every byte intact.
+
 Last line: one JSON object (vms, rounds, completed, sha256_mismatches, slots, max_attached,
 max_concurrent_copies, detaches, reattaches, helper_writes_after_reattach, reloads, duplicate_tasks,
 worker_processes, peak_rss_mb, slot_utilization, overhead_p95_ms, data_mb, wall_s, ideal_wall_s, ratio,
-database). slot_utilization is the time-averaged share of the K slots holding a running copy while
-jobs wait for slots.
+database, nodes, per_node_max_attached, replaced_after_node_loss, cross_node_double_attach).
+slot_utilization is the time-averaged share of the live nodes' slots (K each) holding a running copy
+while jobs wait for slots. per_node_max_attached: the most volumes any one node had attached at once;
+replaced_after_node_loss: jobs a live node took over from the killed one; cross_node_double_attach:
+volumes seen attached to two nodes at the same moment.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -30,6 +40,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +76,125 @@ def links(log: Path) -> int:
     return log.read_text().split().count("link") if log.exists() else 0
 
 
-class Sampler(threading.Thread):
-    """Every quarter second: attached volumes (the by-id links that exist: what is really attached),
-    running copies, waiting jobs, and the OMA processes' memory."""
+@dataclass
+class Node:
+    """One OMA node of the bench: its NBD layout (its own nbdkit and helper config, the shared volume
+    root), its environment, its helper-call log and its processes (workers and follower)."""
 
-    def __init__(self, by_id: Path, slots: int, procs: list[subprocess.Popen[bytes]], sim: Any) -> None:
+    name: str
+    layout: DevServerLayout
+    env: dict[str, str]
+    calls: Path
+    device_root: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    alive: bool = True
+
+    def kill(self) -> None:
+        """SIGKILL, at once: its workers, its follower and its NBD server (a node that lost power)."""
+        self.alive = False
+        # run_workers runs the cluster in a session of its own (which a group signal would not reach, and
+        # which stops in order, finishing its steps, when its parent dies): every process goes at once.
+        members = []
+        for proc in self.procs:
+            with contextlib.suppress(psutil.Error):
+                members += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for member in members:
+            with contextlib.suppress(psutil.Error):
+                member.kill()
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait(timeout=30)
+        psutil.wait_procs(members, timeout=30)
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(self.layout.pidfile.read_text()), signal.SIGKILL)
+        self.procs = []
+
+
+def make_nodes(
+    root: Path, count: int, slots: int, tls: bool, database_url: str | None, stale_seconds: float | None
+) -> list[Node]:
+    """``count`` nodes over one volume root. One node keeps the single-node layout (its devices under the
+    volume root's by-id, the default node name); several each get a name and a device folder. Every
+    server takes the same keys (one VMA, one portal)."""
+    shared = root / "volumes"
+    nodes: list[Node] = []
+    for n in range(count):
+        name = f"oma-{n + 1}" if count > 1 else ""
+        base = root / (f"node-{n + 1}" if count > 1 else "node")
+        if nodes and nodes[0].layout.psk_file.exists():
+            (base / "nbd").mkdir(parents=True)
+            shutil.copy(nodes[0].layout.psk_file, base / "nbd" / "nbd.psk")  # write_layout keeps its keys
+        layout = write_layout(base / "nbd", "nbdkit", "127.0.0.1", free_port(), tls=tls, volume_root=shared)
+        env = portal_env(layout, base / "var", 2.0, database_url)
+        wrapper, calls = counting_helper(base)
+        device_root = shared / (f"by-id-{name}" if name else "by-id")
+        env.update(
+            {
+                "OMA_NBD_HELPER": wrapper,
+                "OMA_VOLUME_ROOT": str(shared),
+                "OMA_VOLUME_DEVICE_ROOT": str(device_root),
+                "OMA_VMA_NBD_PORT": str(layout.port),
+                "OMA_ATTACH_SLOTS": str(slots),
+                "OMA_MAX_ACTIVE_JOBS": str(slots),
+            }
+        )
+        if name:
+            env["OMA_NODE_NAME"] = name
+        if stale_seconds:
+            env["OMA_HEARTBEAT_STALE_SECONDS"] = str(stale_seconds)
+        nodes.append(Node(name or "local", layout, env, calls, device_root))
+    return nodes
+
+
+class Killer(threading.Thread):
+    """Once ``pct`` percent of the round's jobs finished, kill the node with the most jobs under way."""
+
+    def __init__(self, nodes: list[Node], jobs: list[Any], pct: float) -> None:
         super().__init__(daemon=True)
-        self.by_id, self.slots, self.procs, self.sim = by_id, slots, procs, sim
+        self.nodes, self.jobs, self.pct = nodes, jobs, pct
+        self.killed: dict[str, Any] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from django.db import connections
+        from django.db.models import Count
+
+        from migrations_app.models import FINAL_STATES, WORKER_STEPS, MigrationJob
+
+        try:
+            pks = [job.pk for job in self.jobs]
+            while not self.stop.wait(0.2):
+                done = MigrationJob.objects.filter(pk__in=pks, state__in=FINAL_STATES).count()
+                if done * 100 < self.pct * len(pks):
+                    continue
+                copying = dict(
+                    MigrationJob.objects.filter(state__in=WORKER_STEPS, node__isnull=False)
+                    .values_list("node__name")
+                    .annotate(n=Count("pk"))
+                    .values_list("node__name", "n")
+                )
+                victim = max(self.nodes, key=lambda node: copying.get(node.name, 0))
+                victim.kill()
+                self.killed = {"node": victim.name, "at_done": done, "its_jobs": copying.get(victim.name, 0)}
+                print(f"killed {victim.name} at {done}/{len(pks)} done: {self.killed}", file=sys.stderr)
+                return
+        finally:
+            connections.close_all()
+
+
+class Sampler(threading.Thread):
+    """Every quarter second: attached volumes per node (the by-id links that exist in each node's device
+    folder: what is really attached there), running copies, waiting jobs, and the OMA processes' memory."""
+
+    def __init__(self, nodes: list[Node], slots: int, sim: Any) -> None:
+        super().__init__(daemon=True)
+        self.nodes, self.slots, self.sim = nodes, slots, sim
         self.stop = threading.Event()
         self.max_attached = 0
+        self.per_node_max = {node.name: 0 for node in nodes}
+        self.double_attached: set[str] = set()
         self.max_copies = 0
         self.peak_rss = 0
         self.busy_share: list[float] = []
@@ -86,8 +207,15 @@ class Sampler(threading.Thread):
 
         try:
             while not self.stop.wait(0.25):
-                attached = sum(1 for _ in self.by_id.glob("virtio-*")) if self.by_id.exists() else 0
-                self.max_attached = max(self.max_attached, attached)
+                seen: dict[str, int] = {}
+                for node in self.nodes:
+                    here = node.device_root
+                    attached = {p.name for p in here.glob("virtio-*")} if here.exists() else set()
+                    self.per_node_max[node.name] = max(self.per_node_max[node.name], len(attached))
+                    for serial in attached:
+                        seen[serial] = seen.get(serial, 0) + 1
+                self.double_attached |= {serial for serial, count in seen.items() if count > 1}
+                self.max_attached = max(self.max_attached, len(seen))
                 copies = sum(
                     sum(1 for c in list(r.copies) if c.state in ("queued", "copying"))
                     for r in list(self.sim.replications.values())
@@ -95,8 +223,9 @@ class Sampler(threading.Thread):
                 )
                 self.max_copies = max(self.max_copies, copies)
                 if MigrationJob.objects.filter(state=JobState.PENDING).exists():
+                    live = sum(1 for node in self.nodes if node.alive)
                     replicating = JobDisk.objects.filter(job__state=JobState.REPLICATING).count()
-                    self.busy_share.append(min(1.0, replicating / self.slots))
+                    self.busy_share.append(min(1.0, replicating / (self.slots * max(1, live))))
                     self.round_shares[-1].append(self.busy_share[-1])
                 self.peak_rss = max(self.peak_rss, self.rss())
         finally:
@@ -104,7 +233,7 @@ class Sampler(threading.Thread):
 
     def rss(self) -> int:
         total = 0
-        for proc in self.procs:
+        for proc in (p for node in self.nodes for p in node.procs):
             try:
                 group = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
             except psutil.Error:
@@ -150,12 +279,14 @@ def bare_copy(layout: DevServerLayout, images: list[tuple[Path, int]], concurren
     return wall
 
 
-def run_round(vms: list[Any], number: int, timeout: float) -> tuple[float, list[Any]]:
+def run_round(vms: list[Any], number: int, timeout: float, started_jobs: Any = None) -> tuple[float, list[Any]]:
     from migrations_app.actions import start_migration
     from migrations_app.models import FINAL_STATES, MigrationJob
 
     started = time.perf_counter()
     jobs = [start_migration(vm_id=vm.id, requested_by=f"bench-round-{number}") for vm in vms]
+    if started_jobs is not None:
+        started_jobs(jobs)
     waiting = {job.pk for job in jobs}
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
@@ -201,7 +332,21 @@ def main() -> None:
     parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
     parser.add_argument("--tls", action="store_true", help="NBD over TLS (the production default) for both runs")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a round may take")
+    parser.add_argument("--nodes", type=int, default=1, help="OMA nodes, each its own process group (PostgreSQL)")
+    parser.add_argument(
+        "--kill-node-at", type=float, metavar="PCT", help="SIGKILL one node once PCT%% of round 1's jobs finished"
+    )
+    parser.add_argument(
+        "--stale-seconds",
+        type=float,
+        default=15,
+        help="with --kill-node-at: how long a silent node's heartbeat takes to count as lost (default 60 s)",
+    )
     args = parser.parse_args()
+    if args.nodes > 1 and not args.postgres:
+        parser.error("--nodes needs --postgres: the nodes share one database")
+    if args.kill_node_at is not None and args.nodes < 2:
+        parser.error("--kill-node-at needs --nodes 2 or more: a live node takes the killed one's work")
 
     shm = Path("/dev/shm")
     factor = 0.1 if args.sparse else 2.2  # images and volumes, then images and the bare copy's volumes
@@ -209,28 +354,20 @@ def main() -> None:
     on_tmpfs = shm.is_dir() and shutil.disk_usage(shm).free > needed
     root = Path(tempfile.mkdtemp(prefix="oma-fleet-", dir=shm if on_tmpfs else None))
     drop = None
-    procs: list[subprocess.Popen[bytes]] = []
+    nodes: list[Node] = []
     result: dict[str, Any] = {}
     try:
         database_url = None
         if args.postgres:
             database_url, drop = scratch_postgres(args.postgres)
-        layout = write_layout(root / "nbd", "nbdkit", "127.0.0.1", free_port(), tls=args.tls)
-        env = portal_env(layout, root / "var", 2.0, database_url)
-        wrapper, calls = counting_helper(root)
+        stale = args.stale_seconds if args.kill_node_at is not None else None
+        nodes = make_nodes(root, args.nodes, args.slots, args.tls, database_url, stale)
+        layout = nodes[0].layout
         vma_port = free_port()
-        env.update(
-            {
-                "OMA_NBD_HELPER": wrapper,
-                "OMA_VOLUME_ROOT": str(layout.volume_root),
-                "OMA_VMA_URL": f"http://127.0.0.1:{vma_port}",
-                "OMA_VMA_TOKEN": TOKEN,
-                "OMA_VMA_NBD_PORT": str(layout.port),
-                "OMA_ATTACH_SLOTS": str(args.slots),
-                "OMA_MAX_ACTIVE_JOBS": str(args.slots),
-            }
-        )
-        env.pop("OMA_Q_WORKERS", None)  # the default worker count
+        for node in nodes:
+            node.env.update({"OMA_VMA_URL": f"http://127.0.0.1:{vma_port}", "OMA_VMA_TOKEN": TOKEN})
+            node.env.pop("OMA_Q_WORKERS", None)  # the default worker count
+        env = nodes[0].env
         worker_init(env)
         from django.conf import settings
         from django.core.management import call_command
@@ -245,8 +382,9 @@ def main() -> None:
         from migrations_app.models import DestinationVolume, JobDisk, JobEvent, JobState, MigrationJob
         from migrations_app.vma_client import VmaClient
 
-        if not helper(layout, "start")["ok"]:
-            raise SystemExit("cannot start nbdkit")
+        for node in nodes:
+            if not helper(node.layout, "start")["ok"]:
+                raise SystemExit(f"cannot start nbdkit for {node.name}")
         specs = [(f"fleet-vm-{n:04d}", args.disks) for n in range(args.vms)]
         vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
         by_name = {vm.name: vm for vm in vms}
@@ -258,21 +396,29 @@ def main() -> None:
         sync_inventory(client.inventory())
         client.close()
         connections.close_all()
-        procs = start_oma(env, root / "oma.log")
-        time.sleep(3)  # the workers and the follower start before the clock runs
-        sampler = Sampler(layout.volume_root / "by-id", args.slots, procs, sim)
+        for node in nodes:
+            node.procs = start_oma(node.env, root / f"{node.name}.log")
+        time.sleep(3 + args.nodes)  # the workers and the followers start (and register) before the clock runs
+        sampler = Sampler(nodes, args.slots, sim)
         sampler.start()
+        killer: Killer | None = None
+
+        def arm(jobs: list[Any]) -> None:
+            nonlocal killer
+            killer = Killer(nodes, jobs, args.kill_node_at)
+            killer.start()
 
         walls, mismatches, completed, all_jobs = [], 0, 0, []
         links_after_round_1 = 0
         for number in range(1, args.rounds + 1):
-            wall, jobs = run_round(vms, number, args.timeout)
+            kill = arm if number == 1 and args.kill_node_at is not None else None
+            wall, jobs = run_round(vms, number, args.timeout, kill)
             walls.append(wall)
             all_jobs += jobs
             completed += MigrationJob.objects.filter(pk__in=[j.pk for j in jobs], state=JobState.COMPLETED).count()
             mismatches += check_bytes(jobs, by_name, layout.volume_root)
             if number == 1:
-                links_after_round_1 = links(calls)
+                links_after_round_1 = sum(links(node.calls) for node in nodes)
             sampler.round_shares.append([])
             print(f"round {number}: {wall:.1f} s", file=sys.stderr)
         sampler.stop.set()
@@ -316,7 +462,10 @@ def main() -> None:
         attaches = sum(v.attaches for v in volumes)
         detaches = sum(v.detaches for v in volumes)
         data_bytes = sum(JobDisk.objects.filter(job__in=all_jobs).values_list("bytes_done", flat=True))
-        state = NbdServerState.objects.first()
+        reloads = sum(NbdServerState.objects.values_list("reload_count", flat=True))
+        moved = set(
+            JobEvent.objects.filter(job__in=all_jobs, kind="job.moved").values_list("job_id", flat=True).distinct()
+        )
         # A worker task that found nothing to do: a duplicate of one that ran (or runs) for the same job.
         not_taken = sum(
             1
@@ -324,14 +473,21 @@ def main() -> None:
             if str(result).startswith("not taken")
         )
 
-        stop_oma(procs)
-        procs = []
+        if killer is not None:
+            killer.stop.set()
+            killer.join(30)
+        for node in nodes:
+            stop_oma(node.procs)
+            node.procs = []
         for volume in layout.volume_root.glob("*.img"):
             volume.unlink()  # checked already; the bare copy needs the room (tmpfs is memory)
         images = [(disk.image, disk.capacity_bytes) for vm in vms for disk in vm.disks]
-        ideal = bare_copy(layout, images, max(1, sampler.max_copies or args.slots), args.rate_mbit)
+        live = next(node for node in nodes if node.alive)  # the killed node's server is gone
+        ideal = bare_copy(live.layout, images, max(1, sampler.max_copies or args.slots), args.rate_mbit)
         server.shutdown()
-        helper(layout, "stop")
+        for node in nodes:
+            if node.alive:
+                helper(node.layout, "stop")
         round_1_wall = walls[0] if walls else 0.0
         result = {
             "database": "postgresql" if database_url else "sqlite",
@@ -341,14 +497,20 @@ def main() -> None:
             "rounds": args.rounds,
             "jobs": len(all_jobs),
             "completed": completed,
+            "not_completed": {
+                job.job_id: f"{job.state}: {job.error}"[:300]
+                for job in MigrationJob.objects.filter(pk__in=[j.pk for j in all_jobs]).exclude(
+                    state=JobState.COMPLETED
+                )
+            },
             "sha256_mismatches": mismatches,
             "slots": args.slots,
             "max_attached": sampler.max_attached,
             "max_concurrent_copies": sampler.max_copies,
             "detaches": detaches,
             "reattaches": attaches - len(volumes),
-            "helper_writes_after_reattach": links(calls) - links_after_round_1,
-            "reloads": state.reload_count if state else 0,
+            "helper_writes_after_reattach": sum(links(node.calls) for node in nodes) - links_after_round_1,
+            "reloads": reloads,
             "duplicate_tasks": not_taken,
             "worker_processes": int(str(settings.Q_CLUSTER["workers"])),
             "peak_rss_mb": round(sampler.peak_rss / 1e6, 1),
@@ -367,13 +529,21 @@ def main() -> None:
             "round_worker_steps_p50_ms": [percentile(values, 50) for values in chains],
             "round_copy_end_noticed_p50_ms": [percentile(values, 50) for values in notices],
             "round_step_p50_ms": [{step: percentile(v, 50) for step, v in sorted(r.items())} for r in steps],
+            "nodes": args.nodes,
+            "per_node_max_attached": max(sampler.per_node_max.values()),
+            "per_node_max_attached_by_node": sampler.per_node_max,
+            "replaced_after_node_loss": len(moved),
+            "cross_node_double_attach": len(sampler.double_attached),
+            "killed": killer.killed if killer is not None else None,
             "round_slot_utilization": [
                 round(sum(shares) / len(shares), 3) if shares else None for shares in sampler.round_shares if shares
             ],
         }
     finally:
-        if procs:
-            stop_oma(procs)
+        for node in nodes:
+            stop_oma(node.procs)
+            if node.alive:
+                helper(node.layout, "stop")
         if drop is not None:
             drop()
         shutil.rmtree(root, ignore_errors=True)

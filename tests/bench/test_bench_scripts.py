@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.nbd import REPO
 
 
@@ -95,6 +97,24 @@ def test_fleet_prints_its_json_line_last() -> None:
     attached, detaches = int(str(result["max_attached"])), int(str(result["detaches"]))
     assert attached <= 4 and detaches > 0, "3 two-disk VMs through 4 slots must evict"
     assert result["helper_writes_after_reattach"] == 0 and result["reloads"] == 0
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="several nodes share a PostgreSQL database"
+)
+def test_fleet_on_two_nodes_survives_one_killed_mid_round() -> None:
+    """Two nodes, the busier SIGKILLed once a sixth of the jobs finished: every job still completes on
+    the other, with its bytes intact, and no volume was attached to both."""
+    result = run_bench(
+        "bench.fleet", "--vms", "6", "--disks", "2", "--size-mib", "16", "--slots", "4", "--rounds", "1",
+        "--nodes", "2", "--kill-node-at", "15", "--stale-seconds", "4", "--postgres", os.environ["DATABASE_URL"],
+    )  # fmt: skip
+    for key in ("nodes", "per_node_max_attached", "replaced_after_node_loss", "cross_node_double_attach", "killed"):
+        assert key in result, key
+    assert result["nodes"] == 2 and result["completed"] == 6 and result["sha256_mismatches"] == 0
+    assert int(str(result["per_node_max_attached"])) <= 4 and result["cross_node_double_attach"] == 0
+    assert isinstance(result["killed"], dict) and result["killed"]["its_jobs"] > 0, result["killed"]
+    assert int(str(result["replaced_after_node_loss"])) > 0, "the killed node had jobs under way: they moved"
 
 
 def test_failover_prints_its_json_line_last() -> None:
