@@ -21,6 +21,8 @@ Verbs (one JSON line on stdout, always with "ok"):
   psk-add ID         create a TLS pre-shared key for client identity ID (a VMA, or the portal itself)
                      in the server's key file (tls_psk_file); prints the key once
   psk-rotate ID      replace ID's key; connections already open keep going, new ones need the new key
+  psk-import ID      give ID the key read from stdin (64 hex digits, or the client file's ID:KEY line):
+                     the same VMA key on every OMA node; replaces ID's key as psk-rotate does
   psk-remove ID      remove ID's key; idempotent
   psk-list           the identities (never the keys)
 
@@ -952,6 +954,39 @@ def verb_psk_rotate(config: Config, identity: str) -> dict[str, object]:
     return verb_psk_add(config, identity, replace=True)
 
 
+# One line of a psktool client file at most ("ID:KEY\n"), read from stdin: a key never goes on the
+# command line, which every local user can read in /proc.
+MAX_IMPORT_BYTES = 64 + 1 + 2 * PSK_BYTES + 2
+
+
+def verb_psk_import(config: Config, identity: str) -> dict[str, object]:
+    """Give ``identity`` a key made elsewhere (by another OMA node's psk-add): one VMA, one key, every
+    node. The key comes on stdin; it is never echoed back."""
+    validate_identity(identity)
+    raw = sys.stdin.buffer.read(MAX_IMPORT_BYTES + 1)
+    if len(raw) > MAX_IMPORT_BYTES:
+        raise refuse("invalid_key", "stdin holds more than one key line")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise refuse("invalid_key", "the key must be ASCII hex digits") from None
+    line = text[:-1] if text.endswith("\n") else text
+    given, _, key = line.rpartition(":")
+    if given and given != identity:
+        raise refuse("invalid_key", f"the key line is for identity {given!r}, not {identity!r}")
+    if not re.fullmatch(f"(?:[0-9a-f]{{2}}){{{PSK_BYTES}}}", key):
+        raise refuse("invalid_key", f"the key must be {2 * PSK_BYTES} lowercase hex digits ({8 * PSK_BYTES} bits)")
+    with locked(config):
+        keys = read_psks(config)
+        if identity not in keys and len(keys) >= MAX_IDENTITIES:
+            raise refuse("too_many", f"the key file already holds {MAX_IDENTITIES} identities")
+        replaced, changed = identity in keys, keys.get(identity) != key
+        if changed:
+            keys[identity] = key
+            write_psks(config, keys)
+    return {"identity": identity, "replaced": replaced and changed, "changed": changed}
+
+
 def verb_psk_remove(config: Config, identity: str) -> dict[str, object]:
     validate_identity(identity)
     with locked(config):
@@ -969,7 +1004,8 @@ def verb_psk_list(config: Config) -> dict[str, object]:
 MAX_LINK_PAIRS = 64
 USAGE = (
     "usage: oma-nbd-helper {link NAME DEVICE [NAME DEVICE ...] | unlink NAME "
-    "| reload | status | start | restart | stop | psk-add ID | psk-rotate ID | psk-remove ID | psk-list}"
+    "| reload | status | start | restart | stop | psk-add ID | psk-rotate ID | psk-import ID | psk-remove ID "
+    "| psk-list}"
 )
 VERBS = {
     "link": (2, verb_link),
@@ -981,6 +1017,7 @@ VERBS = {
     "stop": (0, verb_stop),
     "psk-add": (1, verb_psk_add),
     "psk-rotate": (1, verb_psk_rotate),
+    "psk-import": (1, verb_psk_import),
     "psk-remove": (1, verb_psk_remove),
     "psk-list": (0, verb_psk_list),
 }

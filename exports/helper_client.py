@@ -54,11 +54,14 @@ class StatusReply(HelperReply):
 
 
 class PskReply(HelperReply, total=False):
-    """psk-add, psk-rotate (identity, key, rotated), psk-remove (identity, removed), psk-list."""
+    """psk-add, psk-rotate (identity, key, rotated), psk-import (identity, replaced, changed), psk-remove
+    (identity, removed), psk-list."""
 
     identity: str
     key: str  # hex, shown once
     rotated: bool
+    replaced: bool
+    changed: bool
     removed: bool
     identities: list[str]
     tls: bool
@@ -100,7 +103,7 @@ class HelperFailed(Exception):
 
 
 class HelperRunner(Protocol):
-    def run(self, verb: str, *args: str) -> dict[str, Any]: ...
+    def run(self, verb: str, *args: str, stdin: bytes = b"") -> dict[str, Any]: ...
 
 
 def link(helper: HelperRunner, *pairs: str) -> LinkReply:
@@ -125,6 +128,11 @@ def psk(helper: HelperRunner, verb: str, *identity: str) -> PskReply:
     return cast(PskReply, helper.run(verb, *identity))
 
 
+def psk_import(helper: HelperRunner, identity: str, key: str) -> PskReply:
+    """psk-import ID: the key goes on the helper's stdin, never on its command line."""
+    return cast(PskReply, helper.run("psk-import", identity, stdin=f"{identity}:{key}\n".encode("ascii")))
+
+
 def reload(helper: HelperRunner) -> ReloadReply:
     return cast(ReloadReply, helper.run("reload"))
 
@@ -136,7 +144,7 @@ class SubprocessHelper:
         self.command = list(command)
         self.config_path = config_path
 
-    def run(self, verb: str, *args: str) -> dict[str, Any]:
+    def run(self, verb: str, *args: str, stdin: bytes = b"") -> dict[str, Any]:
         env = dict(os.environ)
         if self.config_path:
             env["OMA_NBD_HELPER_CONFIG"] = self.config_path
@@ -147,7 +155,7 @@ class SubprocessHelper:
                 timeout=HELPER_TIMEOUT,
                 env=env,
                 check=False,
-                stdin=subprocess.DEVNULL,
+                input=stdin,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise HelperFailed(verb, "helper_unavailable", f"could not run the helper: {exc}", -1) from exc

@@ -135,6 +135,61 @@ def test_a_vma_key_added_by_command_works_at_once_and_stops_working_when_removed
         list_exports("127.0.0.1", nbdkit_server.layout.port, tls=vma)
 
 
+def test_a_vma_key_made_on_one_node_is_imported_on_another_and_opens_both(
+    nbdkit_server: RunningServer, tmp_path: Path, settings: object
+) -> None:
+    """Several OMA nodes, one VMA: its key, made on one node, is imported on the next (from the client
+    file, through stdin), so the VMA reaches whichever node its disks are placed on."""
+    exported(nbdkit_server)
+    key_file = tmp_path / "vma-07.psk"
+    call_command("nbd_keys", "add", "vma-07", "--out", str(key_file), stdout=StringIO())
+    other = write_layout(tmp_path / "node-b", "nbdkit", "127.0.0.1", free_port())
+    conf = settings.OMA_NBD  # type: ignore[attr-defined]
+    settings.OMA_NBD = {**conf, "HELPER_CONFIG": str(other.helper_config)}  # type: ignore[attr-defined]
+    out = StringIO()
+    call_command("nbd_keys", "import", "vma-07", "--key-file", str(key_file), stdout=out)
+    assert out.getvalue().strip() == "vma-07: key added on this node"
+    vma = TlsPsk.from_file(key_file)
+    assert f"vma-07:{vma.key.hex()}\n" in other.psk_file.read_text()
+    assert ExportEvent.objects.filter(kind="tls.key_imported", data__identity="vma-07").exists()
+    again = StringIO()
+    call_command("nbd_keys", "import", "vma-07", "--key-file", str(key_file), stdout=again)
+    assert again.getvalue().strip() == "vma-07: key already held on this node"
+    assert run_helper(other, "start").returncode == 0
+    try:
+        assert list_exports("127.0.0.1", other.port, tls=vma) == []  # the other node lets the VMA in
+        assert NAME in list_exports("127.0.0.1", nbdkit_server.layout.port, tls=vma)
+    finally:
+        run_helper(other, "stop")
+    with pytest.raises(CommandError, match="not a key file for vma-08"):
+        call_command("nbd_keys", "import", "vma-08", "--key-file", str(key_file), stdout=StringIO())
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "",
+        "ab" * 31,  # too short
+        "ab" * 33,  # too long
+        "AB" * 32,  # not how keys are written
+        "zz" * 32,
+        "vma-09:" + "ab" * 32,  # another identity's line
+        "vma-07:" + "ab" * 32 + "\nvma-07:" + "cd" * 32,  # two lines
+        "ab" * 32 + "\r\n",
+        "ab" * 32 + "\x00",
+        "ab" * 200,
+    ],
+)
+def test_a_malformed_imported_key_is_refused_and_changes_nothing(tmp_path: Path, given: str) -> None:
+    layout = write_layout(tmp_path / "nbd", "nbdkit", "127.0.0.1", free_port())
+    before = layout.psk_file.read_bytes()
+    proc = run_helper(layout, "psk-import", "vma-07", stdin=given)
+    reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 3 and reply["error"] == "invalid_key", reply
+    assert "ab" * 16 not in proc.stdout, "a key is never echoed"
+    assert layout.psk_file.read_bytes() == before
+
+
 def test_a_copy_over_tls_with_nbdcopy_reads_back(nbdkit_server: RunningServer) -> None:
     device = exported(nbdkit_server)
     source = nbdkit_server.layout.root / "src.bin"
@@ -150,7 +205,7 @@ def test_a_copy_over_tls_with_nbdcopy_reads_back(nbdkit_server: RunningServer) -
 def test_hostile_identities_are_refused_and_change_nothing(tmp_path: Path, identity: str) -> None:
     layout = write_layout(tmp_path / "nbd", "nbdkit", "127.0.0.1", free_port())
     before = layout.psk_file.read_bytes()
-    for verb in ("psk-add", "psk-rotate", "psk-remove"):
+    for verb in ("psk-add", "psk-rotate", "psk-import", "psk-remove"):
         proc = run_helper(layout, verb, identity)
         reply = json.loads(proc.stdout.strip().splitlines()[-1])
         assert proc.returncode in (2, 3) and reply["ok"] is False, reply

@@ -93,7 +93,7 @@ class RunningServer:
 
 
 def run_helper(
-    layout: DevServerLayout, *args: str, env: dict[str, str] | None = None
+    layout: DevServerLayout, *args: str, env: dict[str, str] | None = None, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "OMA_NBD_HELPER_CONFIG": str(layout.helper_config), **(env or {})}
     return subprocess.run(
@@ -103,6 +103,7 @@ def run_helper(
         env=full_env,
         timeout=60,
         check=False,
+        input=stdin,
     )
 
 

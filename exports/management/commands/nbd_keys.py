@@ -33,12 +33,15 @@ class Command(BaseCommand):
         "NBD over TLS pre-shared keys, one identity per VMA (and one for the portal itself), kept by the "
         "privileged helper in the server's root-only key file. add/rotate write the client's key file "
         "(--out, mode 0600) to install on the VMA; rotate leaves open transfers running, new connections "
-        "need the new key. 'portal' (re)keys the portal's own identity into OMA_NBD_TLS_PSK_FILE."
+        "need the new key. 'import' gives an identity the key in a client key file made on another OMA "
+        "node (--key-file), so one VMA key opens every node. 'portal' (re)keys the portal's own identity "
+        "into OMA_NBD_TLS_PSK_FILE."
     )
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("action", choices=["list", "add", "rotate", "remove", "portal"])
-        parser.add_argument("identity", nargs="?", help="the client's identity (add, rotate, remove)")
+        parser.add_argument("action", choices=["list", "add", "rotate", "import", "remove", "portal"])
+        parser.add_argument("identity", nargs="?", help="the client's identity (add, rotate, import, remove)")
+        parser.add_argument("--key-file", help="import: the client's key file (ID:KEY, as add --out wrote it)")
         parser.add_argument("--out", help="write the client's key file here (add, rotate)")
         parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
@@ -68,6 +71,9 @@ class Command(BaseCommand):
                 return
             if not identity:
                 raise CommandError(f"{action} needs an identity")
+            if action == "import":
+                self._import(helper, identity, options["key_file"], actor)
+                return
             if action == "remove":
                 reply = helper_client.psk(helper, "psk-remove", identity)
                 if reply.get("removed"):
@@ -88,6 +94,29 @@ class Command(BaseCommand):
             write_client_file(out, identity, reply["key"], replace=True)
             self.stdout.write(f"key for {identity} written to {out}; install it on the VMA (mode 0600)")
 
+    def _import(self, helper: SubprocessHelper, identity: str, key_file: str | None, actor: str) -> None:
+        if not key_file:
+            raise CommandError("import needs --key-file: the key file made for this identity on another node")
+        try:
+            text = Path(key_file).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"cannot read {key_file}: {exc}") from exc
+        lines = text.splitlines()
+        given, _, key = (lines[0] if len(lines) == 1 else "").partition(":")
+        if given != identity or not key:
+            raise CommandError(f"{key_file} is not a key file for {identity} (one line: {identity}:KEY)")
+        reply = helper_client.psk_import(helper, identity, key)
+        if reply.get("changed"):
+            self._record("psk-import", identity, actor)
+        said = "replaced" if reply.get("replaced") else "added" if reply.get("changed") else "already held"
+        self.stdout.write(f"{identity}: key {said} on this node")
+
     def _record(self, verb: str, identity: str, actor: str) -> None:
-        kind = {"psk-add": "tls.key_added", "psk-rotate": "tls.key_rotated", "psk-remove": "tls.key_removed"}[verb]
+        kinds = {
+            "psk-add": "tls.key_added",
+            "psk-rotate": "tls.key_rotated",
+            "psk-import": "tls.key_imported",
+            "psk-remove": "tls.key_removed",
+        }
+        kind = kinds[verb]
         record_event(kind, message=f"NBD TLS key for {identity}", data={"identity": identity}, actor=actor)
