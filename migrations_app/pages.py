@@ -257,7 +257,7 @@ def job_progress_context(job: MigrationJob, operator: bool) -> dict[str, Any]:
 
 
 def job_rows(queryset: QuerySet[MigrationJob]) -> QuerySet[MigrationJob]:
-    return queryset.select_related("vm").annotate(
+    return queryset.select_related("vm", "node").annotate(
         done=Coalesce(Sum("disks__bytes_done"), 0),
         total=Coalesce(Sum("disks__bytes_total"), 0),
         disk_count=Count("disks"),

@@ -254,6 +254,18 @@ def test_job_list_says_each_jobs_kind_and_duration(viewer: Client) -> None:
     assert "<td>Live failover</td>" in row[failover.job_id]
 
 
+def test_job_list_names_each_placed_jobs_node(viewer: Client) -> None:
+    from migrations_app.models import OmaNode
+
+    placed, waiting = make_jobs(2)
+    node = OmaNode.objects.create(name="oma-east-2")
+    MigrationJob.objects.filter(pk=placed.pk).update(node=node)
+    page = viewer.get("/jobs/").content.decode()
+    row = {job.job_id: page.split(job.job_id, 2)[2].split("</tr>")[0] for job in (placed, waiting)}
+    assert 'data-testid="job-row-node">on oma-east-2<' in row[placed.job_id]
+    assert "job-row-node" not in row[waiting.job_id]
+
+
 def test_only_a_vms_latest_job_offers_retry_and_it_says_what_it_will_do(operator: Client) -> None:
     from migrations_app.models import MigrationJob
 
