@@ -483,7 +483,7 @@ class Follower:
         nodes, nor attached to two. Failovers past their final sync stay with their node (they move
         volumes between VMs) until it comes back. Runs on every live node's tick; each move is guarded,
         so two nodes taking over at once do each thing once."""
-        lost = list(OmaNode.objects.exclude(pk=self.node.pk).filter(down_since__isnull=False))
+        lost = list(OmaNode.objects.exclude(pk=self.node.pk).filter(down_since__isnull=False, retired_at__isnull=True))
         if not lost:
             return
         stale = stale_before()

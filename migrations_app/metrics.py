@@ -44,7 +44,8 @@ class PortalCollector(Collector):
         up = GaugeMetricFamily("oma_node_up", "1 while the node's follower beats (its heartbeat)", labels=["node"])
         drained = GaugeMetricFamily("oma_node_drained", "1 while nothing new starts on the node", labels=["node"])
         stale = stale_before()
-        for node in OmaNode.objects.only("name", "attach_slots", "follower_beat_at", "drained_at"):
+        nodes = OmaNode.objects.filter(retired_at__isnull=True)
+        for node in nodes.only("name", "attach_slots", "follower_beat_at", "drained_at"):
             used.add_metric([node.name], held.get(node.pk, 0))
             total.add_metric([node.name], node.attach_slots)
             up.add_metric([node.name], int(node.is_up(stale)))
@@ -65,7 +66,8 @@ class PortalCollector(Collector):
                 "oma_nbd_lost_exports", "Exports found not served and repaired", labels=["node"]
             ),
         }
-        for state in NbdServerState.objects.all():
+        retired = OmaNode.objects.filter(retired_at__isnull=False).values("name")
+        for state in NbdServerState.objects.exclude(node__in=retired):
             up.add_metric([state.node], 1 if state.health in ("ok", "degraded") else 0)
             for value in HEALTHS:
                 health.add_metric([state.node, value], 1 if state.health == value else 0)

@@ -107,6 +107,9 @@ class OmaNode(models.Model):
     drained_at = models.DateTimeField(null=True, blank=True)
     drained_by = models.CharField(max_length=150, blank=True)
     drain_reason = models.CharField(max_length=200, blank=True)
+    # Retired: a lost node an admin took out of the fleet once nothing was left on it (retire_node); its
+    # finished jobs keep naming it. It registers again, and is back, when its services start.
+    retired_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

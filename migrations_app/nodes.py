@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from exports.models import NbdServerState
 
-from .models import WORKER_STEPS, DestinationVolume, JobState, MigrationJob, NodeEvent, OmaNode
+from .models import ACTIVE_STATES, WORKER_STEPS, DestinationVolume, JobState, MigrationJob, NodeEvent, OmaNode
 from .slots import used_slots_by_node
 from .workflow import stale_before
 
@@ -64,8 +64,8 @@ class NodeRow:
 
 
 def node_rows() -> list[NodeRow]:
-    """Every node with its figures, in a fixed number of queries."""
-    nodes = list(OmaNode.objects.order_by("name"))
+    """Every node (but the retired) with its figures, in a fixed number of queries."""
+    nodes = list(OmaNode.objects.filter(retired_at__isnull=True).order_by("name"))
     slots = used_slots_by_node()
     jobs: dict[int, tuple[int, int]] = {
         row["node"]: (row["active"], row["copies"])
@@ -130,6 +130,37 @@ def undrain(name: str, actor: str) -> tuple[OmaNode, bool]:
         node.save(update_fields=["drained_at", "drained_by", "drain_reason"])
         NodeEvent.objects.create(node=node, kind="node.undrained", actor=actor)
     return node, True
+
+
+def retire(name: str, actor: str) -> OmaNode:
+    """Take a lost node out of the fleet (an OMA decommissioned, or gone for good): the nodes page, the
+    node list and the metrics stop showing it as down. Only a node that is down and holds nothing (no
+    active job, no volume) can be retired: the live nodes take a lost node's work over first. Its
+    finished jobs keep naming it; if its services start again it registers and is back."""
+    with transaction.atomic():
+        node = _node(name)
+        if node.retired_at is not None:
+            raise NodeError(f"{node.name} is retired already")
+        if node.down_since is None:
+            raise NodeError(
+                f"{node.name} is not down: only a node whose services stopped (and that a live node marked "
+                "down) can be retired; stop them first, or drain it to stop new work"
+            )
+        jobs = list(
+            MigrationJob.objects.filter(node=node, state__in=sorted(ACTIVE_STATES)).values_list("job_id", flat=True)
+        )
+        if jobs:
+            raise NodeError(
+                f"{node.name} still holds {len(jobs)} active job(s) ({', '.join(jobs[:5])}): a live node takes "
+                "them over, or cancel them; then retire it"
+            )
+        volumes = DestinationVolume.objects.filter(node=node).count()
+        if volumes:
+            raise NodeError(f"{node.name} still holds {volumes} volume(s); a live node detaches them first")
+        node.retired_at = timezone.now()
+        node.save(update_fields=["retired_at"])
+        NodeEvent.objects.create(node=node, kind="node.retired", actor=actor, message="taken out of the fleet")
+    return node
 
 
 def drained_wait_reason(node: OmaNode) -> str:

@@ -42,6 +42,11 @@ def this_node() -> OmaNode:
     if created or changed:
         message = ", ".join(f"{key.replace('_', ' ')} {value or '-'}" for key, value in said.items())
         NodeEvent.objects.create(node=node, kind="node.registered", message=message)
+    if node.retired_at is not None and OmaNode.objects.filter(pk=node.pk, retired_at__isnull=False).update(
+        retired_at=None
+    ):
+        node.retired_at = None
+        NodeEvent.objects.create(node=node, kind="node.rejoined", message="its services started again")
     return node
 
 

@@ -89,6 +89,49 @@ def test_draining_is_refused_clearly_and_changes_nothing() -> None:
     assert kinds == ["node.undrained", "node.drained"]
 
 
+def test_a_lost_node_is_retired_only_once_it_holds_nothing_and_comes_back_when_it_starts(
+    settings: object, make_user: UserFactory
+) -> None:
+    from django.test import Client
+
+    from tests.migrations_app.test_metrics import TOKEN, samples
+    from tests.support.factories import make_jobs
+
+    settings.OMA_METRICS_TOKEN = TOKEN  # type: ignore[attr-defined]
+    lost = OmaNode.objects.create(name="oma-gone")
+    with pytest.raises(CommandError, match="oma-gone is not down"):
+        call_command("retire_node", "oma-gone", stdout=StringIO())
+    OmaNode.objects.filter(pk=lost.pk).update(down_since=timezone.now())
+    (job,) = make_jobs(1, state=JobState.REPLICATING)
+    MigrationJob.objects.filter(pk=job.pk).update(node=lost)
+    with pytest.raises(CommandError, match=rf"still holds 1 active job\(s\) \({job.job_id}\)"):
+        call_command("retire_node", "oma-gone", stdout=StringIO())
+    MigrationJob.objects.filter(pk=job.pk).update(state=JobState.COMPLETED)
+    volume = DestinationVolume.objects.create(
+        source_disk=job.vm.disks.order_by("unit_number")[0], node=lost, state=DestinationVolume.State.ATTACHED
+    )
+    with pytest.raises(CommandError, match="still holds 1 volume"):
+        call_command("retire_node", "oma-gone", stdout=StringIO())
+    assert not NodeEvent.objects.filter(node=lost).exists(), "each refusal changed nothing"
+    volume.delete()
+    out = StringIO()
+    call_command("retire_node", "oma-gone", "--json", stdout=out)
+    assert json.loads(out.getvalue()) == {"node": "oma-gone", "retired": True}
+    with pytest.raises(CommandError, match="retired already"):
+        call_command("retire_node", "oma-gone", stdout=StringIO())
+    assert [row["name"] for row in nodes_json()] == []
+    page = client_as(make_user("viewer")).get("/nodes/").content.decode()
+    assert 'id="node-row-oma-gone"' not in page and "taken out of the fleet" in page  # its event stays
+    metrics = Client().get("/metrics", HTTP_AUTHORIZATION=f"Bearer {TOKEN}").content
+    assert ("oma_node_up", (("node", "oma-gone"),)) not in samples(metrics), "no alert for a node that is gone"
+    assert MigrationJob.objects.get(pk=job.pk).node == lost, "its finished jobs keep naming it"
+    settings.OMA_NBD = {**settings.OMA_NBD, "NODE": "oma-gone"}  # type: ignore[attr-defined]
+    assert this_node().retired_at is None  # its services start again: it registers and is back
+    assert [row["name"] for row in nodes_json()] == ["oma-gone"]
+    kinds = list(NodeEvent.objects.filter(node=lost).values_list("kind", flat=True))
+    assert kinds[:2] == ["node.rejoined", "node.registered"] and "node.retired" in kinds
+
+
 def test_a_drained_node_starts_nothing_new_until_undrained(
     nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
