@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
 
@@ -21,6 +22,7 @@ from migrations_app.follower import Follower, hold_lease
 from migrations_app.models import DestinationVolume, JobState, MigrationJob, NodeEvent, OmaNode
 from migrations_app.slots import this_node
 from tests.support.factories import UserFactory, client_as
+from tests.support.fake_cloudstack import FakeCloudStack
 from tests.support.flows import wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import SimFactory
@@ -351,19 +353,37 @@ def test_a_node_back_from_down_reconciles_its_exports_before_it_takes_work(
         follower.close()
 
 
+@pytest.fixture
+def cloudstack(nbdkit_server: RunningServer) -> Iterator[FakeCloudStack]:
+    """A fake CloudStack whose volumes are files under the NBD helper's dev volume root."""
+    root = nbdkit_server.layout.volume_root
+    (root / "by-id").mkdir(exist_ok=True)
+    fake = FakeCloudStack(root / "by-id", data_dir=root / "cloudstack").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.mark.parametrize("backend", ["local", "cloudstack"])
 def test_a_lost_nodes_copy_moves_only_once_the_vma_says_it_stopped(
-    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object, request: pytest.FixtureRequest, backend: str
 ) -> None:
     """The node this test runs as starts a copy and dies; node-a takes over. While the VMA cannot say
     the copy stopped, nothing moves (a copy still writing through the lost node must not meet a second
-    one); then the copy is stopped, what it confirmed kept, its volumes detached from the lost node, and
-    the job placed on node-a to resume, in one tick."""
+    one); then the copy is stopped, what it confirmed kept, its volumes detached from the lost node (on
+    CloudStack: detachVolume from the lost node's VM, through the signed API), and the job placed on
+    node-a to resume, in one tick."""
     from exports.reconcile import reconcile_exports
     from migrations_app.volumes import LocalVolumeBackend
     from tests.support.flows import InProcess
 
     sim = make_sim(Faults(rate_bits_per_second=8_000_000), size_mib=16)
     wire(settings, nbdkit_server, sim)
+    fake = None
+    if backend == "cloudstack":
+        from tests.migrations_app.test_failover_faults import use_cloud
+
+        fake = request.getfixturevalue("cloudstack")
+        use_cloud(settings, fake)
     runner = InProcess()
     lost = runner.follower.node
     job = actions.start_migration(vm_id=sim.vm("db-01").id)
@@ -401,8 +421,13 @@ def test_a_lost_nodes_copy_moves_only_once_the_vma_says_it_stopped(
         moved = job.events.get(kind="job.moved")
         assert f"node {lost.name} was lost in replicating" in moved.message and moved.actor == "node-a"
         assert not DestinationVolume.objects.filter(node=lost).exists()
-        backend = LocalVolumeBackend(nbdkit_server.layout.volume_root)
-        assert all(v.attached_device == "" for v in backend.list_volumes()), "detached from the lost node"
+        if fake is None:
+            local = LocalVolumeBackend(nbdkit_server.layout.volume_root)
+            assert all(v.attached_device == "" for v in local.list_volumes()), "detached from the lost node"
+        else:
+            assert lost.oma_vm_id == fake.oma_vm_id and fake.requests.count("detachVolume") == 2
+            assert len(fake.volumes) == 2 and not any(v.get("virtualmachineid") for v in fake.volumes.values())
+            assert not list(fake.device_root.glob("virtio-*")), "its devices went with the detach"
         taken = NodeEvent.objects.get(kind="node.taken_over")
         assert taken.node == lost and "2 volume(s) detached" in taken.message and job.job_id in taken.message
         # The export links it left: once its VM's export moved to node-a, reconcile there removes them.
