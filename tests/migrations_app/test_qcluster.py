@@ -280,6 +280,14 @@ def test_a_system_error_in_a_step_is_shown_tried_again_and_then_fails_the_job(
         cluster.kill(signal.SIGTERM)
 
 
+def wait_until_beating(*names: str) -> None:
+    """Until every named node registered and its follower beat (its services are up)."""
+    deadline = time.monotonic() + 60
+    while OmaNode.objects.filter(name__in=names, follower_beat_at__isnull=False).count() < len(names):
+        assert time.monotonic() < deadline, f"nodes {names} register and beat"
+        time.sleep(0.1)
+
+
 def test_two_nodes_share_the_work_each_with_its_own_server_queue_and_volumes(
     nbdkit_server: RunningServer, sim: Sim, settings: object, tmp_path: Path
 ) -> None:
@@ -307,10 +315,7 @@ def test_two_nodes_share_the_work_each_with_its_own_server_queue_and_volumes(
     try:
         a.start()
         b.start()
-        deadline = time.monotonic() + 60
-        while OmaNode.objects.filter(name__in=roots, follower_beat_at__isnull=False).count() < 2:
-            assert time.monotonic() < deadline, "both nodes register and beat"
-            time.sleep(0.1)
+        wait_until_beating(*roots)
         jobs = [actions.start_migration(vm_id=sim.vm(name).id) for name in ("web-01", "db-01", "app-01", "file-01")]
         done = [wait_for(job, FINISHED, timeout=120, log=a.log) for job in jobs]
         assert [job.state for job in done] == [JobState.COMPLETED] * 4, [job.error for job in done]
@@ -381,10 +386,8 @@ def test_a_node_killed_mid_copy_hands_its_copies_to_a_live_node_with_every_byte_
         a.start()
         b.start()
         watcher.start()
+        wait_until_beating(*devices)
         deadline = time.monotonic() + 60
-        while OmaNode.objects.filter(name__in=devices, follower_beat_at__isnull=False).count() < 2:
-            assert time.monotonic() < deadline, "both nodes register and beat"
-            time.sleep(0.1)
         jobs = [actions.start_migration(vm_id=sim.vm(name).id) for name in ("web-01", "db-01", "app-01", "file-01")]
         node_b = OmaNode.objects.get(name="node-b")
 
