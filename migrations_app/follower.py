@@ -22,7 +22,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -56,7 +56,7 @@ from .models import (
 from .nodes import drained_wait_reason, mark_back, mark_lost_nodes
 from .slots import Placer, release, this_node
 from .topics import JOB, PROGRESS
-from .vma_client import DiskProgress, Replication, VmaClient, VmaError, VmaUnavailable
+from .vma_client import DiskProgress, Replication, ReplicationTarget, VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError
 from .workflow import TRANSITION_FIELDS, complete, replication_targets, stale_before, start_rollback
 
@@ -133,12 +133,48 @@ class TickReport:
         return bool(moved) or bool(self.waiting and (self.still_detaching or self.followed))
 
 
+class TickVma:
+    """The VMA as one tick of the follower sees it: once a call found it unreachable (each such call can
+    take the client's whole timeout, retries and deadline), every later call of the same tick fails at
+    once with the same error, so a VMA cut off from the network costs one timeout a tick, not one per
+    copy; a tick that long would stop the node's lease from beating and let the other nodes take its
+    work. The next tick asks again."""
+
+    def __init__(self, client: VmaClient) -> None:
+        self.client = client
+        self.unreachable: VmaUnavailable | None = None
+
+    def new_tick(self) -> None:
+        self.unreachable = None
+
+    def _ask[T](self, call: Callable[[], T]) -> T:
+        if self.unreachable is not None:
+            raise self.unreachable
+        try:
+            return call()
+        except VmaUnavailable as exc:
+            self.unreachable = exc
+            raise
+
+    def replication(self, replication_id: str) -> Replication:
+        return self._ask(lambda: self.client.replication(replication_id))
+
+    def cancel(self, replication_id: str) -> Replication:
+        return self._ask(lambda: self.client.cancel(replication_id))
+
+    def start_replication(self, replication_id: str, vm_id: str, disks: Sequence[ReplicationTarget]) -> Replication:
+        return self._ask(lambda: self.client.start_replication(replication_id, vm_id, disks))
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class Follower:
     def __init__(
         self, enqueue: Enqueue = enqueue_task, vma: VmaClient | None = None, detach: Detach | None = None
     ) -> None:
         self.enqueue = enqueue
-        self.vma = vma or get_vma_client()
+        self.vma = TickVma(vma or get_vma_client())
         self.resumed_at_bytes: dict[int, int] = {}  # job -> its bytes done when it was last resumed
         self.written: dict[tuple[int, int], tuple[int, int, int, str, str, int]] = {}
         self.node = this_node()
@@ -178,6 +214,7 @@ class Follower:
 
     def tick(self) -> TickReport:
         report = TickReport()
+        self.vma.new_tick()
         self.node = OmaNode.objects.get(pk=self.node.pk)
         back = self.node.down_since is None or mark_back(self.node)  # reconciles its exports first
         report.lost_nodes = mark_lost_nodes(self.node)

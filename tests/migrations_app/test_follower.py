@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from datetime import timedelta
 
 import pytest
@@ -29,6 +31,55 @@ def test_one_follower_per_node_holds_the_lease_until_it_goes_quiet() -> None:
     assert OmaNode.objects.get(pk=node.pk).follower == "follower-b"
     drop_lease(node, "follower-b")
     assert OmaNode.objects.get(pk=node.pk).follower == ""
+
+
+def test_a_vma_that_never_answers_costs_one_timeout_a_tick_not_one_a_copy(settings: object) -> None:
+    """The VMA accepts connections and says nothing (a firewall dropping its answers): the first poll of
+    a tick waits out its deadline; the other copies of that tick are not asked again, so a tick stays
+    short enough for the node's lease to keep beating. Every copy still counts as in an outage."""
+    from tests.support.factories import make_jobs
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    settings.OMA_VMA = {  # type: ignore[attr-defined]
+        **settings.OMA_VMA,  # type: ignore[attr-defined]
+        "URL": f"http://127.0.0.1:{port}",
+        "TIMEOUT": 0.5,
+        "RETRIES": 0,
+        "DEADLINE": 1.0,
+    }
+    jobs = make_jobs(4, state=JobState.REPLICATING)
+    follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None)
+    try:
+        MigrationJob.objects.filter(pk__in=[j.pk for j in jobs]).update(node=follower.node)
+        for job in jobs:
+            MigrationJob.objects.filter(pk=job.pk).update(replication_id=f"{job.job_id}-1")
+        follower.tick()
+        assert len(accepted) == 1, "one copy asked, the others not again in the same tick"
+        interrupted = MigrationJob.objects.filter(pk__in=[j.pk for j in jobs], outage_since__isnull=False)
+        assert interrupted.count() == 4, "each copy waits out the outage"
+        follower.tick()
+        assert len(accepted) == 2, "the next tick asks again"
+    finally:
+        follower.close()
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
 
 
 def test_a_cancel_while_the_vma_is_unreachable_waits_and_reaches_it(
