@@ -149,7 +149,8 @@ def make_nodes(
 
 
 class Killer(threading.Thread):
-    """Once ``pct`` percent of the round's jobs finished, kill the node with the most jobs under way."""
+    """Once ``pct`` percent of the round's jobs finished, kill the node with the most jobs under way (at
+    the first moment after that when some node has any: a node killed idle tests nothing)."""
 
     def __init__(self, nodes: list[Node], jobs: list[Any], pct: float) -> None:
         super().__init__(daemon=True)
@@ -165,9 +166,9 @@ class Killer(threading.Thread):
 
         try:
             pks = [job.pk for job in self.jobs]
-            while not self.stop.wait(0.2):
+            while not self.stop.wait(0.05):
                 done = MigrationJob.objects.filter(pk__in=pks, state__in=FINAL_STATES).count()
-                if done * 100 < self.pct * len(pks):
+                if done * 100 < self.pct * len(pks) or done == len(pks):
                     continue
                 copying = dict(
                     MigrationJob.objects.filter(state__in=WORKER_STEPS, node__isnull=False)
@@ -176,6 +177,8 @@ class Killer(threading.Thread):
                     .values_list("node__name", "n")
                 )
                 victim = max(self.nodes, key=lambda node: copying.get(node.name, 0))
+                if not copying.get(victim.name):
+                    continue  # between two jobs: the next ones are being placed
                 victim.kill()
                 self.killed = {"node": victim.name, "at_done": done, "its_jobs": copying.get(victim.name, 0)}
                 print(f"killed {victim.name} at {done}/{len(pks)} done: {self.killed}", file=sys.stderr)
