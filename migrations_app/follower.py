@@ -73,7 +73,6 @@ DISPATCH_AT_LEAST_EVERY = 2.0
 # Detaches the follower runs at once (each a CloudStack job on that backend).
 DETACH_THREADS = 4
 
-
 type Enqueue = Callable[[str, int], None]
 type Detach = Callable[[int], None]
 

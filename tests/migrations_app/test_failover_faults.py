@@ -8,7 +8,6 @@ import hashlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,10 @@ FINISHED: set[str] = {JobState.COMPLETED, JobState.FAILED, JobState.ROLLED_BACK,
 
 
 @pytest.fixture
-def cloud(nbdkit_server: RunningServer) -> Iterator[FakeCloudStack]:
-    root = nbdkit_server.layout.volume_root
-    (root / "by-id").mkdir(exist_ok=True)
-    fake = FakeCloudStack(root / "by-id", data_dir=root / "cloudstack").start()
-    fake.pending_polls = 1
-    yield fake
-    fake.stop()
+def cloud(cloud: FakeCloudStack) -> FakeCloudStack:
+    """The shared fake, each async job answering 'pending' once before its result."""
+    cloud.pending_polls = 1
+    return cloud
 
 
 def use_cloud(settings: object, fake: FakeCloudStack) -> None:

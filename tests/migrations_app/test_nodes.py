@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
 
@@ -22,7 +21,6 @@ from migrations_app.follower import Follower, hold_lease
 from migrations_app.models import DestinationVolume, JobState, MigrationJob, NodeEvent, OmaNode
 from migrations_app.slots import this_node
 from tests.support.factories import UserFactory, client_as
-from tests.support.fake_cloudstack import FakeCloudStack
 from tests.support.flows import wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import SimFactory
@@ -353,16 +351,6 @@ def test_a_node_back_from_down_reconciles_its_exports_before_it_takes_work(
         follower.close()
 
 
-@pytest.fixture
-def cloudstack(nbdkit_server: RunningServer) -> Iterator[FakeCloudStack]:
-    """A fake CloudStack whose volumes are files under the NBD helper's dev volume root."""
-    root = nbdkit_server.layout.volume_root
-    (root / "by-id").mkdir(exist_ok=True)
-    fake = FakeCloudStack(root / "by-id", data_dir=root / "cloudstack").start()
-    yield fake
-    fake.stop()
-
-
 @pytest.mark.parametrize("backend", ["local", "cloudstack"])
 def test_a_lost_nodes_copy_moves_only_once_the_vma_says_it_stopped(
     nbdkit_server: RunningServer, make_sim: SimFactory, settings: object, request: pytest.FixtureRequest, backend: str
@@ -382,7 +370,7 @@ def test_a_lost_nodes_copy_moves_only_once_the_vma_says_it_stopped(
     if backend == "cloudstack":
         from tests.migrations_app.test_failover_faults import use_cloud
 
-        fake = request.getfixturevalue("cloudstack")
+        fake = request.getfixturevalue("cloud")
         use_cloud(settings, fake)
     runner = InProcess()
     lost = runner.follower.node

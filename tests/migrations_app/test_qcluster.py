@@ -112,16 +112,6 @@ def cloudstack_env(fake: FakeCloudStack) -> dict[str, str]:
     return fake.portal_env()
 
 
-@pytest.fixture
-def cloud(nbdkit_server: RunningServer) -> Iterator[FakeCloudStack]:
-    """A fake CloudStack whose volumes are files under the NBD helper's dev volume root."""
-    root = nbdkit_server.layout.volume_root
-    (root / "by-id").mkdir(exist_ok=True)
-    fake = FakeCloudStack(root / "by-id", data_dir=root / "cloudstack").start()
-    yield fake
-    fake.stop()
-
-
 def test_a_cloudstack_call_slower_than_the_stale_threshold_is_not_taken_over(
     nbdkit_server: RunningServer, cloud: FakeCloudStack, sim: Sim, settings: object, tmp_path: Path
 ) -> None:
