@@ -227,7 +227,7 @@ def pid_alive(pid: int) -> bool:
 
 def baseline(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """The seed's way: one shared config file, append a section, SIGHUP, once per export."""
-    layout = write_layout(root / "baseline", "nbd-server", "127.0.0.1", free_port())
+    layout = write_layout(root / "baseline", "nbd-server", "127.0.0.1", free_port(), tls=False)
     started = helper(layout, "start")
     main_pid = started["pid"]
     stream_volume = layout.volume_root / "stream.img"

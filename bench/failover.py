@@ -116,7 +116,7 @@ def main() -> None:
         specs = [(f"fo-vm-{n:03d}", args.disks) for n in range(args.vms)]
         vms = make_inventory(root / "vma", specs, args.size_mib, dense=True)
         by_name = {vm.name: vm for vm in vms}
-        sim = VmaSimulator(vms, TOKEN, psk_file=layout.vma_psk_file)
+        sim = VmaSimulator(vms, TOKEN, tls_credentials=layout.vma_tls)
         server = sim.serve("127.0.0.1", vma_port)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         client = VmaClient(f"http://127.0.0.1:{vma_port}", TOKEN)

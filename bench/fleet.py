@@ -392,7 +392,7 @@ def main() -> None:
         vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
         by_name = {vm.name: vm for vm in vms}
         rate = int(args.rate_mbit * 1_000_000) or None
-        sim = VmaSimulator(vms, TOKEN, Faults(rate_bits_per_second=rate), layout.vma_psk_file if layout.tls else None)
+        sim = VmaSimulator(vms, TOKEN, Faults(rate_bits_per_second=rate), layout.vma_tls if layout.tls else None)
         server = sim.serve("127.0.0.1", vma_port)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         client = VmaClient(f"http://127.0.0.1:{vma_port}", TOKEN)

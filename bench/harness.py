@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from devtools.devserver import VMA_IDENTITY, DevServerLayout
+from devtools.devserver import VMA_IDENTITY, DevServerLayout, libnbd_tls_query
 from devtools.vma_sim import digest_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def nbd_target(layout: DevServerLayout, name: str, port: int | None = None) -> s
     port = port or layout.port
     if not layout.tls:
         return f"nbd://127.0.0.1:{port}/{name}"
-    return f"nbds://{VMA_IDENTITY}@127.0.0.1:{port}/{name}?tls-psk-file={layout.vma_psk_file}"
+    return f"nbds://{VMA_IDENTITY}@127.0.0.1:{port}/{name}?{libnbd_tls_query(layout.vma_tls)}"
 
 
 def portal_env(layout: DevServerLayout, var_dir: Path, spacing: float, database_url: str | None) -> dict[str, str]:
@@ -61,7 +61,7 @@ def portal_env(layout: DevServerLayout, var_dir: Path, spacing: float, database_
         "OMA_NBD_EXPORT_ROOT": str(layout.export_root),
         "OMA_NBD_STATE_DIR": str(layout.state_dir),
         "OMA_NBD_MIN_RELOAD_SPACING": str(spacing),
-        "OMA_NBD_TLS_PSK_FILE": str(layout.portal_psk_file) if layout.tls else "",
+        **layout.settings_env(),
         "OMA_VMA_NBD_TLS": "1" if layout.tls else "0",
         "OMA_LOG_LEVEL": "WARNING",
     }

@@ -99,7 +99,7 @@ def measure_round(
 
     specs = [(f"bench-r{number}-vm-{n}", args.disks) for n in range(args.vms)]
     vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
-    sim = VmaSimulator(vms, TOKEN, psk_file=layout.vma_psk_file if layout.tls else None)
+    sim = VmaSimulator(vms, TOKEN, tls_credentials=layout.vma_tls if layout.tls else None)
     server = sim.serve("127.0.0.1", vma_port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

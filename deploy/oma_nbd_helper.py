@@ -25,6 +25,11 @@ Verbs (one JSON line on stdout, always with "ok"):
                      the same VMA key on every OMA node; replaces ID's key as psk-rotate does
   psk-remove ID      remove ID's key; idempotent
   psk-list           the identities (never the keys)
+  cert-add ID        nbd-server: a TLS client certificate for identity ID (self-signed, trusted by the
+                     server through its client bundle), plus the server's certificate; prints the key once
+  cert-rotate ID     replace ID's certificate; open transfers keep going, new ones need the new one
+  cert-remove ID     stop trusting ID's certificate; idempotent
+  cert-list          the identities and the server's certificate (public)
 
 Exit codes:
   0 done   2 usage   3 input refused (nothing changed)   4 bad helper config
@@ -74,6 +79,8 @@ IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PSK_LINE_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63}):((?:[0-9a-f]{2}){32})")
 PSK_BYTES = 32
 MAX_IDENTITIES = 1024
+# A DNS name or an IPv4/IPv6 address, as a certificate template line takes it.
+SERVER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
 
 
 class HelperError(Exception):
@@ -138,6 +145,13 @@ class Config(NamedTuple):
     # instructions, it takes ChaCha20 off so TLS 1.3 with a SHA-256 key settles on AES-128-GCM, about
     # three times cheaper per byte here. A missing file leaves GnuTLS on its defaults.
     tls_priority_file: Path | None = None
+    # nbd-server only: X.509 (nbd-server has no pre-shared keys). The folder holds the server's key and
+    # self-signed certificate, and one self-signed certificate per client identity; the server trusts
+    # exactly those (cacertfile = the folder's clients.pem), so each identity is added, rotated or
+    # removed on its own, and no CA key exists that could mint more.
+    tls_x509_dir: Path | None = None
+    tls_server_names: tuple[str, ...] = ()  # what the server's certificate names: the address VMAs dial
+    certtool: Path = Path("/usr/bin/certtool")
 
 
 def _config_path(value: str, key: str) -> Path:
@@ -209,6 +223,13 @@ def load_config() -> Config:
         priority = section.get("tls_priority_file", "").strip()
         if tls_group is not None and not IDENTITY_RE.fullmatch(tls_group):
             raise HelperError(EXIT_CONFIG, "bad_config", f"tls_group {tls_group!r} is not a group name")
+        x509 = section.get("tls_x509_dir", "").strip()
+        if x509 and backend != "nbd-server":
+            raise HelperError(EXIT_CONFIG, "bad_config", "tls_x509_dir needs backend nbd-server (nbdkit uses PSK)")
+        names = tuple(section.get("tls_server_names", "").split()) or (address,)
+        for name in names:
+            if not SERVER_NAME_RE.fullmatch(name):
+                raise HelperError(EXIT_CONFIG, "bad_config", f"tls_server_names: {name!r} is not a host name or IP")
         return Config(
             backend=backend,
             export_root=_config_path(section["export_root"], "export_root"),
@@ -225,6 +246,9 @@ def load_config() -> Config:
             tls_psk_file=_config_path(psk, "tls_psk_file") if psk else None,
             tls_group=tls_group,
             tls_priority_file=_config_path(priority, "tls_priority_file") if priority else None,
+            tls_x509_dir=_config_path(x509, "tls_x509_dir") if x509 else None,
+            tls_server_names=names,
+            certtool=_config_path(section.get("certtool", "/usr/bin/certtool"), "certtool"),
         )
     except HelperError:
         raise
@@ -733,7 +757,7 @@ def verb_status(config: Config) -> dict[str, object]:
         "verified": main is not None,
         "why": why,
         "listening": bool(main and is_listening(main.pid, config.port)),
-        "tls": config.tls_psk_file is not None,
+        "tls": config.tls_psk_file is not None or config.tls_x509_dir is not None,
         "links": links,
         "confs": confs,
     }
@@ -786,6 +810,9 @@ def _wait_ready(config: Config, old_pid: int | None) -> MainProcess:
 def _start(config: Config, old_pid: int | None) -> MainProcess:
     import subprocess
 
+    if config.tls_x509_dir is not None:
+        check_server_tls(config)
+        ensure_server_cert(config)  # nbd-server will not start without its key and certificate
     if config.service.startswith("systemd:"):
         unit = config.service.split(":", 1)[1]
         subprocess.run(["/bin/systemctl", "restart" if old_pid else "start", unit], check=True, timeout=60)
@@ -1001,11 +1028,230 @@ def verb_psk_list(config: Config) -> dict[str, object]:
     return {"identities": sorted(read_psks(config)), "tls": config.tls_psk_file is not None}
 
 
+# --- TLS certificates (nbd-server) ---------------------------------------------------------
+
+X509_SERVER_CERT = "server-cert.pem"
+X509_SERVER_KEY = "server-key.pem"
+X509_CLIENT_BUNDLE = "clients.pem"  # the server's cacertfile: the only certificates it accepts
+X509_CLIENT_DIR = "clients"  # one ID.pem per identity, the bundle's source
+X509_DAYS = 3650
+PEM_CERT_RE = re.compile(r"-----BEGIN CERTIFICATE-----\n[A-Za-z0-9+/=\n]{1,8192}-----END CERTIFICATE-----\n")
+PEM_KEY_RE = re.compile(r"-----BEGIN (EC )?PRIVATE KEY-----\n[A-Za-z0-9+/=\n]{1,8192}-----END (EC )?PRIVATE KEY-----\n")
+
+
+def _x509_dir(config: Config) -> Path:
+    if config.tls_x509_dir is None:
+        raise refuse("tls_off", "this server has no tls_x509_dir in the helper config: TLS is off")
+    return config.tls_x509_dir
+
+
+def _tls_gid(config: Config) -> int | None:
+    if config.tls_group is None:
+        return None
+    import grp
+
+    try:
+        return grp.getgrnam(config.tls_group).gr_gid
+    except KeyError as exc:
+        raise HelperError(EXIT_CONFIG, "bad_config", f"tls_group {config.tls_group} does not exist") from exc
+
+
+def _self_signed(config: Config, folder: Path, template: str) -> tuple[str, str]:
+    """A fresh ECDSA P-256 key and a self-signed certificate for it, made by certtool in a private
+    temporary folder (0700) that is gone afterwards: (key PEM, certificate PEM)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".certtool-") as tmp:
+        key, cert, info = Path(tmp, "key.pem"), Path(tmp, "cert.pem"), Path(tmp, "cert.info")
+        info.write_text(template, encoding="ascii")
+        make_key = ["--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1", "--outfile", str(key)]
+        self_sign = ["--generate-self-signed", "--load-privkey", str(key), "--template", str(info), "--outfile"]
+        steps = ([*make_key, "--no-text"], [*self_sign, str(cert), "--no-text"])
+        for step in steps:
+            done = subprocess.run(
+                [str(config.certtool), *step],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+                timeout=60,
+                check=False,
+            )
+            if done.returncode != 0:
+                message = done.stderr.decode(errors="replace").strip()[-300:]
+                raise HelperError(
+                    EXIT_SYSTEM, "certtool_failed", f"{config.certtool} exited {done.returncode}: {message}"
+                )
+        key_pem, cert_pem = key.read_text(encoding="ascii"), cert.read_text(encoding="ascii")
+    if not PEM_KEY_RE.fullmatch(key_pem) or not PEM_CERT_RE.fullmatch(cert_pem):
+        raise HelperError(
+            EXIT_SYSTEM, "certtool_failed", f"{config.certtool} did not write one PEM key and certificate"
+        )
+    return key_pem, cert_pem
+
+
+def _template(common_name: str, purpose: str, names: tuple[str, ...] = ()) -> str:
+    """A certtool template. Every value was checked against IDENTITY_RE or SERVER_NAME_RE first."""
+    import ipaddress
+
+    lines = [f'cn = "{common_name}"', purpose, "signing_key", "encryption_key", f"expiration_days = {X509_DAYS}"]
+    for name in names:
+        try:
+            ipaddress.ip_address(name)
+            lines.append(f"ip_address = {name}")
+        except ValueError:
+            lines.append(f"dns_name = {name}")
+    return "\n".join(lines) + "\n"
+
+
+def read_client_certs(config: Config) -> dict[str, str]:
+    """identity -> certificate. A file this helper did not write is an error, never silently trusted."""
+    folder = _x509_dir(config) / X509_CLIENT_DIR
+    certs: dict[str, str] = {}
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return {}
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        identity = entry.name[:-4] if entry.name.endswith(".pem") else ""
+        try:
+            text = Path(entry.path).read_text(encoding="ascii") if entry.is_file(follow_symlinks=False) else ""
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        if not IDENTITY_RE.fullmatch(identity) or not PEM_CERT_RE.fullmatch(text):
+            raise HelperError(EXIT_CONFIG, "bad_client_cert", f"{entry.path} is not a certificate this helper wrote")
+        certs[identity] = text
+    return certs
+
+
+def ensure_server_cert(config: Config) -> str:
+    """The server's key and certificate (made once), and its client bundle rebuilt from the client
+    folder. Call under the lock. Returns the server's certificate (public: VMAs trust it)."""
+    folder = _x509_dir(config)
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    os.makedirs(folder / X509_CLIENT_DIR, mode=0o755, exist_ok=True)
+    cert_path, key_path = folder / X509_SERVER_CERT, folder / X509_SERVER_KEY
+    if not (cert_path.exists() and key_path.exists()):
+        key_pem, cert_pem = _self_signed(
+            config, folder, _template("oma-nbd-server", "tls_www_server", config.tls_server_names)
+        )
+        gid = _tls_gid(config)
+        # The server (its group) reads its key; nobody else does.
+        atomic_write(key_path, key_pem, mode=0o600 if gid is None else 0o640, gid=gid)
+        atomic_write(cert_path, cert_pem, mode=0o644)
+    server_cert = cert_path.read_text(encoding="ascii")
+    write_client_bundle(config, read_client_certs(config), server_cert)
+    return server_cert
+
+
+def write_client_bundle(config: Config, certs: dict[str, str], server_cert: str) -> None:
+    """nbd-server reads its cacertfile at every handshake: an added, rotated or removed identity counts
+    at once, open transfers keep going. The server's own certificate leads the bundle so that it is
+    never empty (only the server holds that key)."""
+    text = server_cert + "".join(certs[identity] for identity in sorted(certs))
+    path = _x509_dir(config) / X509_CLIENT_BUNDLE
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text(encoding="ascii") == text:
+            return
+    atomic_write(path, text, mode=0o644)
+
+
+def verb_cert_add(config: Config, identity: str, replace: bool = False) -> dict[str, object]:
+    validate_identity(identity)
+    folder = _x509_dir(config)
+    with locked(config):
+        server_cert = ensure_server_cert(config)
+        certs = read_client_certs(config)
+        if identity in certs and not replace:
+            raise refuse("exists", f"identity {identity!r} already has a certificate; use cert-rotate to replace it")
+        if identity not in certs and replace:
+            raise refuse("unknown_identity", f"identity {identity!r} has no certificate to rotate")
+        if identity not in certs and len(certs) >= MAX_IDENTITIES:
+            raise refuse("too_many", f"the server already trusts {MAX_IDENTITIES} identities")
+        key_pem, cert_pem = _self_signed(config, folder, _template(identity, "tls_www_client"))
+        atomic_write(folder / X509_CLIENT_DIR / f"{identity}.pem", cert_pem, mode=0o644)
+        certs[identity] = cert_pem
+        write_client_bundle(config, certs, server_cert)
+    return {
+        "identity": identity,
+        "certificate": cert_pem,
+        "key": key_pem,
+        "server_certificate": server_cert,
+        "rotated": replace,
+    }
+
+
+def verb_cert_rotate(config: Config, identity: str) -> dict[str, object]:
+    return verb_cert_add(config, identity, replace=True)
+
+
+def verb_cert_remove(config: Config, identity: str) -> dict[str, object]:
+    validate_identity(identity)
+    with locked(config):
+        server_cert = ensure_server_cert(config)
+        certs = read_client_certs(config)
+        removed = certs.pop(identity, None) is not None
+        if removed:
+            write_client_bundle(config, certs, server_cert)  # first: the server stops trusting it ...
+            remove_durably(_x509_dir(config) / X509_CLIENT_DIR / f"{identity}.pem")  # ... then its source
+    return {"identity": identity, "removed": removed}
+
+
+def verb_cert_list(config: Config) -> dict[str, object]:
+    with locked(config):
+        server_cert = ensure_server_cert(config)
+        certs = read_client_certs(config)
+    return {"identities": sorted(certs), "tls": True, "server_certificate": server_cert}
+
+
+def _generic_settings(path: Path) -> dict[str, str]:
+    """The [generic] keys of an nbd-server config (its own ini dialect: indented keys, no continuations)."""
+    found: dict[str, str] = {}
+    section = ""
+    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif section == "generic" and "=" in line:
+            key, _, value = line.partition("=")
+            found[key.strip()] = value.strip()
+    return found
+
+
+def check_server_tls(config: Config) -> None:
+    """With tls_x509_dir set, nbd-server must be configured to require TLS with exactly the helper's
+    files: a config that would serve plain NBD, or trust other clients, is refused before it starts."""
+    if config.tls_x509_dir is None or config.server_config is None:
+        return
+    folder = config.tls_x509_dir
+    wanted = {
+        "certfile": str(folder / X509_SERVER_CERT),
+        "keyfile": str(folder / X509_SERVER_KEY),
+        "cacertfile": str(folder / X509_CLIENT_BUNDLE),
+        "force_tls": "true",
+    }
+    try:
+        found = _generic_settings(config.server_config)
+    except OSError as exc:
+        raise HelperError(EXIT_CONFIG, "bad_config", f"cannot read {config.server_config}: {exc.strerror}") from exc
+    wrong = [f"{key} = {value}" for key, value in wanted.items() if found.get(key, "").lower() != value.lower()]
+    if wrong:
+        raise HelperError(
+            EXIT_CONFIG,
+            "tls_not_required",
+            f"{config.server_config} [generic] must say {'; '.join(wrong)} (tls_x509_dir is set: no plain NBD)",
+        )
+
+
 MAX_LINK_PAIRS = 64
 USAGE = (
     "usage: oma-nbd-helper {link NAME DEVICE [NAME DEVICE ...] | unlink NAME "
     "| reload | status | start | restart | stop | psk-add ID | psk-rotate ID | psk-import ID | psk-remove ID "
-    "| psk-list}"
+    "| psk-list | cert-add ID | cert-rotate ID | cert-remove ID | cert-list}"
 )
 VERBS = {
     "link": (2, verb_link),
@@ -1020,6 +1266,10 @@ VERBS = {
     "psk-import": (1, verb_psk_import),
     "psk-remove": (1, verb_psk_remove),
     "psk-list": (0, verb_psk_list),
+    "cert-add": (1, verb_cert_add),
+    "cert-rotate": (1, verb_cert_rotate),
+    "cert-remove": (1, verb_cert_remove),
+    "cert-list": (0, verb_cert_list),
 }
 
 

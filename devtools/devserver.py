@@ -6,14 +6,18 @@ the nbd-server config with ``includedir``, and a systemd unit (see deploy/).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exports.nbd_protocol import TlsX509
 from exports.nbd_servers import HEALTH_EXPORT
 
 
@@ -23,7 +27,7 @@ class DevServerLayout:
     backend: str
     host: str
     port: int
-    tls: bool = False  # nbdkit --tls=require with pre-shared keys
+    tls: bool = False  # nbdkit: --tls=require with pre-shared keys; nbd-server: force_tls with certificates
     # Volumes shared with other nodes (as a zone's volumes are): by default this layout's own folder.
     shared_volume_root: Path | None = None
 
@@ -41,6 +45,30 @@ class DevServerLayout:
     def vma_psk_file(self) -> Path:
         """The simulated VMA's key, as an operator would install it on a VMA."""
         return self.root / "vma.psk"
+
+    @property
+    def x509_dir(self) -> Path:
+        """nbd-server: the server's key and certificate and its trusted client certificates (cert-* verbs)."""
+        return self.root / "nbd-x509"
+
+    @property
+    def portal_tls(self) -> Path:
+        """The portal's credentials: its key file (nbdkit) or its certificate folder (nbd-server)."""
+        return self.portal_psk_file if self.backend == "nbdkit" else self.root / "portal-x509"
+
+    @property
+    def vma_tls(self) -> Path:
+        """The simulated VMA's credentials, as an operator installs them on a VMA: a key file or a folder
+        with ca-cert.pem, client-cert.pem and client-key.pem (libnbd's tls-certificates)."""
+        return self.vma_psk_file if self.backend == "nbdkit" else self.root / "vma-x509"
+
+    def settings_env(self) -> dict[str, str]:
+        """The OMA_NBD_TLS_* environment that gives the portal its credentials for this layout."""
+        tls = self.tls
+        return {
+            "OMA_NBD_TLS_PSK_FILE": str(self.portal_tls) if tls and self.backend == "nbdkit" else "",
+            "OMA_NBD_TLS_CERT_DIR": str(self.portal_tls) if tls and self.backend != "nbdkit" else "",
+        }
 
     @property
     def helper_config(self) -> Path:
@@ -83,13 +111,19 @@ class DevServerLayout:
             "MIN_RELOAD_SPACING": min_reload_spacing,
             "SERVE_TIMEOUT": 15.0,
             "NODE": "local",
-            "TLS_PSK_FILE": str(self.portal_psk_file) if self.tls else "",
+            "TLS_PSK_FILE": str(self.portal_psk_file) if self.tls and self.backend == "nbdkit" else "",
+            "TLS_CERT_DIR": str(self.portal_tls) if self.tls and self.backend != "nbdkit" else "",
             "TLS_IDENTITY": PORTAL_IDENTITY,
         }
 
     def vma_settings(self) -> dict[str, Any]:
         """The OMA_VMA keys that hand the VMA URLs for this layout."""
         return {"NBD_HOST": self.host, "NBD_PORT": self.port, "NBD_TLS": self.tls, "NBD_IDENTITY": VMA_IDENTITY}
+
+
+def libnbd_tls_query(credentials: Path) -> str:
+    """The libnbd URI query that presents these credentials: a key file or a certificate folder."""
+    return f"tls-{'certificates' if credentials.is_dir() else 'psk-file'}={credentials}"
 
 
 PORTAL_IDENTITY = "oma-portal"
@@ -143,15 +177,42 @@ def _write_keys(layout: DevServerLayout) -> None:
     _write(layout.psk_file, "".join(f"{i}:{k}\n" for i, k in sorted(keys.items())), mode=0o600)
 
 
+def _helper(layout: DevServerLayout, *args: str) -> dict[str, Any]:
+    helper = Path(__file__).resolve().parent.parent / "deploy" / "oma_nbd_helper.py"
+    env = {**os.environ, "OMA_NBD_HELPER_CONFIG": str(layout.helper_config)}
+    done = subprocess.run(  # noqa: S603 - this Python, this project's helper
+        [sys.executable, "-IS", str(helper), *args], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    reply: dict[str, Any] = json.loads(done.stdout or "{}")
+    if done.returncode != 0 or not reply.get("ok"):
+        raise RuntimeError(f"oma-nbd-helper {args[0]} failed: {reply.get('message') or done.stderr.strip()}")
+    return reply
+
+
+def _write_certs(layout: DevServerLayout) -> None:
+    """Certificates for the portal and the simulated VMA, kept across runs while the server trusts them."""
+    listed = _helper(layout, "cert-list")
+    for identity, folder in ((PORTAL_IDENTITY, layout.portal_tls), (VMA_IDENTITY, layout.vma_tls)):
+        ca = folder / "ca-cert.pem"
+        current = (
+            identity in listed["identities"]
+            and (folder / "client-key.pem").exists()
+            and ca.exists()
+            and ca.read_text(encoding="ascii") == listed["server_certificate"]
+        )
+        if not current:
+            verb = "cert-rotate" if identity in listed["identities"] else "cert-add"
+            reply = _helper(layout, verb, identity)
+            TlsX509.save(folder, reply["certificate"], reply["key"], reply["server_certificate"])
+
+
 def write_layout(
-    root: Path, backend: str, host: str, port: int, tls: bool | None = None, volume_root: Path | None = None
+    root: Path, backend: str, host: str, port: int, tls: bool = True, volume_root: Path | None = None
 ) -> DevServerLayout:
     """Create the folders and write the helper and nbd-server configs (dev mode: volumes are files).
-    TLS (by default with nbdkit; nbd-server has no pre-shared keys) adds the key files. ``volume_root``:
-    volumes shared with other OMA nodes' layouts (each node then links its devices in its own folder)."""
-    tls = backend == "nbdkit" if tls is None else tls
-    if tls and backend != "nbdkit":
-        raise ValueError("NBD over TLS with pre-shared keys needs the nbdkit backend")
+    TLS (the default) adds the credentials: pre-shared keys with nbdkit, certificates with nbd-server.
+    ``volume_root``: volumes shared with other OMA nodes' layouts (each node then links its devices in
+    its own folder)."""
     shared = volume_root.resolve() if volume_root else None
     layout = DevServerLayout(root.resolve(), backend, host, port, tls, shared)
     for folder in (layout.root, layout.confd, layout.export_root, layout.volume_root, layout.state_dir):
@@ -170,11 +231,10 @@ def write_layout(
         f"listen_address = {host}\n"
         f"port = {port}\n"
         f"dev_volume_root = {layout.volume_root}\n"
-        + (f"tls_psk_file = {layout.psk_file}\n" if tls else "")
+        + (f"tls_psk_file = {layout.psk_file}\n" if tls and backend == "nbdkit" else "")
+        + (f"tls_x509_dir = {layout.x509_dir}\n" if tls and backend != "nbdkit" else "")
         + (f"tls_priority_file = {TLS_PRIORITY_FILE}\n" if tls and cpu_has_aes() else ""),
     )
-    if tls:
-        _write_keys(layout)
     # nbd-server refuses to start with no export at all: a tiny read-only probe export keeps it up.
     probe = layout.root / "health-probe.img"
     if not probe.exists():
@@ -187,8 +247,18 @@ def write_layout(
         f"    port = {port}\n"
         "    allowlist = true\n"
         f"    includedir = {layout.confd}\n"
-        f"[{HEALTH_EXPORT}]\n"
+        + (
+            f"    certfile = {layout.x509_dir / 'server-cert.pem'}\n"
+            f"    keyfile = {layout.x509_dir / 'server-key.pem'}\n"
+            f"    cacertfile = {layout.x509_dir / 'clients.pem'}\n"
+            "    force_tls = true\n"
+            if tls and backend != "nbdkit"
+            else ""
+        )
+        + f"[{HEALTH_EXPORT}]\n"
         f"    exportname = {probe}\n"
         "    readonly = true\n",
     )
+    if tls:
+        _write_keys(layout) if backend == "nbdkit" else _write_certs(layout)
     return layout

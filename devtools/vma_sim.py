@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from exports.nbd_protocol import NbdConnection, NbdError, TlsPsk
+from devtools.devserver import libnbd_tls_query
+from exports.nbd_protocol import NbdConnection, NbdError, tls_from_path
 from migrations_app.vma_client import Digest, DiskProgress, PowerState, VmaNic, VmaVM
 from migrations_app.vma_client import Replication as ReplicationJson
 
@@ -307,9 +308,14 @@ class ApiError(Exception):
 
 class Replication:
     def __init__(
-        self, replication_id: str, vm: SimVM, copies: list[DiskCopy], faults: Faults, psk_file: Path | None = None
+        self,
+        replication_id: str,
+        vm: SimVM,
+        copies: list[DiskCopy],
+        faults: Faults,
+        tls_credentials: Path | None = None,
     ) -> None:
-        self.psk_file = psk_file
+        self.tls_credentials = tls_credentials
         self.id = replication_id
         self.vm = vm
         self.copies = copies
@@ -481,9 +487,9 @@ class Replication:
             raise ValueError(f"bad NBD URL {copy.nbd_url!r}")
         tls = None
         if match["scheme"] == "nbds":
-            if self.psk_file is None:
+            if self.tls_credentials is None:
                 raise NbdError("nbds:// needs an NBD TLS key and this VMA has none")
-            tls = TlsPsk.from_file(self.psk_file, match["identity"])
+            tls = tls_from_path(self.tls_credentials, match["identity"])
         conn = NbdConnection(match["host"].strip("[]"), int(match["port"]), tls=tls)
         try:
             conn.open(match["export"])
@@ -493,9 +499,9 @@ class Replication:
         return conn
 
     def _nbdcopy_target(self, copy: DiskCopy) -> str:
-        """nbdcopy's URI: libnbd takes the key file as a query parameter of an nbds:// URI."""
+        """nbdcopy's URI: libnbd takes the key file or certificate folder as a query parameter."""
         if copy.nbd_url.startswith("nbds://"):
-            return f"{copy.nbd_url}?tls-psk-file={self.psk_file}"
+            return f"{copy.nbd_url}?{libnbd_tls_query(Path(str(self.tls_credentials)))}"
         return copy.nbd_url
 
     def _corrupt(self, copy: DiskCopy) -> None:
@@ -513,10 +519,10 @@ class VmaSimulator:
     version = "sim-1"
 
     def __init__(
-        self, vms: list[SimVM], token: str, faults: Faults | None = None, psk_file: Path | None = None
+        self, vms: list[SimVM], token: str, faults: Faults | None = None, tls_credentials: Path | None = None
     ) -> None:
         self.vms = {vm.id: vm for vm in vms}
-        self.psk_file = psk_file  # this VMA's NBD TLS key (psktool format), for nbds:// targets
+        self.tls_credentials = tls_credentials  # this VMA's NBD TLS key file or certificate folder
         self.token = token
         self.faults = faults or Faults()
         self.replications: dict[str, Replication] = {}
@@ -553,7 +559,7 @@ class VmaSimulator:
                         "bad_request",
                         f"nbd_url {url!r} is not nbd://host:port/export or nbds://id@host:port/export",
                     )
-                if match["scheme"] == "nbds" and self.psk_file is None:
+                if match["scheme"] == "nbds" and self.tls_credentials is None:
                     raise ApiError(400, "bad_request", "nbds:// needs an NBD TLS key and this VMA has none")
                 copies.append(
                     DiskCopy(
@@ -563,7 +569,7 @@ class VmaSimulator:
                         resume_from=str(item.get("resume_from") or ""),
                     )
                 )
-            replication = Replication(replication_id, vm, copies, self.faults, self.psk_file)
+            replication = Replication(replication_id, vm, copies, self.faults, self.tls_credentials)
             self.replications[replication_id] = replication
         replication.start()
         return 202, replication

@@ -12,7 +12,7 @@ from .nbd_servers import NbdBackend, NbdkitBackend, NbdServerBackend
 def get_backend() -> NbdBackend:
     conf = nbd_conf()
     helper = SubprocessHelper(conf.helper_command, conf.helper_config)
-    common: dict[str, Any] = {"tls": conf.tls, "encrypted": conf.tls_psk_file is not None}
+    common: dict[str, Any] = {"tls": conf.tls, "encrypted": conf.tls_on}
     if conf.backend == "nbd-server":
         return NbdServerBackend(
             helper,

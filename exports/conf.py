@@ -12,7 +12,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from .nbd_protocol import TlsPsk
+from .nbd_protocol import Tls, TlsPsk, TlsX509
 
 BACKENDS = ("nbdkit", "nbd-server")
 
@@ -33,15 +33,24 @@ class NbdConf:
     # How long a new export may take to appear before ensure_export gives up.
     serve_timeout: float
     node: str  # this OMA node's name (OMA_NODE_NAME)
-    tls_psk_file: str | None  # the portal's own NBD TLS key (None: the server speaks plain NBD)
+    tls_psk_file: str | None  # nbdkit: the portal's own NBD TLS key file
     tls_identity: str
+    # nbd-server: the portal's own certificate folder (ca-cert.pem, client-cert.pem, client-key.pem).
+    # Neither set: the server speaks plain NBD.
+    tls_cert_dir: str | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def tls(self) -> TlsPsk | None:
-        """The portal's key, read at each call (a rotation takes effect without a restart)."""
+    @property
+    def tls_on(self) -> bool:
+        return bool(self.tls_psk_file or self.tls_cert_dir)
+
+    def tls(self) -> Tls | None:
+        """The portal's credentials, read at each call (a rotation takes effect without a restart)."""
+        if self.tls_cert_dir:
+            return TlsX509.from_dir(self.tls_cert_dir, self.tls_identity)
         return TlsPsk.from_file(self.tls_psk_file, self.tls_identity) if self.tls_psk_file else None
 
 
@@ -49,6 +58,10 @@ def _build(raw: dict[str, Any]) -> NbdConf:
     backend = str(raw["BACKEND"])
     if backend not in BACKENDS:
         raise ImproperlyConfigured(f"OMA_NBD BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if raw.get("TLS_PSK_FILE") and backend != "nbdkit":
+        raise ImproperlyConfigured("OMA_NBD TLS_PSK_FILE is for nbdkit; nbd-server takes TLS_CERT_DIR")
+    if raw.get("TLS_CERT_DIR") and backend != "nbd-server":
+        raise ImproperlyConfigured("OMA_NBD TLS_CERT_DIR is for nbd-server; nbdkit takes TLS_PSK_FILE")
     return NbdConf(
         backend=backend,
         host=str(raw["HOST"]),
@@ -62,6 +75,7 @@ def _build(raw: dict[str, Any]) -> NbdConf:
         node=str(raw.get("NODE", "local")),
         tls_psk_file=str(raw["TLS_PSK_FILE"]) if raw.get("TLS_PSK_FILE") else None,
         tls_identity=str(raw.get("TLS_IDENTITY") or "oma-portal"),
+        tls_cert_dir=str(raw["TLS_CERT_DIR"]) if raw.get("TLS_CERT_DIR") else None,
     )
 
 

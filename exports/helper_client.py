@@ -55,10 +55,12 @@ class StatusReply(HelperReply):
 
 class PskReply(HelperReply, total=False):
     """psk-add, psk-rotate (identity, key, rotated), psk-import (identity, replaced, changed), psk-remove
-    (identity, removed), psk-list."""
+    (identity, removed), psk-list; and the cert-* verbs (key, certificate and server_certificate: PEM)."""
 
     identity: str
-    key: str  # hex, shown once
+    key: str  # hex (a PSK) or PEM (a certificate's key), shown once
+    certificate: str
+    server_certificate: str
     rotated: bool
     replaced: bool
     changed: bool

@@ -7,7 +7,8 @@ NBD_OPT_INFO with size 0), and plain reads and writes for verification.
 
 With a ``TlsPsk`` the connection upgrades with NBD_OPT_STARTTLS before any other option and then
 speaks TLS with a pre-shared key (what nbdkit ``--tls=require --tls-psk=FILE`` asks for; Python
-3.13's ``SSLContext.set_psk_client_callback``).
+3.13's ``SSLContext.set_psk_client_callback``). With a ``TlsX509`` it presents a client certificate
+and checks the server's (what nbd-server ``force_tls`` with a ``cacertfile`` asks for).
 Reference: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
 """
 
@@ -113,6 +114,9 @@ class TlsPsk:
             raise NbdError(f"the NBD TLS key file {path} holds no key for {wanted}")
         return cls(identity, found[identity])
 
+    def wrap(self, sock: socket.socket, host: str) -> ssl.SSLSocket:
+        return self.context().wrap_socket(sock)
+
     def context(self) -> ssl.SSLContext:
         if not hasattr(ssl.SSLContext, "set_psk_client_callback"):
             raise NbdError("NBD over TLS with a pre-shared key needs Python 3.13 or newer")
@@ -123,6 +127,65 @@ class TlsPsk:
         ctx.set_ciphers("PSK")
         ctx.set_psk_client_callback(lambda hint: (self.identity, self.key))
         return ctx
+
+
+@dataclass(frozen=True)
+class TlsX509:
+    """A client certificate folder as libnbd's ``tls-certificates`` takes it: ``ca-cert.pem`` (the
+    server's certificate, the only one trusted), ``client-cert.pem`` and ``client-key.pem``."""
+
+    directory: Path
+    identity: str = "client certificate"
+
+    @classmethod
+    def from_dir(cls, path: str | Path, identity: str | None = None) -> TlsX509:
+        folder = Path(path)
+        missing = [name for name in X509_FILES if not (folder / name).is_file()]
+        if missing:
+            raise NbdError(f"the NBD TLS certificate folder {folder} lacks {', '.join(missing)}")
+        return cls(folder, identity or "client certificate")
+
+    @classmethod
+    def save(cls, folder: Path, certificate: str, key: str, server_certificate: str) -> None:
+        """Write such a folder (0700, the key 0600), each file atomically: the server's certificate as the
+        one to trust, the client's certificate and its key."""
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        for name, text, mode in (
+            ("client-key.pem", key, 0o600),
+            ("client-cert.pem", certificate, 0o644),
+            ("ca-cert.pem", server_certificate, 0o644),
+        ):
+            tmp = folder / f".{name}.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, folder / name)
+
+    def wrap(self, sock: socket.socket, host: str) -> ssl.SSLSocket:
+        return self.context().wrap_socket(sock, server_hostname=host.strip("[]"))
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the server's certificate and name
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_verify_locations(self.directory / "ca-cert.pem")
+            ctx.load_cert_chain(self.directory / "client-cert.pem", self.directory / "client-key.pem")
+        except (OSError, ssl.SSLError) as exc:
+            raise NbdError(f"cannot load the NBD TLS certificates in {self.directory}: {exc}") from exc
+        return ctx
+
+
+X509_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+Tls = TlsPsk | TlsX509
+
+
+def tls_from_path(path: str | Path, identity: str | None = None) -> Tls:
+    """A client's NBD TLS credentials: a key file (nbdkit) or a certificate folder (nbd-server)."""
+    return TlsX509.from_dir(path, identity) if Path(path).is_dir() else TlsPsk.from_file(path, identity)
 
 
 @dataclass(frozen=True)
@@ -149,7 +212,7 @@ def _recv_exact(sock: socket.socket, count: int) -> bytearray:
 class NbdConnection:
     """One NBD connection: option haggling, then (after ``open``) transmission."""
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0, tls: TlsPsk | None = None) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 5.0, tls: Tls | None = None) -> None:
         scheme = "nbds" if tls else "nbd"
         try:
             self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
@@ -158,6 +221,9 @@ class NbdConnection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.export: ExportInfo | None = None
         self._handle = 0
+        # TLS 1.3: a server checks the client's certificate after the client's handshake is done, so a
+        # refusal shows up as the connection closing at the first reply after it.
+        self._tls_unconfirmed = False
         try:
             self._handshake()
         except (OSError, NbdError) as exc:
@@ -165,7 +231,7 @@ class NbdConnection:
             raise NbdUnavailable(f"no NBD server at {scheme}://{host}:{port}: {exc}") from exc
         if tls is not None:
             try:
-                self._starttls(tls)
+                self._starttls(tls, host)
             except (OSError, NbdError) as exc:
                 self.sock.close()
                 raise NbdTlsRefused(f"TLS to {scheme}://{host}:{port} as {tls.identity!r} failed: {exc}") from exc
@@ -184,18 +250,26 @@ class NbdConnection:
             raise NbdError("server does not support fixed newstyle negotiation")
         self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
 
-    def _starttls(self, tls: TlsPsk) -> None:
+    def _starttls(self, tls: Tls, host: str) -> None:
         self._send_option(OPT_STARTTLS)
         rtype, _ = self._read_reply(OPT_STARTTLS)
         if rtype != REP_ACK:
             raise NbdError(f"unexpected reply type {rtype} to NBD_OPT_STARTTLS")
-        self.sock = tls.context().wrap_socket(self.sock)
+        self.sock = tls.wrap(self.sock, host)
+        self._tls_unconfirmed = True
 
     def _send_option(self, option: int, data: bytes = b"") -> None:
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
 
     def _read_reply(self, option: int) -> tuple[int, bytes]:
-        magic, opt, rtype, length = struct.unpack(">QIII", _recv_exact(self.sock, 20))
+        try:
+            header = _recv_exact(self.sock, 20)
+        except (NbdConnectionLost, ssl.SSLError) as exc:
+            if not self._tls_unconfirmed:
+                raise
+            raise NbdTlsRefused(f"the server closed the connection after the TLS handshake: {exc}") from exc
+        self._tls_unconfirmed = False
+        magic, opt, rtype, length = struct.unpack(">QIII", header)
         if magic != OPT_REPLY_MAGIC or opt != option:
             raise NbdError(f"unexpected option reply (magic {magic:#x}, option {opt})")
         if length > MAX_REPLY:
@@ -278,11 +352,11 @@ class NbdConnection:
             self.sock.close()
 
 
-def list_exports(host: str, port: int, timeout: float = 5.0, tls: TlsPsk | None = None) -> list[str]:
+def list_exports(host: str, port: int, timeout: float = 5.0, tls: Tls | None = None) -> list[str]:
     with NbdConnection(host, port, timeout, tls) as conn:
         return conn.list_exports()
 
 
-def export_info(host: str, port: int, name: str, timeout: float = 5.0, tls: TlsPsk | None = None) -> ExportInfo:
+def export_info(host: str, port: int, name: str, timeout: float = 5.0, tls: Tls | None = None) -> ExportInfo:
     with NbdConnection(host, port, timeout, tls) as conn:
         return conn.open(name)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from . import helper_client
 from .helper_client import HelperFailed, HelperRunner, LinkResult, ServerReply, StatusReply, UnlinkReply
-from .nbd_protocol import NbdConnection, NbdError, NbdUnavailable, TlsPsk, list_exports
+from .nbd_protocol import NbdConnection, NbdError, NbdUnavailable, Tls, list_exports
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,11 @@ class _BaseBackend:
         port: int,
         export_root: str,
         state_dir: str,
-        tls: Callable[[], TlsPsk | None] = lambda: None,
+        tls: Callable[[], Tls | None] = lambda: None,
         encrypted: bool = False,
     ) -> None:
         self.helper = helper
-        self.encrypted = encrypted  # the server requires TLS (nbdkit with pre-shared keys)
+        self.encrypted = encrypted  # the server requires TLS (nbdkit: pre-shared keys; nbd-server: certificates)
         self.host = host
         self.port = port
         self.tls = tls  # reads the portal's own key (when the server requires TLS) at each connection
@@ -179,7 +179,8 @@ class _BaseBackend:
             return []
         return [
             "The NBD data path is plain: without TLS any local account can list, read and write every export. "
-            "Serve with nbdkit and pre-shared keys (OMA_NBD_TLS_PSK_FILE, manage.py nbd_keys)."
+            "Serve over TLS: nbdkit with pre-shared keys (OMA_NBD_TLS_PSK_FILE) or nbd-server with certificates "
+            "(OMA_NBD_TLS_CERT_DIR); manage.py nbd_keys makes both."
         ]
 
     def _wait_listed(self, names: set[str], timeout: float) -> set[str]:

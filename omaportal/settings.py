@@ -231,12 +231,17 @@ OMA_NBD: dict[str, Any] = {
     # How long a new export may take to appear before ensure_export gives up.
     "SERVE_TIMEOUT": float(os.environ.get("OMA_NBD_SERVE_TIMEOUT", "15")),
     "NODE": _NODE_NAME,
-    # NBD over TLS (nbdkit --tls=require with pre-shared keys): the portal's own key file (psktool
-    # format, readable only by the portal's user) for its health probes and verification reads, and
-    # the identity in it. Empty: the server speaks plain NBD (nbd-server has no PSK support).
+    # NBD over TLS, the portal's own credentials for its health probes and verification reads (readable
+    # only by the portal's user). nbdkit (--tls=require, pre-shared keys): a psktool-format key file.
+    # nbd-server (force_tls, certificates): a folder with ca-cert.pem, client-cert.pem, client-key.pem.
+    # Empty: the server speaks plain NBD.
     "TLS_PSK_FILE": os.environ.get(
         "OMA_NBD_TLS_PSK_FILE",
         str(_NBD_DIR / "portal.psk") if os.environ.get("OMA_NBD_BACKEND", "nbdkit") == "nbdkit" else "",
+    ),
+    "TLS_CERT_DIR": os.environ.get(
+        "OMA_NBD_TLS_CERT_DIR",
+        str(_NBD_DIR / "portal-x509") if os.environ.get("OMA_NBD_BACKEND", "nbdkit") == "nbd-server" else "",
     ),
     "TLS_IDENTITY": os.environ.get("OMA_NBD_TLS_IDENTITY", "oma-portal"),
 }
@@ -307,8 +312,8 @@ OMA_VMA: dict[str, Any] = {
     # The NBD address the VMA copies to (production: its end of the TLS tunnel, 127.0.0.1:10808).
     "NBD_HOST": os.environ.get("OMA_VMA_NBD_HOST", OMA_NBD["HOST"]),
     "NBD_PORT": int(os.environ.get("OMA_VMA_NBD_PORT", str(OMA_NBD["PORT"]))),
-    # nbds:// URLs with this PSK identity (the VMA holds its key); off for a VMA behind the stunnel pair.
-    "NBD_TLS": env_bool("OMA_VMA_NBD_TLS", bool(OMA_NBD["TLS_PSK_FILE"])),
+    # nbds:// URLs with this identity (the VMA holds its key or certificate); off behind the stunnel pair.
+    "NBD_TLS": env_bool("OMA_VMA_NBD_TLS", bool(OMA_NBD["TLS_PSK_FILE"] or OMA_NBD["TLS_CERT_DIR"])),
     "NBD_IDENTITY": os.environ.get("OMA_VMA_NBD_IDENTITY", "vma"),
 }
 OMA_WORKFLOW: dict[str, Any] = {

@@ -45,6 +45,9 @@ def test_second_job_is_an_incremental_sync_on_the_same_volume_and_export(
     wire(settings, nbd_server, sim)
     first = migrate("web-01", sim)
     assert first.state == JobState.COMPLETED, first.error
+    # Over TLS on both backends: pre-shared keys on nbdkit, client certificates on nbd-server.
+    urls = [copy.nbd_url for r in sim.sim.replications.values() for copy in r.copies]
+    assert urls and all(url.startswith("nbds://") for url in urls), urls
     reloads = NbdServerState.objects.get().reload_count if NbdServerState.objects.exists() else 0
     second = migrate("web-01", sim)
     assert second.state == JobState.COMPLETED, second.error

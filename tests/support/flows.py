@@ -34,7 +34,7 @@ def wire(settings: object, server: RunningServer, sim: Sim) -> None:
         "RETRIES": 1,
         **server.layout.vma_settings(),
     }
-    sim.sim.psk_file = server.layout.vma_psk_file if server.layout.tls else None
+    sim.sim.tls_credentials = server.layout.vma_tls if server.layout.tls else None
     settings.OMA_WORKFLOW = {  # type: ignore[attr-defined]
         "MAX_ACTIVE_JOBS": 25,
         "ATTACH_SLOTS": 25,

@@ -14,8 +14,8 @@ from typing import Any
 
 import psutil
 
-from devtools.devserver import VMA_IDENTITY, DevServerLayout, free_port, write_layout
-from exports.nbd_protocol import NbdConnection, TlsPsk, list_exports
+from devtools.devserver import VMA_IDENTITY, DevServerLayout, free_port, libnbd_tls_query, write_layout
+from exports.nbd_protocol import NbdConnection, Tls, list_exports, tls_from_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,9 +53,9 @@ class RunningServer:
                 fh.write(fill)
         return str(path)
 
-    def tls(self) -> TlsPsk | None:
+    def tls(self) -> Tls | None:
         """The portal's key when this server requires TLS (what a test's own client must present)."""
-        return TlsPsk.from_file(self.layout.portal_psk_file) if self.layout.tls else None
+        return tls_from_path(self.layout.portal_tls) if self.layout.tls else None
 
     def list_exports(self) -> list[str]:
         return list_exports("127.0.0.1", self.layout.port, tls=self.tls())
@@ -67,7 +67,7 @@ class RunningServer:
         """A libnbd URI for nbdcopy/nbdinfo: nbds:// with the portal's key file when TLS is on."""
         if not self.layout.tls:
             return f"nbd://127.0.0.1:{self.layout.port}/{name}"
-        return f"nbds://{identity}@127.0.0.1:{self.layout.port}/{name}?tls-psk-file={self.layout.portal_psk_file}"
+        return f"nbds://{identity}@127.0.0.1:{self.layout.port}/{name}?{libnbd_tls_query(self.layout.portal_tls)}"
 
     def vma_url(self, name: str) -> str:
         """The URL the portal hands the VMA for export ``name``."""

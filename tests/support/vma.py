@@ -55,7 +55,7 @@ class ExportedDisk(ReplicationTarget):
 def export_disks(server: RunningServer, vm: SimVM, sim: Sim) -> list[ExportedDisk]:
     """Volumes and exports for every disk of ``vm``; returns the replication's disk list, with the URLs
     the portal would hand the VMA (nbds:// with the VMA's identity when the server requires TLS)."""
-    sim.sim.psk_file = server.layout.vma_psk_file if server.layout.tls else None
+    sim.sim.tls_credentials = server.layout.vma_tls if server.layout.tls else None
     disks: list[ExportedDisk] = []
     for disk in vm.disks:
         device = server.volume(f"{vm.name}-{disk.unit_number}.img", size=disk.capacity_bytes)

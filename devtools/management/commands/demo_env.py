@@ -49,12 +49,15 @@ class Command(BaseCommand):
 
     def _nbd_line(self, port: int) -> str:
         conf = nbd_conf()
-        if not conf.tls_psk_file:
+        if not conf.tls_on:
             return f"  NBD server:  nbd://127.0.0.1:{port}/  (backend {conf.backend}, plain NBD)\n"
-        key = settings.VAR_DIR / "nbd" / "vma.psk"
+        if conf.tls_cert_dir:
+            kind, query = "certificates", f"tls-certificates={settings.VAR_DIR / 'nbd' / 'vma-x509'}"
+        else:
+            kind, query = "pre-shared keys", f"tls-psk-file={settings.VAR_DIR / 'nbd' / 'vma.psk'}"
         return (
-            f"  NBD server:  nbds://127.0.0.1:{port}/  (backend {conf.backend}, TLS with pre-shared keys;\n"
-            f"               try: nbdinfo --list 'nbds://vma@127.0.0.1:{port}/?tls-psk-file={key}')\n"
+            f"  NBD server:  nbds://127.0.0.1:{port}/  (backend {conf.backend}, TLS with {kind};\n"
+            f"               try: nbdinfo --list 'nbds://vma@127.0.0.1:{port}/?{query}')\n"
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -85,6 +88,9 @@ class Command(BaseCommand):
             f"OMA_VMA_URL=http://127.0.0.1:{vma}\nOMA_VMA_TOKEN={token}\nOMA_VMA_NBD_PORT={nbd}\n"
             # Recorded, so a command in a second terminal (make demo-jobs, nbd_status) sees the same server.
             f"OMA_NBD_BACKEND={nbd_conf().backend}\nOMA_NBD_TLS_PSK_FILE={nbd_conf().tls_psk_file or ''}\n"
+            f"OMA_NBD_TLS_CERT_DIR={nbd_conf().tls_cert_dir or ''}\n"
+            # The simulated VMA's credentials: its key file (nbdkit) or certificate folder (nbd-server).
+            f"OMA_VMA_TLS_CREDENTIALS=var/nbd/{'vma-x509' if nbd_conf().tls_cert_dir else 'vma.psk'}\n"
             # The demo asks for debug mode: daphne then serves the static files itself (no proxy here).
             "DJANGO_DEBUG=1\n"
         )

@@ -29,16 +29,14 @@ class Command(BaseCommand):
         conf = nbd_conf()
         if conf.helper_config is None:
             raise CommandError("run_nbd_server lays out a dev NBD server and needs OMA_NBD_HELPER_CONFIG")
-        if conf.tls_psk_file and conf.backend != "nbdkit":
-            raise CommandError(
-                "NBD over TLS needs the nbdkit backend: set OMA_NBD_TLS_PSK_FILE= (empty) for nbd-server"
-            )
-        tls = conf.tls_psk_file is not None
+        tls = conf.tls_on
         layout = write_layout(Path(conf.helper_config).parent, conf.backend, conf.host, conf.port, tls=tls)
         if Path(conf.export_root) != layout.export_root:
             raise CommandError(f"OMA_NBD EXPORT_ROOT {conf.export_root} must be {layout.export_root} in dev mode")
-        if tls and Path(str(conf.tls_psk_file)) != layout.portal_psk_file:
-            raise CommandError(f"OMA_NBD TLS_PSK_FILE {conf.tls_psk_file} must be {layout.portal_psk_file} in dev mode")
+        credentials = conf.tls_psk_file or conf.tls_cert_dir
+        if tls and Path(str(credentials)) != layout.portal_tls:
+            key = "TLS_PSK_FILE" if conf.tls_psk_file else "TLS_CERT_DIR"
+            raise CommandError(f"OMA_NBD {key} {credentials} must be {layout.portal_tls} in dev mode")
         backend = get_backend()
         try:
             started = backend.start()
@@ -104,5 +102,5 @@ class Command(BaseCommand):
             vm_id=vm_id, vm_name=f"demo-vm-{n}", disk_unit=0, device=str(volume), actor="run_nbd_server"
         )
         self.stdout.write(
-            f"demo export {'nbds' if nbd_conf().tls_psk_file else 'nbd'}://{nbd_conf().address}/{mapping.export_name}"
+            f"demo export {'nbds' if nbd_conf().tls_on else 'nbd'}://{nbd_conf().address}/{mapping.export_name}"
         )

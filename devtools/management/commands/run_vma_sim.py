@@ -21,14 +21,17 @@ class Command(BaseCommand):
         parser.add_argument("--stall", action="store_true", help="copies never progress")
         parser.add_argument("--rate", type=int, help="limit each full copy to this many bits per second")
         parser.add_argument(
-            "--tls-psk-file", help="this VMA's NBD TLS key (psktool format): needed for nbds:// targets"
+            "--tls-credentials",
+            "--tls-psk-file",
+            dest="tls_credentials",
+            help="this VMA's NBD TLS key file (nbdkit) or certificate folder (nbd-server): needed for nbds://",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
         vms = demo_inventory(Path(options["data_dir"]), size_mib=options["size_mib"])
         faults = Faults(options["fail_at"], options["drop_at"], options["stall"], options["rate"])
-        psk = Path(options["tls_psk_file"]) if options["tls_psk_file"] else None
-        server = VmaSimulator(vms, options["token"], faults, psk).serve(options["host"], options["port"])
+        credentials = Path(options["tls_credentials"]) if options["tls_credentials"] else None
+        server = VmaSimulator(vms, options["token"], faults, credentials).serve(options["host"], options["port"])
         port = server.server_address[1]
         self.stdout.write(f"VMA simulator on http://{options['host']}:{port}/api/v1 with {len(vms)} demo VMs")
         try:

@@ -9,6 +9,7 @@ from exports import helper_client
 from exports.actions import record_event
 from exports.conf import nbd_conf
 from exports.helper_client import HelperFailed, SubprocessHelper
+from exports.nbd_protocol import TlsX509
 
 
 def write_client_file(path: Path, identity: str, key: str, replace: bool) -> None:
@@ -35,14 +36,18 @@ class Command(BaseCommand):
         "(--out, mode 0600) to install on the VMA; rotate leaves open transfers running, new connections "
         "need the new key. 'import' gives an identity the key in a client key file made on another OMA "
         "node (--key-file), so one VMA key opens every node. 'portal' (re)keys the portal's own identity "
-        "into OMA_NBD_TLS_PSK_FILE."
+        "into OMA_NBD_TLS_PSK_FILE. With nbd-server (OMA_NBD_TLS_CERT_DIR set) an identity holds a client "
+        "certificate instead: add/rotate write its libnbd certificate folder (--out), 'portal' writes "
+        "OMA_NBD_TLS_CERT_DIR."
     )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("action", choices=["list", "add", "rotate", "import", "remove", "portal"])
         parser.add_argument("identity", nargs="?", help="the client's identity (add, rotate, import, remove)")
         parser.add_argument("--key-file", help="import: the client's key file (ID:KEY, as add --out wrote it)")
-        parser.add_argument("--out", help="write the client's key file here (add, rotate)")
+        parser.add_argument(
+            "--out", help="write the client's key file (nbdkit) or certificate folder (nbd-server) here (add, rotate)"
+        )
         parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -50,6 +55,9 @@ class Command(BaseCommand):
         helper = SubprocessHelper(conf.helper_command, conf.helper_config)
         action, identity = options["action"], options["identity"]
         actor = f"nbd_keys:{getpass.getuser()}"
+        if conf.tls_cert_dir:
+            self._certificates(helper, action, identity, options, actor)
+            return
         try:
             if action == "list":
                 reply = helper_client.psk(helper, "psk-list")
@@ -94,6 +102,50 @@ class Command(BaseCommand):
             write_client_file(out, identity, reply["key"], replace=True)
             self.stdout.write(f"key for {identity} written to {out}; install it on the VMA (mode 0600)")
 
+    def _certificates(
+        self, helper: SubprocessHelper, action: str, identity: str | None, options: dict[str, Any], actor: str
+    ) -> None:
+        """nbd-server: each identity is a client certificate the server trusts (the helper's cert-* verbs)."""
+        conf = nbd_conf()
+        try:
+            if action == "list":
+                for name in helper_client.psk(helper, "cert-list").get("identities", []):
+                    self.stdout.write(name)
+                return
+            if action == "import":
+                raise CommandError(
+                    "import is for pre-shared keys (nbdkit); with nbd-server each node trusts its own certificates"
+                )
+            if action == "portal":
+                identity = conf.tls_identity
+            elif not identity:
+                raise CommandError(f"{action} needs an identity")
+            if action == "remove":
+                reply = helper_client.psk(helper, "cert-remove", identity)
+                if reply.get("removed"):
+                    self._record("cert-remove", identity, actor)
+                self.stdout.write(f"{identity}: {'removed' if reply.get('removed') else 'had no certificate'}")
+                return
+            if action == "portal":
+                out, verb = Path(str(conf.tls_cert_dir)), "cert-add"
+                if identity in helper_client.psk(helper, "cert-list").get("identities", []):
+                    verb = "cert-rotate"
+            else:
+                if not options["out"]:
+                    raise CommandError("certificates go to a folder: pass --out DIR (libnbd's tls-certificates)")
+                out, verb = Path(options["out"]), "cert-add" if action == "add" else "cert-rotate"
+                if out.exists() and not options["force"]:
+                    raise CommandError(f"{out} exists; pass --force to overwrite it")  # before any change
+            reply = helper_client.psk(helper, verb, identity)
+            self._record(verb, identity, actor)
+        except HelperFailed as exc:
+            raise CommandError(str(exc)) from exc
+        TlsX509.save(out, reply["certificate"], reply["key"], reply["server_certificate"])
+        self.stdout.write(
+            f"certificate for {identity} written to {out} (ca-cert.pem, client-cert.pem, client-key.pem); "
+            + ("the portal uses it at once" if action == "portal" else "install the folder on the VMA (mode 0700)")
+        )
+
     def _import(self, helper: SubprocessHelper, identity: str, key_file: str | None, actor: str) -> None:
         if not key_file:
             raise CommandError("import needs --key-file: the key file made for this identity on another node")
@@ -117,6 +169,9 @@ class Command(BaseCommand):
             "psk-rotate": "tls.key_rotated",
             "psk-import": "tls.key_imported",
             "psk-remove": "tls.key_removed",
+            "cert-add": "tls.key_added",
+            "cert-rotate": "tls.key_rotated",
+            "cert-remove": "tls.key_removed",
         }
         kind = kinds[verb]
         record_event(kind, message=f"NBD TLS key for {identity}", data={"identity": identity}, actor=actor)
