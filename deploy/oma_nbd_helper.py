@@ -12,6 +12,8 @@ writable by nobody else.
 Verbs (one JSON line on stdout, always with "ok"):
   link NAME DEVICE   point export NAME at DEVICE (atomic link; for nbd-server also conf.d/NAME.conf)
   unlink NAME        remove export NAME's link (and conf file); idempotent
+  digest NAME        sha256 of the byte ranges (JSON [[offset, length], ...] on stdin) of the device
+                     export NAME serves, read locally: a sync's read-back without NBD or TLS
   reload             SIGHUP the verified nbd-server main process (nbdkit never needs one)
   status             verified main PID, start time, listening, links and conf files
   start              start the server unless a verified main process already runs
@@ -716,6 +718,74 @@ def verb_unlink(config: Config, name: str) -> dict[str, object]:
     return {"name": name, "link_removed": link_removed, "conf_removed": conf_removed}
 
 
+# A digest request: at most this much JSON on stdin, this many ranges.
+MAX_DIGEST_INPUT = 32 << 20
+MAX_DIGEST_RANGES = 1 << 20
+DIGEST_CHUNK = 4 << 20
+
+
+def _digest_ranges(size: int) -> list[tuple[int, int]]:
+    raw = sys.stdin.buffer.read(MAX_DIGEST_INPUT + 1)
+    if len(raw) > MAX_DIGEST_INPUT:
+        raise refuse("invalid_ranges", f"more than {MAX_DIGEST_INPUT} bytes of ranges on stdin")
+    try:
+        given = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise refuse("invalid_ranges", "stdin must hold a JSON list of [offset, length] pairs") from None
+    if not isinstance(given, list) or len(given) > MAX_DIGEST_RANGES:
+        raise refuse("invalid_ranges", f"stdin must hold a JSON list of at most {MAX_DIGEST_RANGES} pairs")
+    ranges = []
+    for item in given:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(type(n) is int and n >= 0 for n in item)
+            or item[0] + item[1] > size
+        ):
+            raise refuse("invalid_ranges", f"range {item!r} is not [offset, length] within the {size}-byte device")
+        ranges.append((item[0], item[1]))
+    return ranges
+
+
+def verb_digest(config: Config, name: str) -> dict[str, object]:
+    """What the device behind export NAME holds in the given ranges, as one sha256 (the VMA's digest
+    format). Only a device an export serves, re-validated as link validates it; read-only."""
+    import hashlib
+
+    validate_name(name)
+    with locked(config):  # the link cannot change between reading it and opening its device
+        try:
+            device = os.readlink(config.export_root / name)
+        except FileNotFoundError:
+            raise refuse("no_export", f"there is no export {name}") from None
+        except OSError as exc:
+            raise refuse("not_a_link", f"{config.export_root / name} is not a link") from exc
+        resolved = validate_device(config, device)
+        try:
+            fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise refuse("device_missing", f"cannot open {device} ({exc.strerror})") from exc
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        ranges = _digest_ranges(size)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        hasher = hashlib.sha256()
+        total = 0
+        for offset, length in ranges:
+            position, end = offset, offset + length
+            while position < end:
+                chunk = os.pread(fd, min(DIGEST_CHUNK, end - position), position)
+                if not chunk:
+                    raise HelperError(EXIT_SYSTEM, "short_read", f"{device} ended at {position} of {size} bytes")
+                hasher.update(chunk)
+                position += len(chunk)
+                total += len(chunk)
+    finally:
+        os.close(fd)
+    return {"name": name, "device": device, "size": size, "bytes": total, "sha256": hasher.hexdigest()}
+
+
 def check_confd(config: Config) -> None:
     """A stray file in conf.d would block every new export of a reload, or shadow a name."""
     if config.confd is None:
@@ -1249,13 +1319,14 @@ def check_server_tls(config: Config) -> None:
 
 MAX_LINK_PAIRS = 64
 USAGE = (
-    "usage: oma-nbd-helper {link NAME DEVICE [NAME DEVICE ...] | unlink NAME "
+    "usage: oma-nbd-helper {link NAME DEVICE [NAME DEVICE ...] | unlink NAME | digest NAME "
     "| reload | status | start | restart | stop | psk-add ID | psk-rotate ID | psk-import ID | psk-remove ID "
     "| psk-list | cert-add ID | cert-rotate ID | cert-remove ID | cert-list}"
 )
 VERBS = {
     "link": (2, verb_link),
     "unlink": (1, verb_unlink),
+    "digest": (1, verb_digest),
     "reload": (0, verb_reload),
     "status": (0, verb_status),
     "start": (0, verb_start),

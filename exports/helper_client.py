@@ -135,6 +135,21 @@ def psk_import(helper: HelperRunner, identity: str, key: str) -> PskReply:
     return cast(PskReply, helper.run("psk-import", identity, stdin=f"{identity}:{key}\n".encode("ascii")))
 
 
+class DigestReply(HelperReply, total=False):
+    """digest NAME: the device export NAME serves, its size, and the sha256 of the asked ranges."""
+
+    name: str
+    device: str
+    size: int
+    bytes: int
+    sha256: str
+
+
+def digest(helper: HelperRunner, name: str, ranges: list[list[int]]) -> DigestReply:
+    """digest NAME: the ranges go on stdin (a whole disk's changed blocks can be long)."""
+    return cast(DigestReply, helper.run("digest", name, stdin=json.dumps(ranges).encode("ascii")))
+
+
 def reload(helper: HelperRunner) -> ReloadReply:
     return cast(ReloadReply, helper.run("reload"))
 

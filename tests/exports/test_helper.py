@@ -310,3 +310,71 @@ def test_a_tls_priority_file_that_is_not_a_plain_absolute_path_is_refused(layout
     layout.helper_config.write_text(layout.helper_config.read_text() + f"tls_priority_file = {value}\n")
     proc = run_helper(layout, "status")
     assert proc.returncode == 4 and "tls_priority_file" in str(result_of(proc)["message"])
+
+
+def digest_of(data: bytes, ranges: list[list[int]]) -> str:
+    import hashlib
+
+    hasher = hashlib.sha256()
+    for offset, length in ranges:
+        hasher.update(data[offset : offset + length])
+    return hasher.hexdigest()
+
+
+def test_digest_hashes_the_ranges_of_the_device_an_export_serves(layout: DevServerLayout) -> None:
+    """A sync's read-back: the helper reads the device behind the export's link, locally."""
+    data = os.urandom(9 << 20)
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(data)
+    run_helper(layout, "link", NAME, str(volume))
+    for ranges in ([[0, len(data)]], [[4096, 8192], [5 << 20, (3 << 20) + 17]], [], [[len(data), 0]]):
+        proc = run_helper(layout, "digest", NAME, stdin=json.dumps(ranges))
+        out = result_of(proc)
+        assert proc.returncode == 0 and out["sha256"] == digest_of(data, ranges), out
+        assert out["size"] == len(data) and out["bytes"] == sum(length for _, length in ranges)
+    volume.write_bytes(data[:4096] + b"\0" + data[4097:])  # one byte differs: the digest says so
+    changed = result_of(run_helper(layout, "digest", NAME, stdin=json.dumps([[0, len(data)]])))
+    assert changed["sha256"] != digest_of(data, [[0, len(data)]])
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "",
+        "{}",
+        "[[0]]",
+        "[[0, 1, 2]]",
+        "[[-1, 10]]",
+        "[[0, 1.5]]",
+        "[[true, 1]]",
+        '[["0", "1"]]',
+        "[[0, 8193]]",  # past the device's end
+        "[[8192, 1]]",
+        "[" + ",".join(["[0,1]"] * ((1 << 20) + 1)) + "]",
+        "\xff",
+    ],
+)
+def test_digest_refuses_malformed_ranges(layout: DevServerLayout, given: str) -> None:
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(b"y" * 8192)
+    run_helper(layout, "link", NAME, str(volume))
+    before = snapshot(layout)
+    proc = run_helper(layout, "digest", NAME, stdin=given)
+    out = result_of(proc)
+    assert proc.returncode == 3 and out["error"] == "invalid_ranges", out
+    assert snapshot(layout) == before and volume.read_bytes() == b"y" * 8192
+
+
+def test_digest_reads_only_a_device_an_export_serves(layout: DevServerLayout, tmp_path: Path) -> None:
+    proc = run_helper(layout, "digest", NAME, stdin="[]")
+    assert proc.returncode == 3 and result_of(proc)["error"] == "no_export"
+    for name in HOSTILE_NAMES:
+        refused = run_helper(layout, "digest", name, stdin="[]")
+        assert refused.returncode in (2, 3) and result_of(refused)["ok"] is False
+    # A link someone pointed outside the volume root (only root could): refused, nothing read.
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"not a volume")
+    (layout.export_root / NAME).symlink_to(secret)
+    outside = run_helper(layout, "digest", NAME, stdin="[[0, 12]]")
+    assert outside.returncode == 3 and result_of(outside)["error"] == "device_not_allowed"
+    assert "sha256" not in outside.stdout
