@@ -136,6 +136,34 @@ def test_an_nbd_server_down_while_verifying_is_waited_for_not_blamed_on_the_copy
     assert_copied(job, sim)
 
 
+def test_a_helper_that_cannot_read_back_yet_is_retried_not_blamed_on_the_copy(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-back is the helper's (a local read of the export's device): when the helper cannot run
+    (here its config is missing for a moment), verification is tried again after a back-off."""
+    wire(settings, nbdkit_server, sim)
+    config = nbdkit_server.layout.helper_config
+    aside = config.with_name("helper.conf.aside")
+    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
+    calls = {"n": 0}
+
+    def verify(job: MigrationJob, runner: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            config.rename(aside)
+        else:
+            aside.rename(config)
+        real(job, runner)
+
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+    job = migrate("web-01", sim)
+    assert job.state == JobState.COMPLETED, job.error
+    (error,) = job.events.filter(kind="step.error").values_list("message", flat=True)
+    assert error.startswith("verifying: disk 0: cannot read it back yet: cannot read helper config")
+    assert calls["n"] == 2 and job.disks.filter(verified_at=None).count() == 0
+    assert_copied(job, sim)
+
+
 def test_a_volume_deleted_during_the_copy_never_gives_a_completed_job(
     nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
