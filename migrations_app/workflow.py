@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from django.db import connections, transaction
@@ -24,7 +25,7 @@ from django.utils import timezone
 
 from exports import helper_client
 from exports.actions import ExportError, ExportRequest, ensure_exports
-from exports.conf import nbd_conf
+from exports.conf import NbdConf, nbd_conf
 from exports.helper_client import HelperFailed, SubprocessHelper
 from exports.nbd_protocol import NbdConnection, NbdConnectionLost, NbdError, NbdUnavailable
 
@@ -466,11 +467,11 @@ def verify(job: MigrationJob, runner: str) -> None:
 
     The read-back is local: the helper hashes the device the export's link points at (what the NBD
     server serves), so it costs a disk read and a sha256, not a second TLS transfer of every byte
-    (through NBD over TLS it took as long as the copy itself). The NBD handshake stays, as the check
-    that the export is served."""
+    (through NBD over TLS it took as long as the copy itself). A job's disks are read in parallel.
+    The NBD handshake stays, as the check that the export is served."""
     conf = nbd_conf()
-    helper = SubprocessHelper(conf.helper_command, conf.helper_config)
-    checked, unverified = 0, []
+    to_read: list[tuple[JobDisk, int, str, list[list[int]]]] = []
+    unverified = []
     for disk in _disks(job):
         unit = disk.source_disk.unit_number
         volume = DestinationVolume.objects.filter(source_disk=disk.source_disk).first()
@@ -483,42 +484,60 @@ def verify(job: MigrationJob, runner: str) -> None:
             )
         if disk.mapping is None:
             raise StepFailed(f"verifying: disk {unit} has no export to read back")
-        digest = disk.digest
-        with heartbeat_kept(job, runner):
+        _check_served(conf, disk, unit, disk.mapping.export_name)
+        if disk.digest:
+            to_read.append((disk, unit, disk.mapping.export_name, disk.digest["ranges"]))
+        else:
+            unverified.append(unit)
+    helper = SubprocessHelper(conf.helper_command, conf.helper_config)
+    matched: list[int] = []
+    problems: list[StepFailed | StepRetry] = []
+    with heartbeat_kept(job, runner), ThreadPoolExecutor(max(1, len(to_read))) as pool:
+        reads = [pool.submit(helper_client.digest, helper, name, ranges) for _, _, name, ranges in to_read]
+        for (disk, unit, _, _), read in zip(to_read, reads, strict=True):
             try:
-                with NbdConnection(conf.host, conf.port, timeout=30, tls=conf.tls()) as conn:
-                    size = conn.open(disk.mapping.export_name).size
-                    if size < disk.source_disk.capacity_bytes:
-                        raise StepFailed(
-                            f"verifying: disk {unit}: the volume holds {size} bytes, the source "
-                            f"{disk.source_disk.capacity_bytes}: it must be grown first"
-                        )
-            except (NbdUnavailable, NbdConnectionLost, OSError) as exc:
-                # The node's NBD server is down or restarting (its supervisor brings it back): read again
-                # after a back-off; the copy is not in doubt, only the reading.
-                raise StepRetry(f"verifying: disk {unit}: cannot reach its export to read it back: {exc}") from exc
-            except NbdError as exc:
-                raise StepFailed(f"verifying: disk {unit}: cannot read it back through its export: {exc}") from exc
-            if not digest:
-                unverified.append(unit)
-                continue
-            try:
-                value = helper_client.digest(helper, disk.mapping.export_name, digest["ranges"])["sha256"]
+                value = read.result()["sha256"]
             except HelperFailed as exc:
                 if exc.refused:  # no such export, its device is gone, or ranges past its end
-                    raise StepFailed(f"verifying: disk {unit}: cannot read it back: {exc.message}") from exc
-                raise StepRetry(f"verifying: disk {unit}: cannot read it back yet: {exc.message}") from exc
-        if value != digest.get("value"):
-            raise StepFailed(
-                f"verifying: disk {unit}: what the volume holds differs from what the VMA sent "
-                f"(sha256 {value[:12]}... read back, {str(digest.get('value'))[:12]}... sent); sync it again"
-            )
-        JobDisk.objects.filter(pk=disk.pk).update(verified_at=timezone.now())
-        checked += 1
-    message = f"{checked} disk(s) read back and matched the VMA's digests"
+                    problems.append(StepFailed(f"verifying: disk {unit}: cannot read it back: {exc.message}"))
+                else:
+                    problems.append(StepRetry(f"verifying: disk {unit}: cannot read it back yet: {exc.message}"))
+                continue
+            sent = str((disk.digest or {}).get("value"))
+            if value != sent:
+                problems.append(
+                    StepFailed(
+                        f"verifying: disk {unit}: what the volume holds differs from what the VMA sent "
+                        f"(sha256 {value[:12]}... read back, {sent[:12]}... sent); sync it again"
+                    )
+                )
+                continue
+            matched.append(disk.pk)
+    JobDisk.objects.filter(pk__in=matched).update(verified_at=timezone.now())  # each disk that matched
+    if problems:
+        raise problems[0]
+    message = f"{len(to_read)} disk(s) read back and matched the VMA's digests"
     if unverified:
         message += f"; disk(s) {', '.join(map(str, unverified))}: the VMA sent no digest, not compared"
     record_job_event(job, "sync.verified", step=JobState.VERIFYING, message=message)
+
+
+def _check_served(conf: NbdConf, disk: JobDisk, unit: int, export_name: str) -> None:
+    """The export answers an NBD handshake (over TLS, as the VMA reaches it) with at least the source's size."""
+    try:
+        with NbdConnection(conf.host, conf.port, timeout=30, tls=conf.tls()) as conn:
+            size = conn.open(export_name).size
+    except (NbdUnavailable, NbdConnectionLost, OSError) as exc:
+        # The node's NBD server is down or restarting (its supervisor brings it back): read again
+        # after a back-off; the copy is not in doubt, only the reading.
+        raise StepRetry(f"verifying: disk {unit}: cannot reach its export to read it back: {exc}") from exc
+    except NbdError as exc:
+        raise StepFailed(f"verifying: disk {unit}: cannot read it back through its export: {exc}") from exc
+    if size < disk.source_disk.capacity_bytes:
+        raise StepFailed(
+            f"verifying: disk {unit}: the volume holds {size} bytes, the source "
+            f"{disk.source_disk.capacity_bytes}: it must be grown first"
+        )
 
 
 STEP_FUNCTIONS.update(
