@@ -78,7 +78,7 @@ class NbdBackend(Protocol):
     def served_names(self) -> set[str]: ...
     def export_size(self, export_name: str) -> int: ...
     def make_served(self, names: set[str], written_at: float, timeout: float) -> ServeReport: ...
-    def unopenable(self, names: set[str]) -> set[str]: ...
+    def unopenable(self, names: set[str], settle: float = 0.0) -> set[str]: ...
     def helper_status(self) -> StatusReply: ...
     def start(self) -> ServerReply: ...
     def restart(self) -> ServerReply: ...
@@ -134,16 +134,25 @@ class _BaseBackend:
         with NbdConnection(self.host, self.port, tls=self.tls()) as conn:
             return conn.open(export_name).size
 
-    def unopenable(self, names: set[str]) -> set[str]:
-        """The names that do not open (NBD_OPT_GO) with a size above zero."""
-        bad: set[str] = set()
-        for name in sorted(names):
-            try:
-                if self.export_size(name) <= 0:
-                    bad.add(name)
-            except NbdError:
-                bad.add(name)
-        return bad
+    def unopenable(self, names: set[str], settle: float = 0.0) -> set[str]:
+        """The names that do not open (NBD_OPT_GO) with a size above zero. With ``settle``, a name
+        that fails is tried again until it opens or that many seconds pass: on a loaded machine one
+        connection can fail (another worker's repair restarting the main process, a slow handshake)
+        without the export being lost."""
+        deadline = time.monotonic() + settle
+        bad: set[str] = set(names)
+        while True:
+            still: set[str] = set()
+            for name in sorted(bad):
+                try:
+                    if self.export_size(name) <= 0:
+                        still.add(name)
+                except NbdError:
+                    still.add(name)
+            bad = still
+            if not bad or time.monotonic() >= deadline:
+                return bad
+            time.sleep(POLL_INTERVAL * 5)
 
     def helper_status(self) -> StatusReply:
         return helper_client.status(self.helper)
@@ -297,7 +306,7 @@ class NbdServerBackend(_BaseBackend):
                     self._reload_and_verify(state, report)
                 finally:
                     state["last_finished"] = time.time()
-            missing = self._wait_listed(names, timeout) or self.unopenable(names)
+            missing = self._wait_listed(names, timeout) or self.unopenable(names, settle=RELOAD_SETTLE)
         if missing:
             raise ExportNotServed(missing, "not served after a verified reload and repair")
         return report
@@ -334,7 +343,7 @@ class NbdServerBackend(_BaseBackend):
         missing = self._settle(expected, before["pid"])
         if not missing:
             # 3.24 sometimes keeps a name listed but serves it blank after a reload: open each one.
-            missing = self.unopenable(expected)
+            missing = self.unopenable(expected, settle=RELOAD_SETTLE)
         after = self.helper_status()
         if not after.get("verified") or after.get("pid") != before["pid"]:
             report.crashes += 1

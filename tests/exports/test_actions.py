@@ -261,3 +261,33 @@ def test_a_batch_mixes_reuse_and_new_exports(nbd_server: RunningServer) -> None:
     assert [m.export_name for m in both] == [NAME0, f"migration-vm-{VM}-disk1"]
     new_calls = nbd_server.helper_calls()[calls:]
     assert new_calls.count("link") == 1, new_calls
+
+
+def test_an_export_that_fails_to_open_once_is_tried_again_before_it_counts_as_lost(
+    nbd_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One failed connection on a loaded machine is not a lost export: with a settle time the check
+    opens it again; without one (a quick probe) the failure counts."""
+    from exports.backends import get_backend
+    from exports.nbd_protocol import NbdConnectionLost
+
+    device = nbd_server.volume("v0.img", size=1 << 20)
+    mapping = actions.ensure_export(vm_id=VM, vm_name="vm", disk_unit=0, device=device)
+    backend = get_backend()
+    real = backend.export_size
+    failures = {"left": 0}
+
+    def flaky(name: str) -> int:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise NbdConnectionLost("connection closed after 0 of 20 bytes")
+        return real(name)
+
+    monkeypatch.setattr(backend, "export_size", flaky)
+    failures["left"] = 1
+    assert backend.unopenable({mapping.export_name}) == {mapping.export_name}
+    failures["left"] = 1
+    assert backend.unopenable({mapping.export_name}, settle=1.0) == set()
+    failures["left"] = 10**6  # it really does not open: still reported, after trying more than once
+    assert backend.unopenable({mapping.export_name}, settle=0.3) == {mapping.export_name}
+    assert 10**6 - failures["left"] > 1
