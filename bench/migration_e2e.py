@@ -10,7 +10,8 @@ run measured 0.55 and 1.31 within an hour). Last line: one JSON object (jobs, co
 sha256_mismatches, reloads, data_mb, wall_s, mb_s, bare_nbdcopy_mb_s, ratio = the median round's, ratios,
 ratio_spread, overhead_p95_ms). Overhead = a job's wall time minus the VMA's copy time.
 
-With ``--tls`` the server requires TLS with pre-shared keys (the production default): the stack and the
+With ``--tls`` the server requires TLS (the production default: pre-shared keys on nbdkit, client
+certificates on nbd-server): the stack and the
 bare nbdcopy both copy over TLS (ratio), and a plain nbdkit on a side port over the same exports gives
 bare nbdcopy without TLS in the same round: ``tls_vs_plain`` = plain wall / TLS wall (1.0: TLS is free).
 """
@@ -209,7 +210,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="django-q2 workers")
     parser.add_argument("--sparse", action="store_true", help="mostly sparse disks instead of fully written ones")
     parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
-    parser.add_argument("--tls", action="store_true", help="NBD over TLS with pre-shared keys (nbdkit)")
+    parser.add_argument(
+        "--tls", action="store_true", help="NBD over TLS (nbdkit: pre-shared keys; nbd-server: certificates)"
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of bare copy then stack, each on fresh VMs: median and spread"
     )
