@@ -16,7 +16,7 @@ from tests.support.nbd import REPO
 def test_export_storm_prints_its_json_line_last() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.export_storm", "--backend", "nbd-server",
-         "--vms", "2", "--disks", "2", "--workers", "2", "--min-reload-spacing", "0.2"],
+         "--vms", "2", "--disks", "2", "--workers", "2", "--min-reload-spacing", "2.0"],
         capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
