@@ -22,7 +22,10 @@ database, nodes, per_node_max_attached, replaced_after_node_loss, cross_node_dou
 slot_utilization is the time-averaged share of the live nodes' slots (K each) holding a running copy
 while jobs wait for slots. per_node_max_attached: the most volumes any one node had attached at once;
 replaced_after_node_loss: jobs a live node took over from the killed one; cross_node_double_attach:
-volumes seen attached to two nodes at the same moment.
+volumes seen attached to two nodes at the same moment. round_slot_holders: per round, while jobs wait,
+the time-averaged share of the slots held by disks of jobs in each step ("copying": at the VMA; "replicating":
+started or ended there but not yet followed), by idle attached volumes, by detaching ones, and free: where
+a slot's time goes when it is not copying.
 """
 
 from __future__ import annotations
@@ -202,6 +205,10 @@ class Sampler(threading.Thread):
         self.peak_rss = 0
         self.busy_share: list[float] = []
         self.round_shares: list[list[float]] = [[]]
+        # Per round, while jobs wait: what the slots hold, summed over samples (divided by samples x slots
+        # at the end): disks of jobs in each step, idle attached volumes, detaching ones, free slots.
+        self.holders: list[dict[str, float]] = [{}]
+        self.holder_samples: list[int] = [0]
 
     def run(self) -> None:
         from django.db import connections
@@ -230,9 +237,45 @@ class Sampler(threading.Thread):
                     replicating = JobDisk.objects.filter(job__state=JobState.REPLICATING).count()
                     self.busy_share.append(min(1.0, replicating / (self.slots * max(1, live))))
                     self.round_shares[-1].append(self.busy_share[-1])
+                    self.count_holders(live, copies)
                 self.peak_rss = max(self.peak_rss, self.rss())
         finally:
             connections.close_all()
+
+    def count_holders(self, live: int, copies: int) -> None:
+        from django.db.models import Count
+
+        from migrations_app.models import WORKER_STEPS, DestinationVolume, JobDisk, JobState
+
+        held = dict(
+            DestinationVolume.objects.filter(state__in=DestinationVolume.SLOT_STATES)
+            .values_list("state")
+            .annotate(n=Count("pk"))
+            .values_list("state", "n")
+        )
+        by_step = dict(
+            JobDisk.objects.filter(job__state__in=[*WORKER_STEPS, JobState.CANCELLING])
+            .values_list("job__state")
+            .annotate(n=Count("pk"))
+            .values_list("job__state", "n")
+        )
+        # A replicating job's disks: copying at the VMA, or waiting there (not started, or ended but not
+        # noticed yet)
+        by_step["copying"] = min(copies, by_step.get(JobState.REPLICATING, 0))
+        by_step[JobState.REPLICATING] = by_step.get(JobState.REPLICATING, 0) - by_step["copying"]
+        in_jobs = sum(by_step.values())
+        detaching = held.get(DestinationVolume.State.DETACHING, 0)
+        total = sum(held.values())
+        sample = {**by_step, "idle": max(0, total - detaching - in_jobs), "detaching": detaching}
+        sample["free"] = max(0, self.slots * max(1, live) - total)
+        for key, n in sample.items():
+            self.holders[-1][key] = self.holders[-1].get(key, 0) + n / (self.slots * max(1, live))
+        self.holder_samples[-1] += 1
+
+    def next_round(self) -> None:
+        self.round_shares.append([])
+        self.holders.append({})
+        self.holder_samples.append(0)
 
     def rss(self) -> int:
         total = 0
@@ -422,7 +465,7 @@ def main() -> None:
             mismatches += check_bytes(jobs, by_name, layout.volume_root)
             if number == 1:
                 links_after_round_1 = sum(links(node.calls) for node in nodes)
-            sampler.round_shares.append([])
+            sampler.next_round()
             print(f"round {number}: {wall:.1f} s", file=sys.stderr)
         sampler.stop.set()
         sampler.join(10)
@@ -538,6 +581,11 @@ def main() -> None:
             "replaced_after_node_loss": len(moved),
             "cross_node_double_attach": len(sampler.double_attached),
             "killed": killer.killed if killer is not None else None,
+            "round_slot_holders": [
+                {key: round(value / samples, 3) for key, value in sorted(held.items()) if value}
+                for held, samples in zip(sampler.holders, sampler.holder_samples, strict=True)
+                if samples
+            ],
             "round_slot_utilization": [
                 round(sum(shares) / len(shares), 3) if shares else None for shares in sampler.round_shares if shares
             ],
