@@ -1020,16 +1020,9 @@ def write_psks(config: Config, keys: dict[str, str]) -> None:
     """Atomically: nbdkit reads the file at every handshake, so it never sees half a file."""
     path = _psk_file(config)
     text = "".join(f"{identity}:{key}\n" for identity, key in sorted(keys.items()))
-    if config.tls_group is None:
-        atomic_write(path, text, mode=0o600)
-        return
-    import grp
-
-    try:
-        gid = grp.getgrnam(config.tls_group).gr_gid
-    except KeyError as exc:
-        raise HelperError(EXIT_CONFIG, "bad_config", f"tls_group {config.tls_group} does not exist") from exc
-    atomic_write(path, text, mode=0o640, gid=gid)  # the server (its group) reads it; nobody else
+    gid = _tls_gid(config)
+    # The server (its group) reads it; nobody else.
+    atomic_write(path, text, mode=0o600 if gid is None else 0o640, gid=gid)
 
 
 def verb_psk_add(config: Config, identity: str, replace: bool = False) -> dict[str, object]:
