@@ -17,7 +17,7 @@ from devtools.devserver import PORTAL_IDENTITY, TLS_PRIORITY_FILE, VMA_IDENTITY,
 from exports import actions
 from exports.models import ExportEvent
 from exports.nbd_protocol import IDENTITY_RE, NbdConnection, NbdError, NbdTlsRefused, TlsPsk, list_exports
-from tests.support.nbd import RunningServer, load_helper_module, run_helper
+from tests.support.nbd import RunningServer, as_nobody, load_helper_module, run_helper
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,12 +30,6 @@ def exported(server: RunningServer) -> str:
     device = server.volume("v0.img", size=1 << 20, fill=SECRET)
     actions.ensure_export(vm_id=VM, vm_name="vm", disk_unit=0, device=device)
     return device
-
-
-def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
-    """Run a program as the unprivileged 'nobody' account, with no supplementary groups."""
-    cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
 
 
 def test_the_default_nbdkit_layout_requires_tls(nbdkit_server: RunningServer) -> None:

@@ -17,8 +17,7 @@ from devtools.devserver import PORTAL_IDENTITY, VMA_IDENTITY, free_port, write_l
 from exports import actions
 from exports.models import ExportEvent
 from exports.nbd_protocol import NbdConnection, NbdError, NbdTlsRefused, TlsX509, list_exports
-from tests.exports.test_tls import as_nobody
-from tests.support.nbd import RunningServer, run_helper
+from tests.support.nbd import RunningServer, as_nobody, run_helper
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -17,7 +17,7 @@ from exports.models import VMExportMapping
 from migrations_app import actions
 from migrations_app.backends import get_compute_backend
 from migrations_app.models import DestinationVolume, JobKind, JobState, MigrationJob, SourceVM
-from tests.support.fake_cloudstack import FakeCloudStack
+from tests.support.fake_cloudstack import FakeCloudStack, use_cloud
 from tests.support.flows import STALE_SECONDS, Cluster, assert_copied, drive, migrate, wait_for, wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import Sim
@@ -31,23 +31,6 @@ def cloud(cloud: FakeCloudStack) -> FakeCloudStack:
     """The shared fake, each async job answering 'pending' once before its result."""
     cloud.pending_polls = 1
     return cloud
-
-
-def use_cloud(settings: object, fake: FakeCloudStack) -> None:
-    settings.OMA_VOLUMES = {  # type: ignore[attr-defined]
-        "BACKEND": "cloudstack",
-        "CLOUDSTACK": {
-            "ENDPOINT": fake.endpoint,
-            "KEY": fake.key,
-            "SECRET": fake.secret,
-            "ZONE_ID": fake.zone_id,
-            "DISK_OFFERING_ID": fake.offering_id,
-            "OMA_VM_ID": fake.oma_vm_id,
-            "JOB_TIMEOUT": 20,
-            "POLL_INTERVAL": 0.02,
-            "DEVICE_ROOT": str(fake.device_root),
-        },
-    }
 
 
 def synced(name: str, sim: Sim) -> SourceVM:

@@ -368,7 +368,7 @@ def test_a_lost_nodes_copy_moves_only_once_the_vma_says_it_stopped(
     wire(settings, nbdkit_server, sim)
     fake = None
     if backend == "cloudstack":
-        from tests.migrations_app.test_failover_faults import use_cloud
+        from tests.support.fake_cloudstack import use_cloud
 
         fake = request.getfixturevalue("cloud")
         use_cloud(settings, fake)

@@ -624,3 +624,20 @@ class FakeCloudStack:
                 pass
 
         return Handler
+
+
+def use_cloud(settings: object, fake: FakeCloudStack) -> None:
+    settings.OMA_VOLUMES = {  # type: ignore[attr-defined]
+        "BACKEND": "cloudstack",
+        "CLOUDSTACK": {
+            "ENDPOINT": fake.endpoint,
+            "KEY": fake.key,
+            "SECRET": fake.secret,
+            "ZONE_ID": fake.zone_id,
+            "DISK_OFFERING_ID": fake.offering_id,
+            "OMA_VM_ID": fake.oma_vm_id,
+            "JOB_TIMEOUT": 20,
+            "POLL_INTERVAL": 0.02,
+            "DEVICE_ROOT": str(fake.device_root),
+        },
+    }

@@ -152,3 +152,9 @@ def load_helper_module() -> Any:
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a program as the unprivileged 'nobody' account, with no supplementary groups."""
+    cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
