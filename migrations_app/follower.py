@@ -176,6 +176,7 @@ class Follower:
         self.vma = TickVma(vma or get_vma_client())
         self.resumed_at_bytes: dict[int, int] = {}  # job -> its bytes done when it was last resumed
         self.written: dict[tuple[int, int], tuple[int, int, int, str, str, int]] = {}
+        self.progress_at: dict[int, float] = {}  # job -> when its progress was last written (monotonic)
         self.node = this_node()
         # Detaches free slots: the follower runs them itself, a few at a time beside its ticks (a CloudStack
         # detach takes seconds), instead of queueing them behind the workers' steps.
@@ -284,7 +285,9 @@ class Follower:
                 self._finish(job, state, JobState.FAILED, why)
             report.finished.append(job.job_id)
         if progress:
-            self._write_progress(progress)
+            # Busy ticks come faster than the poll interval (to notice a copy's end at once); progress is
+            # still written once a poll interval, so each sparkline sample stands for the same time.
+            self._write_progress(progress, every=workflow_conf().poll_interval)
 
     def _outage(self, job: MigrationJob, why: str, report: TickReport, *, resume: bool) -> None:
         """A copy interrupted (its VMA unreachable or restarted, its NBD target gone): within the outage
@@ -359,15 +362,21 @@ class Follower:
             announce(JOB, job.pk)
         job.wait_reason, job.retry_at = why[:255], retry_at
 
-    def _write_progress(self, batch: list[tuple[MigrationJob, Replication]]) -> None:
+    def _write_progress(self, batch: list[tuple[MigrationJob, Replication]], every: float = 0.0) -> None:
         """Every moving job's disks and a sparkline sample, in one transaction (one write lock on SQLite
-        per tick, however many copies run); nothing for a job whose numbers did not change."""
+        per tick, however many copies run); nothing for a job whose numbers did not change, or whose last
+        numbers were written less than ``every`` seconds ago."""
         changed: list[tuple[MigrationJob, dict[int, JobDisk], list[DiskProgress]]] = []
+        now = time.monotonic()
         for job, state in batch:
+            last = self.progress_at.get(job.pk)
+            if last is not None and now - last < every:
+                continue
             disks = {d.source_disk.unit_number: d for d in job.disks.all()}
             values = [(item, _values(item, disks.get(item["unit_number"]))) for item in state["disks"]]
             if any(self.written.get((job.pk, item["unit_number"])) != v for item, v in values if v is not None):
                 changed.append((job, disks, state["disks"]))
+                self.progress_at[job.pk] = now
                 for item, v in values:
                     if v is not None:
                         self.written[(job.pk, item["unit_number"])] = v
@@ -432,6 +441,7 @@ class Follower:
                 record_job_event(locked, "step.failed", step=locked.current_step, message=error)
         for key in [k for k in self.written if k[0] == job.pk]:
             del self.written[key]
+        self.progress_at.pop(job.pk, None)
         self.resumed_at_bytes.pop(job.pk, None)
 
     # --- 2. silent workers ------------------------------------------------------------------
@@ -636,6 +646,7 @@ class Follower:
                 f"from what the VMA confirmed written ({confirmed >> 20} MiB)",
             )
         self.resumed_at_bytes.pop(job.pk, None)
+        self.progress_at.pop(job.pk, None)
         for key in [k for k in self.written if k[0] == job.pk]:
             del self.written[key]
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -124,5 +125,37 @@ def test_a_job_a_worker_ends_lets_the_next_tick_place_a_waiting_one(
         MigrationJob.objects.filter(pk=first.pk).update(state=JobState.FAILED)  # as a worker's step would
         follower.tick()
         assert queued == [first.pk, second.pk]
+    finally:
+        follower.close()
+
+
+def test_ticks_faster_than_the_poll_interval_write_progress_once_an_interval(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """While work flows the follower ticks every tenth of a second (to notice a copy's end at once); the
+    progress it writes, a sparkline sample each time, still comes once a poll interval: every sample
+    stands for the same time, and a busy follower does not write ten times as often."""
+    # 8 MiB/s into 64 MiB: the copy runs for 8 s, its progress moving by a percent every 0.08 s.
+    sim = make_sim(Faults(rate_bits_per_second=64 << 20), size_mib=64)
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "POLL_INTERVAL": 0.4}  # type: ignore[attr-defined]
+    job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    drive(job, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
+    follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None)
+    try:
+        before = len(MigrationJob.objects.get(pk=job.pk).throughput_samples)
+        follower.tick()
+        first = len(MigrationJob.objects.get(pk=job.pk).throughput_samples)
+        assert first == before + 1, "a copy this follower has not written yet is written at its first tick"
+        ticks, started = 1, time.monotonic()
+        while time.monotonic() - started < 1.0:
+            follower.tick()
+            ticks += 1
+            time.sleep(0.02)
+        job.refresh_from_db()
+        assert job.state == JobState.REPLICATING and ticks >= 10
+        written = len(job.throughput_samples) - before
+        assert 2 <= written <= 4, f"{written} samples in 1 s of {ticks} ticks at a 0.4 s poll interval"
+        assert job.disks.get().bytes_done > 0
     finally:
         follower.close()
