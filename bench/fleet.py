@@ -25,7 +25,9 @@ replaced_after_node_loss: jobs a live node took over from the killed one; cross_
 volumes seen attached to two nodes at the same moment. round_slot_holders: per round, while jobs wait,
 the time-averaged share of the slots held by disks of jobs in each step ("copying": at the VMA; "replicating":
 started or ended there but not yet followed), by idle attached volumes, by detaching ones, and free: where
-a slot's time goes when it is not copying.
+a slot's time goes when it is not copying. cpu_busy_share: how busy the machine's cores were over the
+rounds; cpu_s: CPU seconds over the rounds of the whole machine, of the OMA's processes (oma_workers with
+their helper calls, oma_follower, oma_nbd_server) and of this process (the VMA simulator with its copies).
 """
 
 from __future__ import annotations
@@ -209,6 +211,11 @@ class Sampler(threading.Thread):
         # at the end): disks of jobs in each step, idle attached volumes, detaching ones, free slots.
         self.holders: list[dict[str, float]] = [{}]
         self.holder_samples: list[int] = [0]
+        # CPU seconds of the OMA's long-lived processes (its workers, follower and NBD server, each with
+        # the helper calls it waited for): the first and the last reading of each.
+        self.oma_cpu_first: dict[int, float] = {}
+        self.oma_cpu: dict[int, float] = {}
+        self.oma_role: dict[int, str] = {}
 
     def run(self) -> None:
         from django.db import connections
@@ -287,7 +294,19 @@ class Sampler(threading.Thread):
             for member in group:
                 with contextlib.suppress(psutil.Error):
                     total += member.memory_info().rss
+                    command = " ".join(member.cmdline())
+                    if "manage.py" in command:
+                        self.read_cpu(member, "follower" if "run_follower" in command else "workers")
+        for node in self.nodes:
+            with contextlib.suppress(psutil.Error, OSError, ValueError):
+                self.read_cpu(psutil.Process(int(node.layout.pidfile.read_text())), "nbd_server")
         return total
+
+    def read_cpu(self, process: psutil.Process, role: str) -> None:
+        times = process.cpu_times()
+        self.oma_role[process.pid] = role
+        self.oma_cpu[process.pid] = times.user + times.system + times.children_user + times.children_system
+        self.oma_cpu_first.setdefault(process.pid, self.oma_cpu[process.pid])
 
 
 def bare_copy(layout: DevServerLayout, images: list[tuple[Path, int]], concurrency: int, rate_mbit: float) -> float:
@@ -456,6 +475,7 @@ def main() -> None:
 
         walls, mismatches, completed, all_jobs = [], 0, 0, []
         links_after_round_1 = 0
+        machine_before, own_before = psutil.cpu_times(), os.times()
         for number in range(1, args.rounds + 1):
             kill = arm if number == 1 and args.kill_node_at is not None else None
             wall, jobs = run_round(vms, number, args.timeout, kill)
@@ -467,8 +487,13 @@ def main() -> None:
                 links_after_round_1 = sum(links(node.calls) for node in nodes)
             sampler.next_round()
             print(f"round {number}: {wall:.1f} s", file=sys.stderr)
+        machine_after, own_after = psutil.cpu_times(), os.times()
         sampler.stop.set()
         sampler.join(10)
+        machine_busy = sum(machine_after) - sum(machine_before) - (machine_after.idle - machine_before.idle)
+        # This process: the VMA simulator (its copies' nbdcopy and nbdkit processes too), the sampler and
+        # the checks; in production the VMA runs on its own host.
+        own_cpu = sum(own_after[:4]) - sum(own_before[:4])
 
         # Where a slot's turnover goes, per round: the worker's steps (dispatched -> copy started at the VMA)
         # and the follower noticing a copy's end (the VMA's end -> job completed).
@@ -581,6 +606,23 @@ def main() -> None:
             "replaced_after_node_loss": len(moved),
             "cross_node_double_attach": len(sampler.double_attached),
             "killed": killer.killed if killer is not None else None,
+            "cpu_busy_share": round(machine_busy / (sum(machine_after) - sum(machine_before)), 3),
+            "cpu_s": {
+                "machine": round(machine_busy, 1),
+                **{
+                    f"oma_{role}": round(
+                        sum(
+                            sampler.oma_cpu[pid] - sampler.oma_cpu_first[pid]
+                            for pid in sampler.oma_role
+                            if sampler.oma_role[pid] == role
+                        ),
+                        1,
+                    )
+                    for role in sorted(set(sampler.oma_role.values()))
+                },
+                "vma_sim_and_bench": round(own_cpu, 1),
+                "cores": psutil.cpu_count(),
+            },
             "round_slot_holders": [
                 {key: round(value / samples, 3) for key, value in sorted(held.items()) if value}
                 for held, samples in zip(sampler.holders, sampler.holder_samples, strict=True)
