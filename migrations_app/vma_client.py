@@ -7,8 +7,10 @@ refused for any VMA that is not on this host; https can trust a private CA."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json as jsonlib
+import os
 import re
 import ssl
 import time
@@ -143,6 +145,21 @@ def check_url(base_url: str) -> None:
         raise VmaError("insecure", f"plain http to a VMA on another host ({parts.hostname}) is refused: use https")
 
 
+def _mtime(path: str | None) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None  # ssl reports the missing file, with its name
+
+
+@functools.cache
+def tls_context(ca_file: str | None, mtime: int | None = None) -> ssl.SSLContext:
+    """The TLS context a VMA client verifies the VMA with: one per process and CA file (a new CA file,
+    or the same one rewritten, makes a new one). Building one loads a whole CA bundle, about 20 ms of
+    CPU, and workers make a client for each step that talks to the VMA."""
+    return ssl.create_default_context(cafile=ca_file) if ca_file else httpx.create_ssl_context()
+
+
 class VmaClient:
     """Every call of the contract is idempotent, so connection failures are retried for all of them."""
 
@@ -158,7 +175,7 @@ class VmaClient:
     ) -> None:
         check_url(base_url)
         self.deadline = deadline  # seconds one call may take in all, however the VMA paces its bytes
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        verify = tls_context(ca_file, _mtime(ca_file))
         self.http = httpx.Client(
             base_url=base_url.rstrip("/") + "/api/v1",
             headers={"Authorization": f"Bearer {token}"},

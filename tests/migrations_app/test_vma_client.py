@@ -4,10 +4,14 @@ and plain http to another host. Each is a clear VmaError, and a bad inventory st
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,3 +163,75 @@ def test_an_insecure_vma_url_is_a_system_check_error(settings: Any) -> None:
     settings.OMA_VMA = {**settings.OMA_VMA, "URL": "https://vma.example:9780"}
     assert vma_url_is_safe() == []
     assert vma_url_is_safe in registry.registry.get_checks()  # registered: every manage.py command runs it
+
+
+def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A key and a self-signed certificate for 127.0.0.1, made by openssl."""
+    key, cert = folder / f"{name}-key.pem", folder / f"{name}-cert.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    command += ["-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run([*command, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return key, cert
+
+
+@pytest.fixture
+def https_vma(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A VMA answering health over https with a self-signed certificate: its URL and that certificate."""
+    key, cert = self_signed(tmp_path, "vma")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            json_answer({"status": "ok", "version": "1"})(self)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", cert
+    server.shutdown()
+    server.server_close()
+
+
+def test_clients_of_an_https_vma_share_one_tls_context_per_ca_file(
+    https_vma: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers make a VMA client for each step that talks to the VMA; each new TLS context loads a CA
+    bundle (about 20 ms of CPU), so clients share one per CA file. A CA file rewritten in place (a new
+    CA) is read again by the next client; a client never trusts a VMA its CA file does not vouch for."""
+    from migrations_app import vma_client
+
+    url, cert = https_vma
+    ca_file = tmp_path / "vma-ca.pem"
+    ca_file.write_bytes(cert.read_bytes())
+    made: list[object] = []
+    create = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(kwargs.get("cafile"))
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(vma_client.ssl, "create_default_context", counting)
+    vma_client.tls_context.cache_clear()
+    for _ in range(5):
+        client = VmaClient(url, "token", retries=0, ca_file=str(ca_file))
+        assert client.health()["status"] == "ok"
+        client.close()
+    assert made == [str(ca_file)], "one TLS context for five clients"
+
+    _, other = self_signed(tmp_path, "other")
+    ca_file.write_bytes(other.read_bytes())
+    os.utime(ca_file, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a new mtime, however coarse
+    client = VmaClient(url, "token", retries=0, ca_file=str(ca_file))
+    with pytest.raises(VmaUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        client.health()
+    client.close()
+    assert len(made) == 2, "the rewritten CA file was read again"
+    untrusted = VmaClient(url, "token", retries=0)  # the system's CAs do not know this VMA
+    with pytest.raises(VmaUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        untrusted.health()
+    untrusted.close()
