@@ -362,6 +362,13 @@ class Follower:
             announce(JOB, job.pk)
         job.wait_reason, job.retry_at = why[:255], retry_at
 
+    def _forget(self, job_pk: int) -> None:
+        """What this follower remembers of a job's copy, dropped when the copy ended or left this node."""
+        self.resumed_at_bytes.pop(job_pk, None)
+        self.progress_at.pop(job_pk, None)
+        for key in [k for k in self.written if k[0] == job_pk]:
+            del self.written[key]
+
     def _write_progress(self, batch: list[tuple[MigrationJob, Replication]], every: float = 0.0) -> None:
         """Every moving job's disks and a sparkline sample, in one transaction (one write lock on SQLite
         per tick, however many copies run); nothing for a job whose numbers did not change, or whose last
@@ -439,10 +446,7 @@ class Follower:
                 )
             else:
                 record_job_event(locked, "step.failed", step=locked.current_step, message=error)
-        for key in [k for k in self.written if k[0] == job.pk]:
-            del self.written[key]
-        self.progress_at.pop(job.pk, None)
-        self.resumed_at_bytes.pop(job.pk, None)
+        self._forget(job.pk)
 
     # --- 2. silent workers ------------------------------------------------------------------
 
@@ -645,10 +649,7 @@ class Follower:
                 message=f"node {node.name} was lost in {step}; placed again on a live node, the copy resumes "
                 f"from what the VMA confirmed written ({confirmed >> 20} MiB)",
             )
-        self.resumed_at_bytes.pop(job.pk, None)
-        self.progress_at.pop(job.pk, None)
-        for key in [k for k in self.written if k[0] == job.pk]:
-            del self.written[key]
+        self._forget(job.pk)
         return True
 
     # --- 4. pending jobs ------------------------------------------------------------------------
