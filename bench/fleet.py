@@ -213,9 +213,7 @@ class Sampler(threading.Thread):
         self.holder_samples: list[int] = [0]
         # CPU seconds of the OMA's long-lived processes (its workers, follower and NBD server, each with
         # the helper calls it waited for): the first and the last reading of each.
-        self.oma_cpu_first: dict[int, float] = {}
-        self.oma_cpu: dict[int, float] = {}
-        self.oma_role: dict[int, str] = {}
+        self.oma_cpu: dict[int, tuple[str, float, float]] = {}  # pid -> role, first, last
 
     def run(self) -> None:
         from django.db import connections
@@ -274,9 +272,10 @@ class Sampler(threading.Thread):
         detaching = held.get(DestinationVolume.State.DETACHING, 0)
         total = sum(held.values())
         sample = {**by_step, "idle": max(0, total - detaching - in_jobs), "detaching": detaching}
-        sample["free"] = max(0, self.slots * max(1, live) - total)
+        slots = self.slots * max(1, live)
+        sample["free"] = max(0, slots - total)
         for key, n in sample.items():
-            self.holders[-1][key] = self.holders[-1].get(key, 0) + n / (self.slots * max(1, live))
+            self.holders[-1][key] = self.holders[-1].get(key, 0) + n / slots
         self.holder_samples[-1] += 1
 
     def next_round(self) -> None:
@@ -304,9 +303,15 @@ class Sampler(threading.Thread):
 
     def read_cpu(self, process: psutil.Process, role: str) -> None:
         times = process.cpu_times()
-        self.oma_role[process.pid] = role
-        self.oma_cpu[process.pid] = times.user + times.system + times.children_user + times.children_system
-        self.oma_cpu_first.setdefault(process.pid, self.oma_cpu[process.pid])
+        now = times.user + times.system + times.children_user + times.children_system
+        _, first, _ = self.oma_cpu.get(process.pid, (role, now, now))
+        self.oma_cpu[process.pid] = (role, first, now)
+
+    def oma_cpu_by_role(self) -> dict[str, float]:
+        spent: dict[str, float] = {}
+        for role, first, last in self.oma_cpu.values():
+            spent[f"oma_{role}"] = spent.get(f"oma_{role}", 0.0) + last - first
+        return {key: round(value, 1) for key, value in sorted(spent.items())}
 
 
 def bare_copy(layout: DevServerLayout, images: list[tuple[Path, int]], concurrency: int, rate_mbit: float) -> float:
@@ -609,17 +614,7 @@ def main() -> None:
             "cpu_busy_share": round(machine_busy / (sum(machine_after) - sum(machine_before)), 3),
             "cpu_s": {
                 "machine": round(machine_busy, 1),
-                **{
-                    f"oma_{role}": round(
-                        sum(
-                            sampler.oma_cpu[pid] - sampler.oma_cpu_first[pid]
-                            for pid in sampler.oma_role
-                            if sampler.oma_role[pid] == role
-                        ),
-                        1,
-                    )
-                    for role in sorted(set(sampler.oma_role.values()))
-                },
+                **sampler.oma_cpu_by_role(),
                 "vma_sim_and_bench": round(own_cpu, 1),
                 "cores": psutil.cpu_count(),
             },
