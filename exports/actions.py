@@ -275,7 +275,7 @@ def _make_served(
         VMExportMapping.objects.filter(pk__in=pks).update(status=Status.ERROR, status_detail=detail[:2000])
         for mapping in mappings:
             record_event("export.not_served", mapping=mapping, message=detail, actor=actor)
-        raise ExportUnavailable(f"not served: {detail}") from exc
+        raise ExportUnavailable(detail if isinstance(exc, ExportNotServed) else f"not served: {detail}") from exc
     finally:
         record_serve_report(report, backend, actor)
     now = timezone.now()

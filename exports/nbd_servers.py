@@ -306,10 +306,22 @@ class NbdServerBackend(_BaseBackend):
                     self._reload_and_verify(state, report)
                 finally:
                     state["last_finished"] = time.time()
-            missing = self._wait_listed(names, timeout) or self.unopenable(names, settle=RELOAD_SETTLE)
+            missing = self._served_or_repaired(names, timeout, report)
         if missing:
             raise ExportNotServed(missing, "not served after a verified reload and repair")
         return report
+
+    def _served_or_repaired(self, names: set[str], timeout: float, report: ServeReport) -> set[str]:
+        """The last check, under the reload lock: every name listed and opening; the ones that are not.
+
+        3.24's corruption can show after a reload's own checks passed: the export storm caught a main
+        process that still listed every name while the children it forked dropped every open. So a
+        failing check restarts the main process once and checks again.
+        """
+        missing = self._wait_listed(names, timeout) or self.unopenable(names, settle=RELOAD_SETTLE)
+        if missing:
+            missing = self._repair(missing, report)
+        return missing
 
     def _repair(self, missing: set[str], report: ServeReport) -> set[str]:
         """Restart the main process: a fresh one reads every conf file. Children keep their transfers."""
@@ -321,7 +333,7 @@ class NbdServerBackend(_BaseBackend):
         self.restart()
         report.restarts += 1
         report.repairs += 1
-        return self._wait_listed(missing, RELOAD_SETTLE) or self.unopenable(missing)
+        return self._wait_listed(missing, RELOAD_SETTLE) or self.unopenable(missing, settle=RELOAD_SETTLE)
 
     def _reload_and_verify(self, state: dict[str, Any], report: ServeReport) -> None:
         before = self.helper_status()

@@ -291,3 +291,32 @@ def test_an_export_that_fails_to_open_once_is_tried_again_before_it_counts_as_lo
     failures["left"] = 10**6  # it really does not open: still reported, after trying more than once
     assert backend.unopenable({mapping.export_name}, settle=0.3) == {mapping.export_name}
     assert 10**6 - failures["left"] > 1
+
+
+def test_a_server_that_breaks_after_its_reload_checks_is_restarted_by_the_last_check(
+    nbdserver_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nbd-server 3.24 can pass a reload's own checks, then keep listing every name while its children
+    drop every open (caught by the export storm). The last check restarts the main process once, and
+    the export opens from the fresh one."""
+    from exports.backends import get_backend
+    from exports.nbd_protocol import NbdConnectionLost
+    from exports.nbd_servers import NbdServerBackend, ServeReport
+
+    mapping = ensure(nbdserver_server, nbdserver_server.volume("a.img", fill=b"disk-a"))
+    backend = get_backend()
+    assert isinstance(backend, NbdServerBackend)
+    broken_pid = nbdserver_server.main_pid()
+    real = backend.export_size
+
+    def children_of_the_broken_main_drop_opens(name: str) -> int:
+        if nbdserver_server.main_pid() == broken_pid:
+            raise NbdConnectionLost("connection closed after 0 of 20 bytes")
+        return real(name)
+
+    monkeypatch.setattr(backend, "export_size", children_of_the_broken_main_drop_opens)
+    report = ServeReport()
+    assert backend._served_or_repaired({mapping.export_name}, 2.0, report) == set()
+    assert report.repairs == 1 and report.lost == [mapping.export_name]
+    assert nbdserver_server.main_pid() != broken_pid
+    assert read_export(nbdserver_server, mapping.export_name, 6) == b"disk-a"
