@@ -4,8 +4,9 @@ A volume holds a slot on a node while it is reserved, attached or detaching (``D
 Slots are reserved for all of a VM's disks at once, under the node row's lock, so two dispatchers never
 overfill a node; they are released when the volume leaves the node (eviction, cleanup, failover). When a
 job needs more slots than are free, idle volumes (attached, their VM without an active job) are detached,
-least recently used first; the VM's next sync attaches them again, and since its export points at the
-stable by-id device, the export is reused with no helper write and no reload.
+least recently used first, for all the jobs that wait for slots at once; the VM's next sync attaches them
+again, and since its export points at the stable by-id device, the export is reused with no helper write
+and no reload.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class Placer:
         self.free = node.attach_slots - used_slots(node)
         self.detaching = DestinationVolume.objects.filter(node=node, state=State.DETACHING).count()
         self.blocked = False  # an older job waits for slots: younger ones may not take freed ones first
+        self.wanted = 0  # new slots the jobs waiting for them need, oldest first, this tick
+        self.idle: list[DestinationVolume] | None = None  # idle volumes not chosen yet, least recently used first
         self.active = MigrationJob.objects.filter(node=node, state__in=ACTIVE_STATES).count()
         self.others = other_nodes(node)
 
@@ -124,9 +127,7 @@ class Placer:
         needed = [v for v in volumes if v.node_id is None]
         if not needed:
             return Reservation(True)
-        if self.blocked:
-            return Reservation(False, "waits for attach slots behind an older job")
-        if len(needed) <= self.free:
+        if not self.blocked and len(needed) <= self.free:
             DestinationVolume.objects.filter(pk__in=[v.pk for v in needed]).update(
                 node=self.node, state=State.RESERVED, updated_at=timezone.now()
             )
@@ -134,18 +135,32 @@ class Placer:
                 volume.node, volume.state = self.node, State.RESERVED
             self.free -= len(needed)
             return Reservation(True)
+        # Idle volumes are detached for every waiting job, not only the oldest: the detaches run side by
+        # side, and the slots they free still go to the oldest job first.
+        behind = self.blocked
         self.blocked = True
-        short = len(needed) - max(self.free, 0)
-        evict = idle_volumes(self.node)[: max(0, short - self.detaching)]
+        self.wanted += len(needed)
+        evict = self._choose_idle(self.wanted - max(self.free, 0) - self.detaching)
+        if behind:
+            return Reservation(False, "waits for attach slots behind an older job", evict)
+        why = f"needs {len(needed)} attach slots; {max(self.free, 0)} of {self.node.attach_slots} free"
+        if self.detaching:
+            why += f", {self.detaching} idle volume(s) being detached"
+        return Reservation(False, why, evict)
+
+    def _choose_idle(self, count: int) -> list[DestinationVolume]:
+        """Mark up to ``count`` idle volumes detaching, least recently used first."""
+        if count <= 0:
+            return []
+        if self.idle is None:
+            self.idle = idle_volumes(self.node)
+        evict, self.idle = self.idle[:count], self.idle[count:]
         if evict:
             DestinationVolume.objects.filter(pk__in=[v.pk for v in evict]).update(
                 state=State.DETACHING, updated_at=timezone.now()
             )
         self.detaching += len(evict)
-        why = f"needs {len(needed)} attach slots; {max(self.free, 0)} of {self.node.attach_slots} free"
-        if self.detaching:
-            why += f", {self.detaching} idle volume(s) being detached"
-        return Reservation(False, why, evict)
+        return evict
 
 
 @dataclass

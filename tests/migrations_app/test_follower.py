@@ -13,8 +13,8 @@ from django.utils import timezone
 from devtools.vma_sim import Faults
 from migrations_app import actions
 from migrations_app.follower import Follower, drop_lease, hold_lease
-from migrations_app.models import JobState, MigrationJob, OmaNode
-from migrations_app.slots import this_node
+from migrations_app.models import DestinationVolume, JobState, MigrationJob, OmaNode
+from migrations_app.slots import release, this_node
 from tests.support.flows import drive, run_until, wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import SimFactory
@@ -125,6 +125,44 @@ def test_a_job_a_worker_ends_lets_the_next_tick_place_a_waiting_one(
         MigrationJob.objects.filter(pk=first.pk).update(state=JobState.FAILED)  # as a worker's step would
         follower.tick()
         assert queued == [first.pk, second.pk]
+    finally:
+        follower.close()
+
+
+def test_idle_volumes_are_detached_for_every_waiting_job_and_freed_slots_go_oldest_first(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """With no slot free, one placement chooses idle volumes for all the jobs that wait, so their detaches
+    run side by side; the slots they free still go to the oldest waiting job first."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 5}  # type: ignore[attr-defined]
+    queued: list[int] = []
+    chosen: list[int] = []
+    follower = Follower(enqueue=lambda task, pk: queued.append(pk), detach=chosen.append)
+    try:
+        done = [actions.start_migration(vm_id=sim.vm(name).id) for name in ("app-01", "db-01")]  # 3 + 2 disks
+        follower.tick()
+        assert queued == [job.pk for job in done]
+        # Both syncs ended: their 5 volumes stay attached, idle, and hold every slot.
+        MigrationJob.objects.filter(pk__in=queued).update(state=JobState.COMPLETED)
+        DestinationVolume.objects.update(state=DestinationVolume.State.ATTACHED)
+        older = actions.start_migration(vm_id=sim.vm("file-01").id)  # 2 disks
+        younger = actions.start_migration(vm_id=sim.vm("web-01").id)  # 1 disk
+        follower.tick()
+        chosen = list(dict.fromkeys(chosen))  # a detach not seen to run is asked for again: once is enough here
+        assert len(chosen) == 3, "idle volumes for both waiting jobs, not only the oldest"
+        assert DestinationVolume.objects.filter(state=DestinationVolume.State.DETACHING).count() == 3
+        younger.refresh_from_db()
+        assert younger.state == JobState.PENDING and younger.wait_reason.endswith("behind an older job")
+
+        placed = len(queued)
+        for n, volume_pk in enumerate(chosen, start=1):
+            release(DestinationVolume.objects.get(pk=volume_pk))  # as the detach does when it ends
+            follower.freed = True
+            follower.tick()
+            assert queued[placed:] == [[], [older.pk], [older.pk, younger.pk]][n - 1], n
+        assert DestinationVolume.objects.filter(node__isnull=False).count() == 5
     finally:
         follower.close()
 
