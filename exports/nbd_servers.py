@@ -316,9 +316,16 @@ class NbdServerBackend(_BaseBackend):
 
         3.24's corruption can show after a reload's own checks passed: the export storm caught a main
         process that still listed every name while the children it forked dropped every open. So a
-        failing check restarts the main process once and checks again.
+        failing check restarts the main process once and checks again. A main process that died since
+        is started at once and counted as a crash, not waited for until ``timeout``.
         """
-        missing = self._wait_listed(names, timeout) or self.unopenable(names, settle=RELOAD_SETTLE)
+        missing = self._wait_listed(names, RELOAD_SETTLE) or self.unopenable(names, settle=RELOAD_SETTLE)
+        if not missing:
+            return missing
+        status = self.helper_status()
+        if not (status.get("verified") and status.get("listening")):
+            self.ensure_running(report)
+        missing = self._wait_listed(missing, timeout) or self.unopenable(missing, settle=RELOAD_SETTLE)
         if missing:
             missing = self._repair(missing, report)
         return missing

@@ -320,3 +320,24 @@ def test_a_server_that_breaks_after_its_reload_checks_is_restarted_by_the_last_c
     assert report.repairs == 1 and report.lost == [mapping.export_name]
     assert nbdserver_server.main_pid() != broken_pid
     assert read_export(nbdserver_server, mapping.export_name, 6) == b"disk-a"
+
+
+def test_a_server_that_died_after_its_reload_checks_is_started_and_counted_as_a_crash(
+    nbdserver_server: RunningServer,
+) -> None:
+    """A main process that dies after a reload's checks passed (3.24 can crash on a later connection)
+    is started again by the last check at once, and reported as the crash it was, not as lost exports."""
+    from exports.backends import get_backend
+    from exports.nbd_servers import NbdServerBackend, ServeReport
+
+    mapping = ensure(nbdserver_server, nbdserver_server.volume("a.img", fill=b"disk-a"))
+    backend = get_backend()
+    assert isinstance(backend, NbdServerBackend)
+    dead_pid = nbdserver_server.main_pid()
+    os.kill(dead_pid, signal.SIGKILL)
+    report = ServeReport()
+    assert backend._served_or_repaired({mapping.export_name}, 60.0, report) == set()
+    assert report.crashes == 1 and report.lost == [], vars(report)
+    assert [kind for kind, _ in report.incidents] == ["server.crash"]
+    assert nbdserver_server.main_pid() != dead_pid
+    assert read_export(nbdserver_server, mapping.export_name, 6) == b"disk-a"
