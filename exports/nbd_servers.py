@@ -322,9 +322,7 @@ class NbdServerBackend(_BaseBackend):
         missing = self._wait_listed(names, RELOAD_SETTLE) or self.unopenable(names, settle=RELOAD_SETTLE)
         if not missing:
             return missing
-        status = self.helper_status()
-        if not (status.get("verified") and status.get("listening")):
-            self.ensure_running(report)
+        self.ensure_running(report)
         missing = self._wait_listed(missing, timeout) or self.unopenable(missing, settle=RELOAD_SETTLE)
         if missing:
             missing = self._repair(missing, report)
