@@ -2,8 +2,8 @@
 
 Each tick it
 1. follows every copy running at the VMA for this node's jobs: progress written in one batch, and a copy
-   that ended finishes its job (completed, failed or cancelled); a cancel is passed on to the VMA until the
-   VMA says the copy stopped;
+   that ended finishes its job (completed, failed or cancelled; a sync is verified first, in the
+   follower's own threads); a cancel is passed on to the VMA until the VMA says the copy stopped;
 2. recovers worker steps whose worker went silent (queued again, once) and cancels that no worker is left
    to finish;
 3. dispatches pending jobs, oldest first: it reserves each job's attach slots under the node's lock, has
@@ -58,7 +58,7 @@ from .slots import Placer, release, this_node
 from .topics import JOB, PROGRESS
 from .vma_client import DiskProgress, Replication, ReplicationTarget, VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError
-from .workflow import TRANSITION_FIELDS, complete, replication_targets, stale_before, start_rollback
+from .workflow import TRANSITION_FIELDS, complete, replication_targets, run_job, stale_before, start_rollback
 
 log = logging.getLogger(__name__)
 # Consecutive failed polls of one copy before the VMA counts as gone.
@@ -72,9 +72,12 @@ DISPATCH_FIELDS = ["node", "wait_reason", "queued_at", "runner", "replication_id
 DISPATCH_AT_LEAST_EVERY = 2.0
 # Detaches the follower runs at once (each a CloudStack job on that backend).
 DETACH_THREADS = 4
+# Syncs whose copy ended that the follower verifies at once (each a few helper reads of the volumes).
+VERIFY_THREADS = 4
 
 type Enqueue = Callable[[str, int], None]
 type Detach = Callable[[int], None]
+type Verify = Callable[[int], None]
 
 
 def enqueue_task(task: str, pk: int) -> None:
@@ -170,7 +173,11 @@ class TickVma:
 
 class Follower:
     def __init__(
-        self, enqueue: Enqueue = enqueue_task, vma: VmaClient | None = None, detach: Detach | None = None
+        self,
+        enqueue: Enqueue = enqueue_task,
+        vma: VmaClient | None = None,
+        detach: Detach | None = None,
+        verify: Verify | None = None,
     ) -> None:
         self.enqueue = enqueue
         self.vma = TickVma(vma or get_vma_client())
@@ -183,6 +190,11 @@ class Follower:
         self.detacher = ThreadPoolExecutor(max_workers=DETACH_THREADS, thread_name_prefix="detach")
         self.in_flight: set[int] = set()
         self.detach = detach or self._detach_in_thread
+        # A sync whose copy ended is verified here, in the follower's own threads, as soon as the copy's
+        # end is noticed: its slots are not held while the step waits its turn in the worker queue, and
+        # the next tick places a waiting job in the slots it frees. Called inside the tick's transaction.
+        self.verifier = ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="verify")
+        self.verify = verify or self._verify_in_thread
         # Set when a detach freed a slot: the run loop ticks at once instead of sleeping on.
         self.wake = threading.Event()
         self.freed = True
@@ -192,6 +204,7 @@ class Follower:
 
     def close(self) -> None:
         self.detacher.shutdown(wait=True)
+        self.verifier.shutdown(wait=True)
         self.vma.close()
 
     def _detach_in_thread(self, volume_pk: int) -> None:
@@ -211,6 +224,24 @@ class Follower:
                 connections.close_all()
 
         self.detacher.submit(run)
+
+    def _verify_in_thread(self, job_pk: int) -> None:
+        """Run the job's verifying step (and its completion) in a verifier thread once the tick's
+        transaction commits. The thread claims the job as any worker would: if the follower dies
+        meanwhile, its heartbeat goes stale and ``recover`` queues the step for a worker."""
+        runner = f"{follower_id()}:verify"
+
+        def run() -> None:
+            try:
+                run_job(job_pk, runner)
+            except Exception:
+                log.exception("verifying job %s failed", job_pk)
+            finally:
+                self.freed = True  # its volumes turned idle: a waiting job may take their slots
+                self.wake.set()
+                connections.close_all()
+
+        transaction.on_commit(lambda: self.verifier.submit(run))
 
     def tick(self) -> TickReport:
         report = TickReport()
@@ -408,8 +439,8 @@ class Follower:
                 # The copy ended: whatever outage it rode out is over.
                 MigrationJob.objects.filter(pk=locked.pk).update(outage_since=None, wait_reason="", retry_at=None)
             # A failover's final sync always goes on through a worker (verified: it is what the VM boots).
-            verify = to == JobState.COMPLETED and (workflow_conf().verify_writes or locked.kind != JobKind.SYNC)
-            if verify:
+            verifying = to == JobState.COMPLETED and (workflow_conf().verify_writes or locked.kind != JobKind.SYNC)
+            if verifying:
                 # Not complete before the portal has re-read what the VMA says it wrote: a worker's step.
                 to = JobState.VERIFYING
                 for item in state["disks"] if state is not None else []:
@@ -418,7 +449,7 @@ class Follower:
                         JobDisk.objects.filter(pk=disk.pk).update(digest=item.get("digest") or {})
             if to != JobState.COMPLETED:  # complete() below makes that transition itself
                 locked.transition_to(to, error=error)
-                locked.queued_at = timezone.now() if verify else locked.queued_at
+                locked.queued_at = timezone.now() if verifying else locked.queued_at
                 locked.save(update_fields=[*TRANSITION_FIELDS, "queued_at"])
             if to in (JobState.COMPLETED, JobState.VERIFYING):
                 started = (
@@ -429,7 +460,9 @@ class Follower:
                 )
                 took = int((timezone.now() - started).total_seconds() * 1000) if started else None
                 record_job_event(locked, "step.finished", step=JobState.REPLICATING, duration_ms=took)
-            if to == JobState.VERIFYING:
+            if to == JobState.VERIFYING and locked.kind == JobKind.SYNC:
+                self.verify(locked.pk)
+            elif to == JobState.VERIFYING:  # a failover's steps after its final sync take minutes
                 self.enqueue("run_job_task", locked.pk)
             elif to == JobState.COMPLETED:
                 complete(locked)

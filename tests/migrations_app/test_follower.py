@@ -13,9 +13,9 @@ from django.utils import timezone
 from devtools.vma_sim import Faults
 from migrations_app import actions
 from migrations_app.follower import Follower, drop_lease, hold_lease
-from migrations_app.models import DestinationVolume, JobState, MigrationJob, OmaNode
+from migrations_app.models import DestinationVolume, JobEvent, JobState, MigrationJob, OmaNode
 from migrations_app.slots import release, this_node
-from tests.support.flows import drive, run_until, wire
+from tests.support.flows import assert_copied, drive, run_until, wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import SimFactory
 
@@ -163,6 +163,35 @@ def test_idle_volumes_are_detached_for_every_waiting_job_and_freed_slots_go_olde
             follower.tick()
             assert queued[placed:] == [[], [older.pk], [older.pk, younger.pk]][n - 1], n
         assert DestinationVolume.objects.filter(node__isnull=False).count() == 5
+    finally:
+        follower.close()
+
+
+def test_a_sync_whose_copy_ended_is_verified_by_the_follower_itself_not_queued(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """The copy's end is noticed by the follower, which reads the volume back in its own verifier thread
+    at once: no worker task is queued (a trip through the queue holds the job's slots for nothing), the
+    digest is compared as a worker would, and the follower is woken to place a job in the freed slots."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    job = actions.start_migration(vm_id=sim.vm("app-01").id)  # 3 disks
+    drive(job, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
+    queued: list[tuple[str, int]] = []
+    follower = Follower(enqueue=lambda task, pk: queued.append((task, pk)), detach=lambda pk: None)
+    try:
+        deadline = time.monotonic() + 30
+        while job.state != JobState.COMPLETED and time.monotonic() < deadline:
+            follower.tick()
+            follower.wake.wait(0.05)
+            job.refresh_from_db()
+        assert job.state == JobState.COMPLETED, (job.state, job.error)
+        assert queued == [], "nothing went through the worker queue"
+        assert follower.wake.is_set(), "the follower is woken to place what waits for the freed slots"
+        verified = JobEvent.objects.get(job=job, kind="sync.verified")
+        assert verified.message.startswith("3 disk(s) read back and matched")
+        assert job.disks.filter(verified_at__isnull=False).count() == 3
+        assert_copied(job, sim)
     finally:
         follower.close()
 

@@ -54,6 +54,7 @@ class InProcess:
         self.follower = Follower(
             enqueue=lambda task, pk: self.queue.append((task, pk)),
             detach=lambda pk: self.queue.append(("detach_volume_task", pk)),
+            verify=lambda pk: self.queue.append(("run_job_task", pk)),
         )
 
     def tick(self) -> TickReport:
