@@ -12,8 +12,11 @@ writable by nobody else.
 Verbs (one JSON line on stdout, always with "ok"):
   link NAME DEVICE   point export NAME at DEVICE (atomic link; for nbd-server also conf.d/NAME.conf)
   unlink NAME        remove export NAME's link (and conf file); idempotent
-  digest NAME        sha256 of the byte ranges (JSON [[offset, length], ...] on stdin) of the device
-                     export NAME serves, read locally: a sync's read-back without NBD or TLS
+  digest NAME [NAME ...]
+                     sha256 of the byte ranges (JSON [[offset, length], ...] on stdin; for several
+                     names a JSON list of such lists, one per NAME in order) of the device each export
+                     serves, read locally, the devices side by side: a sync's read-back without NBD
+                     or TLS
   reload             SIGHUP the verified nbd-server main process (nbdkit never needs one)
   status             verified main PID, start time, listening, links and conf files
   start              start the server unless a verified main process already runs
@@ -724,14 +727,7 @@ MAX_DIGEST_RANGES = 1 << 20
 DIGEST_CHUNK = 4 << 20
 
 
-def _digest_ranges(size: int) -> list[tuple[int, int]]:
-    raw = sys.stdin.buffer.read(MAX_DIGEST_INPUT + 1)
-    if len(raw) > MAX_DIGEST_INPUT:
-        raise refuse("invalid_ranges", f"more than {MAX_DIGEST_INPUT} bytes of ranges on stdin")
-    try:
-        given = json.loads(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise refuse("invalid_ranges", "stdin must hold a JSON list of [offset, length] pairs") from None
+def _ranges_of(given: object, size: int) -> list[tuple[int, int]]:
     if not isinstance(given, list) or len(given) > MAX_DIGEST_RANGES:
         raise refuse("invalid_ranges", f"stdin must hold a JSON list of at most {MAX_DIGEST_RANGES} pairs")
     ranges = []
@@ -747,43 +743,88 @@ def _digest_ranges(size: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def verb_digest(config: Config, name: str) -> dict[str, object]:
-    """What the device behind export NAME holds in the given ranges, as one sha256 (the VMA's digest
-    format). Only a device an export serves, re-validated as link validates it; read-only."""
+def _digest_ranges(sizes: list[int]) -> list[list[tuple[int, int]]]:
+    """The ranges to hash, one list per device: stdin holds a JSON list of [offset, length] pairs for
+    one device, or a list of such lists (one per device, in order) for several."""
+    raw = sys.stdin.buffer.read(MAX_DIGEST_INPUT + 1)
+    if len(raw) > MAX_DIGEST_INPUT:
+        raise refuse("invalid_ranges", f"more than {MAX_DIGEST_INPUT} bytes of ranges on stdin")
+    try:
+        given = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise refuse("invalid_ranges", "stdin must hold a JSON list of [offset, length] pairs") from None
+    if len(sizes) == 1:
+        return [_ranges_of(given, sizes[0])]
+    if not isinstance(given, list) or len(given) != len(sizes):
+        raise refuse("invalid_ranges", f"stdin must hold a JSON list of {len(sizes)} lists of ranges, one per name")
+    per_device = [_ranges_of(item, size) for item, size in zip(given, sizes, strict=True)]
+    if sum(len(ranges) for ranges in per_device) > MAX_DIGEST_RANGES:
+        raise refuse("invalid_ranges", f"at most {MAX_DIGEST_RANGES} ranges in all")
+    return per_device
+
+
+def _hash_ranges(fd: int, device: str, size: int, ranges: list[tuple[int, int]]) -> tuple[str, int]:
     import hashlib
 
-    validate_name(name)
-    with locked(config):  # the link cannot change between reading it and opening its device
-        try:
-            device = os.readlink(config.export_root / name)
-        except FileNotFoundError:
-            raise refuse("no_export", f"there is no export {name}") from None
-        except OSError as exc:
-            raise refuse("not_a_link", f"{config.export_root / name} is not a link") from exc
-        resolved = validate_device(config, device)
-        try:
-            fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise refuse("device_missing", f"cannot open {device} ({exc.strerror})") from exc
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    hasher = hashlib.sha256()
+    total = 0
+    for offset, length in ranges:
+        position, end = offset, offset + length
+        while position < end:
+            chunk = os.pread(fd, min(DIGEST_CHUNK, end - position), position)
+            if not chunk:
+                raise HelperError(EXIT_SYSTEM, "short_read", f"{device} ended at {position} of {size} bytes")
+            hasher.update(chunk)
+            position += len(chunk)
+            total += len(chunk)
+    return hasher.hexdigest(), total
+
+
+def verb_digest(config: Config, *names: str) -> dict[str, object]:
+    """What the device behind each export NAME holds in the given ranges, as one sha256 each (the VMA's
+    digest format). Only devices exports serve, re-validated as link validates them; read-only. Several
+    devices are read side by side (pread and sha256 let go of the interpreter lock); the first one's
+    fields also stand at the top level."""
+    if len(set(names)) != len(names):
+        raise refuse("duplicate_name", "each export may be named once")
+    for name in names:
+        validate_name(name)
+    opened: list[tuple[str, str, int]] = []  # name, device, fd
     try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        ranges = _digest_ranges(size)
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        hasher = hashlib.sha256()
-        total = 0
-        for offset, length in ranges:
-            position, end = offset, offset + length
-            while position < end:
-                chunk = os.pread(fd, min(DIGEST_CHUNK, end - position), position)
-                if not chunk:
-                    raise HelperError(EXIT_SYSTEM, "short_read", f"{device} ended at {position} of {size} bytes")
-                hasher.update(chunk)
-                position += len(chunk)
-                total += len(chunk)
+        with locked(config):  # no link can change between reading it and opening its device
+            for name in names:
+                try:
+                    device = os.readlink(config.export_root / name)
+                except FileNotFoundError:
+                    raise refuse("no_export", f"there is no export {name}") from None
+                except OSError as exc:
+                    raise refuse("not_a_link", f"{config.export_root / name} is not a link") from exc
+                resolved = validate_device(config, device)
+                try:
+                    fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise refuse("device_missing", f"{name}: cannot open {device} ({exc.strerror})") from exc
+                opened.append((name, device, fd))
+        sizes = [os.lseek(fd, 0, os.SEEK_END) for _, _, fd in opened]
+        per_device = _digest_ranges(sizes)
+        jobs = list(zip(opened, sizes, per_device, strict=True))
+        if len(jobs) == 1:
+            hashed = [_hash_ranges(jobs[0][0][2], jobs[0][0][1], jobs[0][1], jobs[0][2])]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                hashed = list(pool.map(lambda job: _hash_ranges(job[0][2], job[0][1], job[1], job[2]), jobs))
     finally:
-        os.close(fd)
-    return {"name": name, "device": device, "size": size, "bytes": total, "sha256": hasher.hexdigest()}
+        for _, _, fd in opened:
+            os.close(fd)
+    digests: list[dict[str, object]] = [
+        {"name": name, "device": device, "size": size, "bytes": total, "sha256": value}
+        for ((name, device, _), size, _), (value, total) in zip(jobs, hashed, strict=True)
+    ]
+    return {**digests[0], "digests": digests}
 
 
 def check_confd(config: Config) -> None:
@@ -1311,8 +1352,9 @@ def check_server_tls(config: Config) -> None:
 
 
 MAX_LINK_PAIRS = 64
+MAX_DIGEST_NAMES = 64
 USAGE = (
-    "usage: oma-nbd-helper {link NAME DEVICE [NAME DEVICE ...] | unlink NAME | digest NAME "
+    "usage: oma-nbd-helper {link NAME DEVICE [NAME DEVICE ...] | unlink NAME | digest NAME [NAME ...] "
     "| reload | status | start | restart | stop | psk-add ID | psk-rotate ID | psk-import ID | psk-remove ID "
     "| psk-list | cert-add ID | cert-rotate ID | cert-remove ID | cert-list}"
 )
@@ -1347,10 +1389,15 @@ def main(argv: list[str]) -> int:
     try:
         arity = VERBS[verb][0] if verb in VERBS else -1
         count = len(argv) - 1
-        # link takes one or more NAME DEVICE pairs (at most MAX_LINK_PAIRS); every other verb a fixed count.
-        if arity < 0 or (
-            (count != arity) if verb != "link" else (count < 2 or count % 2 or count > 2 * MAX_LINK_PAIRS)
-        ):
+        # link takes one or more NAME DEVICE pairs (at most MAX_LINK_PAIRS), digest one or more names (at
+        # most MAX_DIGEST_NAMES); every other verb a fixed count.
+        if verb == "link":
+            wrong = count < 2 or count % 2 or count > 2 * MAX_LINK_PAIRS
+        elif verb == "digest":
+            wrong = count < 1 or count > MAX_DIGEST_NAMES
+        else:
+            wrong = count != arity
+        if arity < 0 or wrong:
             raise HelperError(EXIT_USAGE, "usage", USAGE)
         config = load_config()
         result = VERBS[verb][1](config, *argv[1:])  # type: ignore[operator]

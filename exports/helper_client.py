@@ -135,8 +135,8 @@ def psk_import(helper: HelperRunner, identity: str, key: str) -> PskReply:
     return cast(PskReply, helper.run("psk-import", identity, stdin=f"{identity}:{key}\n".encode("ascii")))
 
 
-class DigestReply(HelperReply, total=False):
-    """digest NAME: the device export NAME serves, its size, and the sha256 of the asked ranges."""
+class DigestResult(TypedDict):
+    """One export's read-back: the device it serves, its size, and the sha256 of the asked ranges."""
 
     name: str
     device: str
@@ -145,9 +145,26 @@ class DigestReply(HelperReply, total=False):
     sha256: str
 
 
-def digest(helper: HelperRunner, name: str, ranges: list[list[int]]) -> DigestReply:
-    """digest NAME: the ranges go on stdin (a whole disk's changed blocks can be long)."""
-    return cast(DigestReply, helper.run("digest", name, stdin=json.dumps(ranges).encode("ascii")))
+class DigestReply(HelperReply, DigestResult):
+    digests: list[DigestResult]  # one per NAME, in order (the first is also at the top level)
+
+
+# Names one digest call reads at most (the helper's MAX_DIGEST_NAMES).
+MAX_DIGEST_NAMES = 64
+
+
+def digest(helper: HelperRunner, ranges_by_name: dict[str, list[list[int]]]) -> list[DigestResult]:
+    """digest NAME [NAME ...]: every named export's device read back in one helper call (one process
+    instead of one per disk), side by side; the ranges go on stdin (a whole disk's changed blocks can be
+    long). The results in the names' order."""
+    names = list(ranges_by_name)
+    results: list[DigestResult] = []
+    for start in range(0, len(names), MAX_DIGEST_NAMES):
+        batch = names[start : start + MAX_DIGEST_NAMES]
+        given = ranges_by_name[batch[0]] if len(batch) == 1 else [ranges_by_name[name] for name in batch]
+        reply = cast(DigestReply, helper.run("digest", *batch, stdin=json.dumps(given).encode("ascii")))
+        results += reply["digests"]
+    return results
 
 
 def reload(helper: HelperRunner) -> ReloadReply:

@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from django.db import connections, transaction
@@ -467,7 +466,8 @@ def verify(job: MigrationJob, runner: str) -> None:
 
     The read-back is local: the helper hashes the device the export's link points at (what the NBD
     server serves), so it costs a disk read and a sha256, not a second TLS transfer of every byte
-    (through NBD over TLS it took as long as the copy itself). A job's disks are read in parallel.
+    (through NBD over TLS it took as long as the copy itself). A job's disks are read in one helper
+    call, side by side.
     The NBD handshake stays, as the check that the export is served."""
     conf = nbd_conf()
     to_read: list[tuple[JobDisk, int, str, list[list[int]]]] = []
@@ -492,17 +492,15 @@ def verify(job: MigrationJob, runner: str) -> None:
     helper = SubprocessHelper(conf.helper_command, conf.helper_config)
     matched: list[int] = []
     problems: list[StepFailed | StepRetry] = []
-    with heartbeat_kept(job, runner), ThreadPoolExecutor(max(1, len(to_read))) as pool:
-        reads = [pool.submit(helper_client.digest, helper, name, ranges) for _, _, name, ranges in to_read]
-        for (disk, unit, _, _), read in zip(to_read, reads, strict=True):
-            try:
-                value = read.result()["sha256"]
-            except HelperFailed as exc:
-                if exc.refused:  # no such export, its device is gone, or ranges past its end
-                    problems.append(StepFailed(f"verifying: disk {unit}: cannot read it back: {exc.message}"))
+    with heartbeat_kept(job, runner):
+        for (disk, unit, _, _), read in zip(to_read, _read_back(helper, to_read), strict=True):
+            if isinstance(read, HelperFailed):
+                if read.refused:  # no such export, its device is gone, or ranges past its end
+                    problems.append(StepFailed(f"verifying: disk {unit}: cannot read it back: {read.message}"))
                 else:
-                    problems.append(StepRetry(f"verifying: disk {unit}: cannot read it back yet: {exc.message}"))
+                    problems.append(StepRetry(f"verifying: disk {unit}: cannot read it back yet: {read.message}"))
                 continue
+            value = read["sha256"]
             sent = str((disk.digest or {}).get("value"))
             if value != sent:
                 problems.append(
@@ -520,6 +518,27 @@ def verify(job: MigrationJob, runner: str) -> None:
     if unverified:
         message += f"; disk(s) {', '.join(map(str, unverified))}: the VMA sent no digest, not compared"
     record_job_event(job, "sync.verified", step=JobState.VERIFYING, message=message)
+
+
+def _read_back(
+    helper: SubprocessHelper, to_read: list[tuple[JobDisk, int, str, list[list[int]]]]
+) -> list[helper_client.DigestResult | HelperFailed]:
+    """Every disk's read-back in one helper call (its devices read side by side). When that call fails,
+    each disk is read alone, so the error says which disk it is about."""
+    if not to_read:
+        return []
+    try:
+        return list(helper_client.digest(helper, {name: ranges for _, _, name, ranges in to_read}))
+    except HelperFailed as exc:
+        if len(to_read) == 1:
+            return [exc]
+    results: list[helper_client.DigestResult | HelperFailed] = []
+    for _, _, name, ranges in to_read:
+        try:
+            results += helper_client.digest(helper, {name: ranges})
+        except HelperFailed as exc:
+            results.append(exc)
+    return results
 
 
 def _check_served(conf: NbdConf, disk: JobDisk, unit: int, export_name: str) -> None:

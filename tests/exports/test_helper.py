@@ -337,6 +337,67 @@ def test_digest_hashes_the_ranges_of_the_device_an_export_serves(layout: DevServ
     assert changed["sha256"] != digest_of(data, [[0, len(data)]])
 
 
+def test_digest_reads_several_exports_in_one_call_each_with_its_own_ranges(layout: DevServerLayout) -> None:
+    """A job's disks are read back in one helper process: one sha256 per name, in the names' order, each
+    equal to what that name alone gives; the first also stands at the top level."""
+    names = [NAME, NAME.replace("disk0", "disk1"), NAME.replace("disk0", "disk2")]
+    datas = [os.urandom(size) for size in (5 << 20, 3 << 20, 65536)]
+    for n, (name, data) in enumerate(zip(names, datas, strict=True)):
+        volume = layout.volume_root / f"v{n}.img"
+        volume.write_bytes(data)
+        run_helper(layout, "link", name, str(volume))
+    ranges = [[[0, len(datas[0])]], [[4096, 8192], [1 << 20, 17]], []]
+    proc = run_helper(layout, "digest", *names, stdin=json.dumps(ranges))
+    out = result_of(proc)
+    assert proc.returncode == 0, out
+    digests = out["digests"]
+    assert isinstance(digests, list) and [d["name"] for d in digests] == names
+    for d, data, asked in zip(digests, datas, ranges, strict=True):
+        assert d["sha256"] == digest_of(data, asked) and d["size"] == len(data)
+        assert d["bytes"] == sum(length for _, length in asked)
+        alone = result_of(run_helper(layout, "digest", d["name"], stdin=json.dumps(asked)))
+        assert alone["sha256"] == d["sha256"]
+    assert out["sha256"] == digests[0]["sha256"] and out["name"] == names[0]
+
+
+@pytest.mark.parametrize(
+    ("count", "given", "error"),
+    [
+        (2, "[[[0, 1]]]", "invalid_ranges"),  # one list for two names
+        (2, "[[0, 1], [0, 1]]", "invalid_ranges"),  # pairs, not one list of pairs per name
+        (2, "[[[0, 1]], [[0, 8193]]]", "invalid_ranges"),  # the second past its device's end
+        (2, '{"a": []}', "invalid_ranges"),
+        (0, "[]", "usage"),
+        (65, "[]", "usage"),
+    ],
+)
+def test_digest_of_several_names_refuses_the_whole_call(
+    layout: DevServerLayout, count: int, given: str, error: str
+) -> None:
+    names = [NAME.replace("disk0", f"disk{n}") for n in range(count)]
+    for n, name in enumerate(names[:2]):
+        volume = layout.volume_root / f"v{n}.img"
+        volume.write_bytes(b"y" * 8192)
+        run_helper(layout, "link", name, str(volume))
+    before = snapshot(layout)
+    proc = run_helper(layout, "digest", *names, stdin=given)
+    out = result_of(proc)
+    assert out["ok"] is False and out["error"] == error, out
+    assert "sha256" not in proc.stdout and snapshot(layout) == before
+
+
+def test_digest_of_several_names_says_which_one_it_refused(layout: DevServerLayout) -> None:
+    volume = layout.volume_root / "v0.img"
+    volume.write_bytes(b"y" * 8192)
+    run_helper(layout, "link", NAME, str(volume))
+    missing = NAME.replace("disk0", "disk1")
+    proc = run_helper(layout, "digest", NAME, missing, stdin="[[], []]")
+    out = result_of(proc)
+    assert proc.returncode == 3 and out["error"] == "no_export" and missing in str(out["message"]), out
+    twice = result_of(run_helper(layout, "digest", NAME, NAME, stdin="[[], []]"))
+    assert twice["error"] == "duplicate_name", twice
+
+
 @pytest.mark.parametrize(
     "given",
     [

@@ -111,6 +111,28 @@ def test_what_differs_from_the_vmas_digest_fails_the_sync(
     assert not job.disks.exclude(verified_at=None).exists()
 
 
+def test_a_read_back_the_helper_refuses_for_one_disk_names_that_disk(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM's disks are read back in one helper call; when the helper refuses it (here disk 1's digest
+    names ranges past its volume's end), each disk is read alone: the error names disk 1, and the disks
+    that matched are marked verified."""
+    wire(settings, nbdkit_server, sim)
+    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
+
+    def verify(job: MigrationJob, runner: str) -> None:
+        disk = job.disks.get(source_disk__unit_number=1)
+        JobDisk.objects.filter(pk=disk.pk).update(digest={**disk.digest, "ranges": [[1 << 40, 1]]})
+        real(job, runner)
+
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+    job = migrate("app-01", sim)  # 3 disks
+    assert job.state == JobState.FAILED and job.current_step == JobState.VERIFYING
+    assert job.error.startswith("verifying: disk 1: cannot read it back: range [1099511627776, 1] is not"), job.error
+    verified = set(job.disks.exclude(verified_at=None).values_list("source_disk__unit_number", flat=True))
+    assert verified == {0, 2}
+
+
 def test_an_nbd_server_down_while_verifying_is_waited_for_not_blamed_on_the_copy(
     nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
