@@ -207,6 +207,7 @@ class Follower:
         self.waiting = 0
         self.pending_signature: tuple[int, int | None, int, datetime | None] = (-1, None, -1, None)
         self.dispatched_at = 0.0
+        self.recovered_at = -1e9
 
     def close(self) -> None:
         self.detacher.shutdown(wait=True)
@@ -258,7 +259,11 @@ class Follower:
         if back:
             self.take_over(report)
         self.follow(report)
-        self.recover(report)
+        if time.monotonic() - self.recovered_at >= workflow_conf().poll_interval:
+            # Once a poll interval, not on every busy tick: what it looks for (a silent worker, a back-off
+            # that ended, a detach to run again) is measured in seconds.
+            self.recovered_at = time.monotonic()
+            self.recover(report)
         if back and self._dispatch_due(report):
             self.dispatch(report)
             self.waiting = report.waiting
@@ -273,10 +278,11 @@ class Follower:
     # --- 1. copies at the VMA ---------------------------------------------------------------
 
     def follow(self, report: TickReport) -> None:
+        # Only the jobs: their disks are read for the few copies this tick asks about and writes.
         jobs = list(
-            MigrationJob.objects.filter(state__in=[JobState.REPLICATING, JobState.CANCELLING], node=self.node)
-            .exclude(replication_id="")
-            .prefetch_related("disks__source_disk")
+            MigrationJob.objects.filter(state__in=[JobState.REPLICATING, JobState.CANCELLING], node=self.node).exclude(
+                replication_id=""
+            )
         )
         report.followed = len(jobs)
         for gone in (self.asked_at.keys() | self.ends_at.keys()) - {job.pk for job in jobs}:
@@ -449,11 +455,12 @@ class Follower:
         numbers were written less than ``every`` seconds ago."""
         changed: list[tuple[MigrationJob, dict[int, JobDisk], list[DiskProgress]]] = []
         now = time.monotonic()
-        for job, state in batch:
-            last = self.progress_at.get(job.pk)
-            if last is not None and now - last < every:
-                continue
-            disks = {d.source_disk.unit_number: d for d in job.disks.all()}
+        due = [(job, state) for job, state in batch if now - self.progress_at.get(job.pk, -every) >= every]
+        by_job: dict[int, dict[int, JobDisk]] = {job.pk: {} for job, _ in due}
+        for disk in JobDisk.objects.filter(job__in=[job for job, _ in due]).select_related("source_disk"):
+            by_job[disk.job_id][disk.source_disk.unit_number] = disk
+        for job, state in due:
+            disks = by_job[job.pk]
             values = [(item, _values(item, disks.get(item["unit_number"]))) for item in state["disks"]]
             if any(self.written.get((job.pk, item["unit_number"])) != v for item, v in values if v is not None):
                 changed.append((job, disks, state["disks"]))
