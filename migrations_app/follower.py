@@ -743,7 +743,11 @@ class Follower:
         the node was drained or undrained, or a while passed (settings, another node's moves). Placing
         takes the node's lock; on SQLite that is the write lock every worker needs."""
         is_pending = Q(state=JobState.PENDING)
-        pending = MigrationJob.objects.aggregate(
+        # Only active jobs are read (through the state index): a fleet's finished history grows by
+        # thousands of jobs a day and this runs on every tick.
+        pending = MigrationJob.objects.filter(
+            state__in=[JobState.PENDING, *WORKER_STEPS, JobState.CANCELLING]
+        ).aggregate(
             n=Count("pk", filter=is_pending),
             last=Max("pk", filter=is_pending),
             active=Count(

@@ -244,6 +244,37 @@ def test_a_copy_is_asked_about_once_a_poll_interval_and_every_tick_as_it_ends(
         follower.close()
 
 
+def test_a_tick_reads_no_history_table_whole(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """A fleet's finished jobs, their disks and events pile up by thousands a day, and the follower ticks
+    ten times a second: every query a tick makes of those tables is narrowed by a WHERE clause (the
+    active states, a job), never a scan of the whole history (13 ms a tick with 100,000 finished jobs
+    on SQLite, before the dispatch check was narrowed)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    done = [actions.start_migration(vm_id=sim.vm(name).id) for name in ("web-01", "db-01")]
+    drive(*done)
+    running = actions.start_migration(vm_id=sim.vm("app-01").id)
+    drive(running, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
+    actions.start_migration(vm_id=sim.vm("file-01").id)  # pending
+    follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None, verify=lambda pk: None)
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            follower.tick()
+    finally:
+        follower.close()
+    history = ('"migrations_app_migrationjob"', '"migrations_app_jobdisk"', '"migrations_app_jobevent"')
+    reads = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+    of_history = [sql for sql in reads if any(f"FROM {table}" in sql for table in history)]
+    assert len(of_history) >= 4, of_history
+    whole = [sql for sql in of_history if " WHERE " not in sql]
+    assert not whole, whole
+
+
 def test_ticks_faster_than_the_poll_interval_write_progress_once_an_interval(
     nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
