@@ -412,7 +412,12 @@ class MigrationJob(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["vm", "-created_at"])]
+        indexes = [
+            models.Index(fields=["vm", "-created_at"]),
+            # The follower's every tick asks for a node's jobs in a few active states: without this the
+            # node's whole finished history (all its jobs share the node) was read through the node index.
+            models.Index(fields=["node", "state"], name="job_node_state"),
+        ]
         constraints = [
             # Never two jobs copying into one VM's volumes: start, retry, schedules and failover all
             # go through this.
