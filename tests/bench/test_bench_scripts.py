@@ -81,6 +81,9 @@ def test_page_scale_prints_its_json_line_last() -> None:
     for page in pages.values():
         assert {"p95_ms", "queries", "queries_at_10"} <= set(page)
     assert result["constant_queries"] is True
+    tick = result["follower_tick"]
+    assert isinstance(tick, dict) and tick["queries"] == tick["queries_at_10"] > 5, tick
+    assert "tick_ratio" in result
 
 
 def test_fleet_prints_its_json_line_last() -> None:
