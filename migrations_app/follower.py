@@ -201,7 +201,7 @@ class Follower:
         # the next tick places a waiting job in the slots it frees. Called inside the tick's transaction.
         self.verifier = ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="verify")
         self.verify = verify or self._verify_in_thread
-        # Set when a detach freed a slot: the run loop ticks at once instead of sleeping on.
+        # Set when a detach or a verification freed a slot: the run loop ticks at once instead of sleeping on.
         self.wake = threading.Event()
         self.freed = True
         self.waiting = 0
