@@ -809,20 +809,24 @@ def verb_digest(config: Config, *names: str) -> dict[str, object]:
                 opened.append((name, device, fd))
         sizes = [os.lseek(fd, 0, os.SEEK_END) for _, _, fd in opened]
         per_device = _digest_ranges(sizes)
-        jobs = list(zip(opened, sizes, per_device, strict=True))
-        if len(jobs) == 1:
-            hashed = [_hash_ranges(jobs[0][0][2], jobs[0][0][1], jobs[0][1], jobs[0][2])]
+
+        def hash_one(n: int) -> tuple[str, int]:
+            _, device, fd = opened[n]
+            return _hash_ranges(fd, device, sizes[n], per_device[n])
+
+        if len(opened) == 1:
+            hashed = [hash_one(0)]
         else:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(len(jobs)) as pool:
-                hashed = list(pool.map(lambda job: _hash_ranges(job[0][2], job[0][1], job[1], job[2]), jobs))
+            with ThreadPoolExecutor(len(opened)) as pool:
+                hashed = list(pool.map(hash_one, range(len(opened))))
     finally:
         for _, _, fd in opened:
             os.close(fd)
     digests: list[dict[str, object]] = [
         {"name": name, "device": device, "size": size, "bytes": total, "sha256": value}
-        for ((name, device, _), size, _), (value, total) in zip(jobs, hashed, strict=True)
+        for (name, device, _), size, (value, total) in zip(opened, sizes, hashed, strict=True)
     ]
     return {**digests[0], "digests": digests}
 

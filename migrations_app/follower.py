@@ -286,8 +286,7 @@ class Follower:
         )
         report.followed = len(jobs)
         for gone in (self.asked_at.keys() | self.ends_at.keys()) - {job.pk for job in jobs}:
-            self.asked_at.pop(gone, None)  # its copy ended or left this node
-            self.ends_at.pop(gone, None)
+            self._forget(gone)  # its copy ended or left this node by another way than this follower
         progress: list[tuple[MigrationJob, Replication]] = []
         now = timezone.now()
         for job in jobs:
@@ -491,7 +490,7 @@ class Follower:
             # A failover's final sync always goes on through a worker (verified: it is what the VM boots).
             verifying = to == JobState.COMPLETED and (workflow_conf().verify_writes or locked.kind != JobKind.SYNC)
             if verifying:
-                # Not complete before the portal has re-read what the VMA says it wrote: a worker's step.
+                # Not complete before the portal has re-read what the VMA says it wrote (the step below).
                 to = JobState.VERIFYING
                 for item in state["disks"] if state is not None else []:
                     disk = disks.get(item["unit_number"])
