@@ -167,9 +167,7 @@ def run_job(job_pk: int, runner: str) -> MigrationJob | None:
                 _move(job, step)
             _run_step(job, step, runner)
             if step == JobState.REPLICATING:
-                # The copy runs at the VMA now; the follower takes the job from here.
-                MigrationJob.objects.filter(pk=job.pk, runner=runner).update(runner="")
-                return job
+                return job  # the copy runs at the VMA now; the follower has the job (replicate let it go)
         if job.kind == JobKind.TEST_FAILOVER:
             _move(job, JobState.TESTING)
             MigrationJob.objects.filter(pk=job.pk).update(runner="")
@@ -421,9 +419,15 @@ def replicate(job: MigrationJob, runner: str) -> None:
     finally:
         vma.close()
     with transaction.atomic():
-        if not MigrationJob.objects.filter(pk=job.pk, runner=runner).update(replication_id=replication_id):
+        # The hand-off to the follower is this one write: from the moment the follower can see the copy,
+        # no worker holds the job. A short copy may end, and the follower claim the job to verify it,
+        # before this worker's task has even returned.
+        if not MigrationJob.objects.filter(pk=job.pk, runner=runner).update(
+            replication_id=replication_id, runner="", step_errors=0, retry_at=None
+        ):
             raise LostOwnership(job.job_id)
         record_job_event(job, "replication.started", step=JobState.REPLICATING, message=replication_id)
+    job.runner, job.step_errors, job.retry_at = "", 0, None  # nothing more is written by this worker
 
 
 def replication_targets(disks: list[JobDisk], resume: bool = False) -> list[ReplicationTarget]:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from devtools.vma_sim import Faults
@@ -16,6 +17,7 @@ from migrations_app import actions
 from migrations_app.follower import Follower, drop_lease, hold_lease
 from migrations_app.models import DestinationVolume, JobEvent, JobState, MigrationJob, OmaNode
 from migrations_app.slots import release, this_node
+from migrations_app.workflow import STEP_FUNCTIONS, run_job
 from tests.support.flows import assert_copied, drive, run_until, wire
 from tests.support.nbd import RunningServer
 from tests.support.vma import SimFactory
@@ -195,6 +197,44 @@ def test_a_sync_whose_copy_ended_is_verified_by_the_follower_itself_not_queued(
         assert_copied(job, sim)
     finally:
         follower.close()
+
+
+def test_a_copy_that_ends_before_its_worker_returns_is_still_verified_at_once(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short incremental copy can end, and the follower claim the job to verify it, before the worker
+    that started the copy has returned from its task (on a busy SQLite it waits for the write lock). The
+    worker lets the job go in the same write that hands the copy to the follower, so the verifier takes
+    it at once; a job left "verifying" with nobody on it would wait five minutes for recovery."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    taken: list[MigrationJob | None] = []
+    follower = Follower(
+        enqueue=lambda task, pk: None,
+        detach=lambda pk: None,
+        verify=lambda pk: transaction.on_commit(lambda: taken.append(run_job(pk, "follower:verify"))),
+    )
+    start_copy = STEP_FUNCTIONS[JobState.REPLICATING]
+
+    def start_copy_then_it_ends(worker_job: MigrationJob, runner: str) -> None:
+        start_copy(worker_job, runner)
+        # The copy ends and the follower notices it, all before the worker's task returns.
+        deadline = time.monotonic() + 30
+        while not taken and time.monotonic() < deadline:
+            follower.tick()
+            time.sleep(0.02)
+
+    monkeypatch.setitem(STEP_FUNCTIONS, JobState.REPLICATING, start_copy_then_it_ends)
+    try:
+        drive(job, until=lambda j: bool(taken))
+    finally:
+        follower.close()
+    assert taken[0] is not None, "the follower's verifier could take the job"
+    job.refresh_from_db()
+    assert job.state == JobState.COMPLETED, (job.state, job.runner, job.error)
+    assert JobEvent.objects.filter(job=job, kind="sync.verified").exists()
+    assert_copied(job, sim)
 
 
 def test_a_copy_is_asked_about_once_a_poll_interval_and_every_tick_as_it_ends(
