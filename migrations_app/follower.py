@@ -4,8 +4,8 @@ Each tick it
 1. follows every copy running at the VMA for this node's jobs: progress written in one batch, and a copy
    that ended finishes its job (completed, failed or cancelled; a sync is verified first, in the
    follower's own threads); a cancel is passed on to the VMA until the VMA says the copy stopped;
-2. recovers worker steps whose worker went silent (queued again, once) and cancels that no worker is left
-   to finish;
+2. recovers worker steps whose worker went silent (queued again, once), syncs left verifying by a
+   follower that stopped (verified here) and cancels that no worker is left to finish;
 3. dispatches pending jobs, oldest first: it reserves each job's attach slots under the node's lock, has
    idle volumes detached when slots are short, and queues one worker task for a job it could place;
 4. starts the warm syncs of migration groups that are due.
@@ -201,6 +201,7 @@ class Follower:
         # the next tick places a waiting job in the slots it frees. Called inside the tick's transaction.
         self.verifier = ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="verify")
         self.verify = verify or self._verify_in_thread
+        self.verifying: set[int] = set()  # jobs handed to the verifier threads and not done yet
         # Set when a detach or a verification freed a slot: the run loop ticks at once instead of sleeping on.
         self.wake = threading.Event()
         self.freed = True
@@ -237,6 +238,9 @@ class Follower:
         transaction commits. The thread claims the job as any worker would: if the follower dies
         meanwhile, its heartbeat goes stale and ``recover`` queues the step for a worker."""
         runner = f"{follower_id()}:verify"
+        if job_pk in self.verifying:
+            return
+        self.verifying.add(job_pk)
 
         def run() -> None:
             try:
@@ -244,6 +248,7 @@ class Follower:
             except Exception:
                 log.exception("verifying job %s failed", job_pk)
             finally:
+                self.verifying.discard(job_pk)
                 self.freed = True  # its volumes turned idle: a waiting job may take their slots
                 self.wake.set()
                 connections.close_all()
@@ -547,6 +552,17 @@ class Follower:
         for job in MigrationJob.objects.filter(node=self.node, state=JobState.TESTING, test_ends_at__lte=now):
             start_rollback(job, "the test's time is up")
             report.recovered.append(job.job_id)
+        # A sync's read-back that no verifier thread of this follower runs (it was noticed by a follower
+        # that stopped before verifying it): verified now, not after the queue's REQUEUE_AFTER.
+        for job_pk, job_id in (
+            MigrationJob.objects.filter(
+                node=self.node, kind=JobKind.SYNC, state=JobState.VERIFYING, runner="", retry_at__isnull=True
+            )
+            .exclude(pk__in=self.verifying)
+            .values_list("pk", "job_id")
+        ):
+            self.verify(job_pk)
+            report.recovered.append(job_id)
         silent = MigrationJob.objects.filter(node=self.node, state__in=[*WORKER_STEPS, JobState.CANCELLING]).filter(
             Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True)
         )

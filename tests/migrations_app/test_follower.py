@@ -237,6 +237,41 @@ def test_a_copy_that_ends_before_its_worker_returns_is_still_verified_at_once(
     assert_copied(job, sim)
 
 
+def test_a_sync_left_verifying_by_a_follower_that_stopped_is_verified_by_the_next_at_once(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """The follower noticed the copy's end and stopped before its verifier thread ran (a restart, a
+    crash): the job sits in "verifying" with nobody on it. The next follower verifies it on its first
+    tick, in its own threads, instead of leaving it to the queue's five-minute requeue."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    drive(job, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
+    stopped = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None, verify=lambda pk: None)
+    try:
+        run_ticks(stopped, until=lambda: job.state == JobState.VERIFYING, job=job)
+    finally:
+        stopped.close()
+    assert job.runner == "" and job.queued_at is not None, "left as a follower leaves it for its verifier"
+    queued: list[tuple[str, int]] = []
+    follower = Follower(enqueue=lambda task, pk: queued.append((task, pk)), detach=lambda pk: None)
+    try:
+        run_ticks(follower, until=lambda: job.state == JobState.COMPLETED, job=job)
+    finally:
+        follower.close()
+    assert job.state == JobState.COMPLETED, (job.state, job.error)
+    assert queued == [], "verified in the follower's own threads"
+    assert JobEvent.objects.filter(job=job, kind="sync.verified").exists()
+
+
+def run_ticks(follower: Follower, until: Any, job: MigrationJob, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        follower.tick()
+        follower.wake.wait(0.05)
+        job.refresh_from_db()
+
+
 def test_a_copy_is_asked_about_once_a_poll_interval_and_every_tick_as_it_ends(
     nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
