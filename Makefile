@@ -58,7 +58,7 @@ $(AXE):
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/axe axe-core@$(AXE_VERSION)
 
 test: system-packages venv $(AXE)
-	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 --durations=25 $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff format --check .

@@ -12,6 +12,8 @@ import pytest
 
 from tests.support.nbd import REPO
 
+pytestmark = pytest.mark.e2e
+
 
 def test_export_storm_prints_its_json_line_last() -> None:
     proc = subprocess.run(

@@ -16,7 +16,7 @@ from tests.support.browser import ARTIFACTS, Portal, log_in
 from tests.support.factories import UserFactory
 from tests.support.vma import Sim
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
 
 def wait_state(job: MigrationJob, state: str, timeout: float = 90) -> MigrationJob:

@@ -15,7 +15,7 @@ from tests.support.browser import ARTIFACTS, Portal, log_in
 from tests.support.factories import UserFactory
 from tests.support.vma import Sim
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
 WIDTHS = [(390, 844), (1440, 900), (1920, 1080)]
 # axe-core, the npm package (make installs it next to the virtual environment).

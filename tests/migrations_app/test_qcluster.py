@@ -25,7 +25,7 @@ from tests.support.flows import STALE_SECONDS, Cluster, assert_copied, wait_for,
 from tests.support.nbd import RunningServer, run_helper, start_server
 from tests.support.vma import Sim, SimFactory, sha
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 FINISHED: set[str] = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
 
 
