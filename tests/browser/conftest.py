@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from devtools.vma_sim import Faults
 from tests.support.browser import ARTIFACTS, CHROMIUM, Portal
@@ -22,6 +22,9 @@ from tests.support.vma import Sim, SimFactory
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make system-packages)")
+# What a page must show is waited for up to 10 s (Playwright's default is 5 s): on a loaded 2-core CI
+# machine a live update behind a reconnect or a worker step can take longer, without anything being wrong.
+expect.set_options(timeout=10_000)
 
 
 @pytest.fixture
