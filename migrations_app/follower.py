@@ -558,7 +558,7 @@ class Follower:
             MigrationJob.objects.filter(
                 node=self.node, kind=JobKind.SYNC, state=JobState.VERIFYING, runner="", retry_at__isnull=True
             )
-            .exclude(pk__in=self.verifying)
+            .exclude(pk__in=list(self.verifying))  # a copy: verifier threads change the set
             .values_list("pk", "job_id")
         ):
             self.verify(job_pk)
