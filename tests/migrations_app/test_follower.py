@@ -25,6 +25,15 @@ from tests.support.vma import SimFactory
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+def run_ticks(follower: Follower, until: Any, job: MigrationJob, timeout: float = 30) -> None:
+    """Tick the follower here (woken early by its threads) until ``until()``, the job read afresh each time."""
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        follower.tick()
+        follower.wake.wait(0.05)
+        job.refresh_from_db()
+
+
 def test_one_follower_per_node_holds_the_lease_until_it_goes_quiet() -> None:
     node = this_node()
     assert hold_lease(node, "follower-a") and hold_lease(node, "follower-a"), "the holder renews it"
@@ -183,11 +192,7 @@ def test_a_sync_whose_copy_ended_is_verified_by_the_follower_itself_not_queued(
     queued: list[tuple[str, int]] = []
     follower = Follower(enqueue=lambda task, pk: queued.append((task, pk)), detach=lambda pk: None)
     try:
-        deadline = time.monotonic() + 30
-        while job.state != JobState.COMPLETED and time.monotonic() < deadline:
-            follower.tick()
-            follower.wake.wait(0.05)
-            job.refresh_from_db()
+        run_ticks(follower, until=lambda: job.state == JobState.COMPLETED, job=job)
         assert job.state == JobState.COMPLETED, (job.state, job.error)
         assert queued == [], "nothing went through the worker queue"
         assert follower.wake.is_set(), "the follower is woken to place what waits for the freed slots"
@@ -262,14 +267,6 @@ def test_a_sync_left_verifying_by_a_follower_that_stopped_is_verified_by_the_nex
     assert job.state == JobState.COMPLETED, (job.state, job.error)
     assert queued == [], "verified in the follower's own threads"
     assert JobEvent.objects.filter(job=job, kind="sync.verified").exists()
-
-
-def run_ticks(follower: Follower, until: Any, job: MigrationJob, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not until() and time.monotonic() < deadline:
-        follower.tick()
-        follower.wake.wait(0.05)
-        job.refresh_from_db()
 
 
 def test_a_copy_is_asked_about_once_a_poll_interval_and_every_tick_as_it_ends(
