@@ -28,6 +28,7 @@ started or ended there but not yet followed), by idle attached volumes, by detac
 a slot's time goes when it is not copying. cpu_busy_share: how busy the machine's cores were over the
 rounds; cpu_s: CPU seconds over the rounds of the whole machine, of the OMA's processes (oma_workers with
 their helper calls, oma_follower, oma_nbd_server) and of this process (the VMA simulator with its copies).
+``--events FILE`` writes each job's timeline (its events, its copy's start and end at the VMA) as JSON lines.
 """
 
 from __future__ import annotations
@@ -382,6 +383,28 @@ def run_round(vms: list[Any], number: int, timeout: float, started_jobs: Any = N
     return time.perf_counter() - started, jobs
 
 
+def write_timelines(path: Path, jobs: list[Any], round_started: list[float], sim: Any) -> None:
+    """One JSON line a job: its round, VM, and each event and its copy's start and end at the VMA, in
+    seconds from its round's start."""
+    from migrations_app.models import JobEvent
+
+    with path.open("w") as out:
+        for job in jobs:
+            number = int(job.requested_by.rsplit("-", 1)[-1])
+            zero = round_started[number - 1]
+            events: list[tuple[float, str, str]] = [
+                (round(e.created_at.timestamp() - zero, 3), e.kind, e.step)
+                for e in JobEvent.objects.filter(job=job).order_by("id")
+            ]
+            replication = sim.replications.get(f"{job.job_id}-{job.attempt}")
+            if replication is not None:
+                events.append((round(replication.started_at - zero, 3), "vma.started", ""))
+                if replication.finished_at:
+                    events.append((round(replication.finished_at - zero, 3), "vma.finished", ""))
+            events.sort(key=lambda e: e[0])
+            out.write(json.dumps({"round": number, "job": job.job_id, "vm": str(job.vm_id), "events": events}) + "\n")
+
+
 def check_bytes(jobs: list[Any], by_name: dict[str, Any], volume_root: Path) -> int:
     """Each job's volumes against their sources (read from the volume files: a volume may be detached
     by now, its by-id device gone)."""
@@ -419,6 +442,12 @@ def main() -> None:
     parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
     parser.add_argument("--tls", action="store_true", help="NBD over TLS (the production default) for both runs")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a round may take")
+    parser.add_argument(
+        "--events",
+        metavar="FILE",
+        help="write each job's timeline (its events and its copy at the VMA, seconds from its round's start) "
+        "as JSON lines, to see where a slot's time goes",
+    )
     parser.add_argument("--nodes", type=int, default=1, help="OMA nodes, each its own process group (PostgreSQL)")
     parser.add_argument(
         "--kill-node-at", type=float, metavar="PCT", help="SIGKILL one node once PCT%% of round 1's jobs finished"
@@ -496,10 +525,12 @@ def main() -> None:
             killer.start()
 
         walls, mismatches, completed, all_jobs = [], 0, 0, []
+        round_started: list[float] = []
         links_after_round_1 = 0
         machine_before, own_before = psutil.cpu_times(), os.times()
         for number in range(1, args.rounds + 1):
             kill = arm if number == 1 and args.kill_node_at is not None else None
+            round_started.append(time.time())
             wall, jobs = run_round(vms, number, args.timeout, kill)
             walls.append(wall)
             all_jobs += jobs
@@ -565,6 +596,9 @@ def main() -> None:
             for result in Task.objects.filter(func="migrations_app.tasks.run_job_task").values_list("result", flat=True)
             if str(result).startswith("not taken")
         )
+
+        if args.events:
+            write_timelines(Path(args.events), all_jobs, round_started, sim)
 
         if killer is not None:
             killer.stop.set()

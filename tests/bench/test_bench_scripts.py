@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,10 +89,11 @@ def test_page_scale_prints_its_json_line_last() -> None:
     assert "tick_ratio" in result
 
 
-def test_fleet_prints_its_json_line_last() -> None:
+def test_fleet_prints_its_json_line_last(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
     result = run_bench(
         "bench.fleet", "--vms", "3", "--disks", "2", "--size-mib", "8", "--slots", "4", "--rounds", "2",
-        "--rate-mbit", "400",
+        "--rate-mbit", "400", "--events", str(events),
     )  # fmt: skip
     for key in ("vms", "rounds", "completed", "sha256_mismatches", "slots", "max_attached", "max_concurrent_copies",
                 "detaches", "reattaches", "helper_writes_after_reattach", "reloads", "duplicate_tasks",
@@ -102,6 +104,13 @@ def test_fleet_prints_its_json_line_last() -> None:
     attached, detaches = int(str(result["max_attached"])), int(str(result["detaches"]))
     assert attached <= 4 and detaches > 0, "3 two-disk VMs through 4 slots must evict"
     assert result["helper_writes_after_reattach"] == 0 and result["reloads"] == 0
+    # Each job's timeline: placed, its copy started and ended at the VMA, then verified and completed.
+    timelines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert sorted(t["round"] for t in timelines) == [1, 1, 1, 2, 2, 2]
+    for timeline in timelines:
+        kinds = [kind for _, kind, _ in timeline["events"]]
+        order = ["job.started", "vma.started", "vma.finished", "sync.verified", "job.completed"]
+        assert [kind for kind in kinds if kind in order] == order, kinds
 
 
 @pytest.mark.skipif(
