@@ -18,7 +18,7 @@ from devtools.vma_sim import digest_of
 REPO = Path(__file__).resolve().parent.parent
 
 
-HELPER = [sys.executable, "-IS", str(REPO / "deploy" / "oma_nbd_helper.py")]
+HELPER = [sys.executable, "-IS", str(REPO / "deploy" / "oma-nbd-helper")]
 
 
 def percentile(values: list[float], pct: float) -> float:

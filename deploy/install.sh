@@ -59,7 +59,11 @@ owned oma:oma "$ROOT/var/lib/oma" "$ROOT/var/lib/oma/nbd/portal"
 owned root:oma "$ROOT/etc/oma"
 
 say "the privileged helper, its config and its sudoers rule"
-install -D -m 0755 "$SRC/deploy/oma_nbd_helper.py" "$ROOT/usr/local/libexec/oma/oma-nbd-helper"
+# The program sudo runs, and the module it imports from beside it, compiled now (as root, into a root-owned
+# folder) so that no call compiles it again.
+install -D -m 0755 "$SRC/deploy/oma-nbd-helper" "$ROOT/usr/local/libexec/oma/oma-nbd-helper"
+install -m 0644 "$SRC/deploy/oma_nbd_helper.py" "$ROOT/usr/local/libexec/oma/oma_nbd_helper.py"
+/usr/bin/python3 -I -m py_compile "$ROOT/usr/local/libexec/oma/oma_nbd_helper.py"
 [ -e "$ROOT/etc/oma/nbd-helper.conf" ] || install -m 0644 "$SRC/deploy/etc/nbd-helper.conf" "$ROOT/etc/oma/nbd-helper.conf"
 # AES-GCM for NBD over TLS, where the CPU has AES instructions (see the file).
 if grep -qw aes /proc/cpuinfo; then

@@ -178,7 +178,7 @@ def _write_keys(layout: DevServerLayout) -> None:
 
 
 def _helper(layout: DevServerLayout, *args: str) -> dict[str, Any]:
-    helper = Path(__file__).resolve().parent.parent / "deploy" / "oma_nbd_helper.py"
+    helper = Path(__file__).resolve().parent.parent / "deploy" / "oma-nbd-helper"
     env = {**os.environ, "OMA_NBD_HELPER_CONFIG": str(layout.helper_config)}
     done = subprocess.run(  # noqa: S603 - this Python, this project's helper
         [sys.executable, "-IS", str(helper), *args], capture_output=True, text=True, env=env, timeout=60, check=False

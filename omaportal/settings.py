@@ -218,9 +218,7 @@ OMA_NBD: dict[str, Any] = {
     "PORT": int(os.environ.get("OMA_NBD_PORT", "10809")),
     # Production: "sudo -n /usr/local/libexec/oma/oma-nbd-helper". Dev runs the same program.
     "HELPER_COMMAND": shlex.split(
-        os.environ.get(
-            "OMA_NBD_HELPER", f"{shlex.quote(sys.executable)} -IS {BASE_DIR / 'deploy' / 'oma_nbd_helper.py'}"
-        )
+        os.environ.get("OMA_NBD_HELPER", f"{shlex.quote(sys.executable)} -IS {BASE_DIR / 'deploy' / 'oma-nbd-helper'}")
     ),
     # Passed to the helper only in dev mode (the helper ignores it under sudo).
     "HELPER_CONFIG": os.environ.get("OMA_NBD_HELPER_CONFIG", str(_NBD_DIR / "helper.conf")),

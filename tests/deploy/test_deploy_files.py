@@ -120,7 +120,7 @@ def unit_for_here(unit: str, tmp_path: Path) -> Path:
     """The unit with the install prefix and the helper pointed at this checkout (verify checks that
     every program it runs exists)."""
     text = (DEPLOY / "systemd" / unit).read_text()
-    text = text.replace("/opt/oma", str(REPO)).replace(HELPER_INSTALLED, str(DEPLOY / "oma_nbd_helper.py"))
+    text = text.replace("/opt/oma", str(REPO)).replace(HELPER_INSTALLED, str(DEPLOY / "oma-nbd-helper"))
     path = tmp_path / unit
     path.write_text(text)
     return path
@@ -193,6 +193,7 @@ def test_install_lays_out_every_file_with_its_mode(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     modes = {
         "usr/local/libexec/oma/oma-nbd-helper": 0o755,
+        "usr/local/libexec/oma/oma_nbd_helper.py": 0o644,
         "etc/oma/nbd-helper.conf": 0o644,
         "etc/sudoers.d/oma-nbd-helper": 0o440,
         "etc/oma/portal.env": 0o600,
@@ -204,7 +205,11 @@ def test_install_lays_out_every_file_with_its_mode(tmp_path: Path) -> None:
     }
     for path, mode in modes.items():
         assert stat.S_IMODE((root / path).stat().st_mode) == mode, path
-    assert (root / "usr/local/libexec/oma/oma-nbd-helper").read_bytes() == (DEPLOY / "oma_nbd_helper.py").read_bytes()
+    libexec = root / "usr/local/libexec/oma"
+    assert (libexec / "oma-nbd-helper").read_bytes() == (DEPLOY / "oma-nbd-helper").read_bytes()
+    assert (libexec / "oma_nbd_helper.py").read_bytes() == (DEPLOY / "oma_nbd_helper.py").read_bytes()
+    # Compiled at install, by the system's Python (the one the program's first line names).
+    assert list((libexec / "__pycache__").glob("oma_nbd_helper.cpython-*.pyc")), "the module was not compiled"
     assert (root / "opt/oma/manage.py").exists() and not (root / "opt/oma/.git").exists()
     assert os.readlink(root / "etc/nginx/sites-enabled/oma.conf") == "../sites-available/oma.conf"
     # Run again (an upgrade): an edited config and environment are kept.

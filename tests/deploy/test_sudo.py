@@ -17,6 +17,7 @@ import pytest
 from tests.support.nbd import REPO
 
 HELPER_PATH = Path("/usr/local/libexec/oma/oma-nbd-helper")
+MODULE_PATH = HELPER_PATH.with_name("oma_nbd_helper.py")
 CONFIG_PATH = Path("/etc/oma/nbd-helper.conf")
 SUDOERS_PATH = Path("/etc/sudoers.d/oma-nbd-helper")
 USER = "oma"
@@ -30,7 +31,7 @@ def installed(tmp_path: Path) -> Iterator[Path]:
     """The helper, its config and the sudoers file installed as in production, and a portal user."""
     if not (shutil.which("sudo") and shutil.which("visudo")):
         pytest.skip("sudo is not installed")
-    if any(p.exists() for p in (HELPER_PATH, CONFIG_PATH, SUDOERS_PATH)):
+    if any(p.exists() for p in (HELPER_PATH, MODULE_PATH, CONFIG_PATH, SUDOERS_PATH)):
         pytest.skip("a helper is installed on this machine: not touching it")
     made_user = False
     try:
@@ -47,8 +48,10 @@ def installed(tmp_path: Path) -> Iterator[Path]:
     try:
         for folder in made_dirs:
             folder.mkdir(parents=True, mode=0o755)
-        shutil.copy(REPO / "deploy" / "oma_nbd_helper.py", HELPER_PATH)
+        shutil.copy(REPO / "deploy" / "oma-nbd-helper", HELPER_PATH)
         HELPER_PATH.chmod(0o755)
+        shutil.copy(REPO / "deploy" / "oma_nbd_helper.py", MODULE_PATH)
+        MODULE_PATH.chmod(0o644)
         CONFIG_PATH.write_text(
             "[helper]\nbackend = nbdkit\n"
             f"export_root = {root / 'exports'}\npidfile = {root / 'run' / 'server.pid'}\n"
@@ -60,8 +63,9 @@ def installed(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["visudo", "-cf", str(SUDOERS_PATH)], check=True, capture_output=True)
         yield root
     finally:
-        for path in (SUDOERS_PATH, CONFIG_PATH, HELPER_PATH):
+        for path in (SUDOERS_PATH, CONFIG_PATH, HELPER_PATH, MODULE_PATH):
             path.unlink(missing_ok=True)
+        shutil.rmtree(HELPER_PATH.parent / "__pycache__", ignore_errors=True)
         for folder in reversed(made_dirs):
             shutil.rmtree(folder, ignore_errors=True)
         if made_user:

@@ -7,13 +7,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 
 from devtools.devserver import DevServerLayout, free_port, write_layout
-from tests.support.nbd import HELPER, RunningServer, load_helper_module, run_helper
+from tests.support.nbd import HELPER, HELPER_MODULE, RunningServer, load_helper_module, run_helper
 
 VM = "4210aaaa-bbbb-4ccc-8ddd-eeeeffff0000"
 NAME = f"migration-vm-{VM}-disk0"
@@ -310,6 +311,31 @@ def test_a_tls_priority_file_that_is_not_a_plain_absolute_path_is_refused(layout
     layout.helper_config.write_text(layout.helper_config.read_text() + f"tls_priority_file = {value}\n")
     proc = run_helper(layout, "status")
     assert proc.returncode == 4 and "tls_priority_file" in str(result_of(proc)["message"])
+
+
+def test_the_program_runs_the_helper_module_from_its_cached_bytecode(layout: DevServerLayout, tmp_path: Path) -> None:
+    """The program sudo runs imports the helper from its own folder, so Python reuses the module's
+    compiled bytecode (a script is compiled on every start); and nothing the caller controls (the
+    current folder, PYTHONPATH) can put another module in its place."""
+    cached = HELPER_MODULE.parent / "__pycache__"
+    shutil.rmtree(cached, ignore_errors=True)
+    planted = tmp_path / "oma_nbd_helper.py"
+    planted.write_text('import json\nprint(json.dumps({"ok": True, "planted": True}))\n')
+    env = {**os.environ, "OMA_NBD_HELPER_CONFIG": str(layout.helper_config), "PYTHONPATH": str(tmp_path)}
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-IS", str(HELPER), "status"], capture_output=True, text=True, env=env, cwd=tmp_path,
+            timeout=60, check=False,
+        )  # fmt: skip
+        out = result_of(proc)
+        assert "planted" not in out and out["verb"] == "status", out
+    assert list(cached.glob("oma_nbd_helper.cpython-*.pyc")), "the module was not imported (no bytecode cached)"
+    # The module run as a script still answers the same (tests and dev tools call both).
+    alone = subprocess.run(
+        [sys.executable, "-IS", str(HELPER_MODULE), "status"], capture_output=True, text=True, env=env, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result_of(alone).keys() == out.keys()
 
 
 def digest_of(data: bytes, ranges: list[list[int]]) -> str:

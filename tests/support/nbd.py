@@ -20,7 +20,9 @@ from exports.nbd_protocol import NbdConnection, Tls, list_exports, tls_from_path
 REPO = Path(__file__).resolve().parents[2]
 
 
-HELPER = REPO / "deploy" / "oma_nbd_helper.py"
+# The program (as sudo runs it) and the module it imports, the helper itself.
+HELPER = REPO / "deploy" / "oma-nbd-helper"
+HELPER_MODULE = REPO / "deploy" / "oma_nbd_helper.py"
 
 
 BACKENDS = ["nbdkit", "nbd-server"]
@@ -146,7 +148,7 @@ def serve_nbd(tmp_path: Path, settings: object, backend: str) -> Iterator[Runnin
 
 
 def load_helper_module() -> Any:
-    spec = importlib.util.spec_from_file_location("oma_nbd_helper", HELPER)
+    spec = importlib.util.spec_from_file_location("oma_nbd_helper", HELPER_MODULE)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
