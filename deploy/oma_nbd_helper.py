@@ -1,7 +1,8 @@
 #!/usr/bin/python3 -IS
 """oma-nbd-helper: the only OMA code that runs as root.
 
-Installed as /usr/local/libexec/oma/oma-nbd-helper and called by the portal through
+Installed as /usr/local/libexec/oma/oma_nbd_helper.py (compiled) and run by the program beside it,
+oma-nbd-helper (deploy/oma-nbd-helper), which the portal calls through
 ``sudo -n /usr/local/libexec/oma/oma-nbd-helper VERB ARGS``. Standard library only.
 
 It reads every path it touches from a root-owned config file (default /etc/oma/nbd-helper.conf),
