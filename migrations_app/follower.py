@@ -110,6 +110,33 @@ def drop_lease(node: OmaNode, holder: str) -> None:
     OmaNode.objects.filter(pk=node.pk, follower=holder).update(follower="", follower_beat_at=None)
 
 
+# A follower renews its lease at most this often (seconds). Busy ticks come ten times a second, and each
+# renewal is a write to the node's row (on SQLite, the write lock every worker waits for); a lease goes
+# stale only after the heartbeat's stale period (a minute by default).
+LEASE_RENEW_EVERY = 1.0
+
+
+class Lease:
+    """One follower's hold on its node, renewed at most every ``LEASE_RENEW_EVERY`` seconds. Between two
+    renewals no other follower can have taken it: that needs the lease stale, a whole stale period
+    without a renewal, and the first tick after any pause that long renews (and finds out) first."""
+
+    def __init__(self, node: OmaNode, holder: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.node, self.holder, self.clock = node, holder, clock
+        self.renewed_at: float | None = None
+
+    def hold(self) -> bool:
+        now = self.clock()
+        if self.renewed_at is not None and now - self.renewed_at < LEASE_RENEW_EVERY:
+            return True
+        self.renewed_at = now if hold_lease(self.node, self.holder) else None
+        return self.renewed_at is not None
+
+    def drop(self) -> None:
+        self.renewed_at = None
+        drop_lease(self.node, self.holder)
+
+
 @dataclass
 class TickReport:
     followed: int = 0

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from devtools.vma_sim import Faults
 from migrations_app import actions
-from migrations_app.follower import Follower, drop_lease, hold_lease
+from migrations_app.follower import LEASE_RENEW_EVERY, Follower, Lease, drop_lease, hold_lease
 from migrations_app.models import DestinationVolume, JobEvent, JobState, MigrationJob, OmaNode
 from migrations_app.slots import release, this_node
 from migrations_app.workflow import STEP_FUNCTIONS, run_job
@@ -44,6 +44,32 @@ def test_one_follower_per_node_holds_the_lease_until_it_goes_quiet() -> None:
     assert OmaNode.objects.get(pk=node.pk).follower == "follower-b"
     drop_lease(node, "follower-b")
     assert OmaNode.objects.get(pk=node.pk).follower == ""
+
+
+def test_a_busy_follower_renews_its_lease_once_a_second_not_on_every_tick() -> None:
+    node = this_node()
+    now = [100.0]
+    lease = Lease(node, "follower-a", clock=lambda: now[0])
+
+    def beat_at() -> object:
+        return OmaNode.objects.get(pk=node.pk).follower_beat_at
+
+    assert lease.hold()
+    first = beat_at()
+    for _ in range(3):  # busy ticks within the renewal period: no write
+        now[0] += LEASE_RENEW_EVERY / 4
+        assert lease.hold()
+    assert beat_at() == first
+    now[0] += LEASE_RENEW_EVERY / 4
+    assert lease.hold() and beat_at() != first, "renewed once a second"
+    # A pause past the stale period (the process stopped): another follower took the node meanwhile. The
+    # first tick after it renews first, finds out, and stands by.
+    OmaNode.objects.filter(pk=node.pk).update(follower_beat_at=timezone.now() - timedelta(hours=1))
+    assert hold_lease(node, "follower-b")
+    now[0] += 3600
+    assert not lease.hold() and not lease.hold(), "it stands by, asking again on every tick"
+    lease.drop()
+    assert OmaNode.objects.get(pk=node.pk).follower == "follower-b", "dropping drops nothing of the new one's"
 
 
 def test_a_vma_that_never_answers_costs_one_timeout_a_tick_not_one_a_copy(settings: object) -> None:

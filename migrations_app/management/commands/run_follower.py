@@ -7,7 +7,7 @@ from django.core.management.base import BaseCommand
 from django.db import close_old_connections
 
 from migrations_app.conf import workflow_conf
-from migrations_app.follower import Follower, drop_lease, follower_id, hold_lease
+from migrations_app.follower import Follower, Lease, follower_id
 from migrations_app.retention import Pruner
 
 log = logging.getLogger("migrations_app.follower")
@@ -37,6 +37,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, stop)
         holder = follower_id()
         follower = Follower()
+        lease = Lease(follower.node, holder)
         pruner = Pruner()  # history past OMA_RETENTION_DAYS, hourly, by whichever follower holds its lease
         waiting_said = False
         try:
@@ -44,7 +45,7 @@ class Command(BaseCommand):
                 started = time.monotonic()
                 try:
                     busy = False
-                    if hold_lease(follower.node, holder):
+                    if lease.hold():
                         busy = follower.tick().changed
                         waiting_said = False
                         pruned = pruner.maybe()
@@ -66,5 +67,5 @@ class Command(BaseCommand):
                 if follower.wake.wait(max(0.0, started + pause - time.monotonic())):
                     follower.wake.clear()  # a detach freed a slot: place the waiting job now
         finally:
-            drop_lease(follower.node, holder)
+            lease.drop()
             follower.close()
