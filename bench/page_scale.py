@@ -141,7 +141,7 @@ def measure_tick(repeat: int) -> dict[str, float]:
     try:
         follower.tick()  # the node's first tick registers it
         for _ in range(repeat):
-            follower.recovered_at = -1e9
+            follower.checked_at = -1e9
             with CaptureQueriesContext(connection) as ctx:
                 started = time.perf_counter()
                 follower.tick()

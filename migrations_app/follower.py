@@ -235,7 +235,7 @@ class Follower:
         self.waiting = 0
         self.pending_signature: tuple[int, int | None, int, datetime | None] = (-1, None, -1, None)
         self.dispatched_at = 0.0
-        self.recovered_at = -1e9
+        self.checked_at = -1e9  # when the checks made once a poll interval were last made (monotonic)
 
     def close(self) -> None:
         self.detacher.shutdown(wait=True)
@@ -287,24 +287,27 @@ class Follower:
         self.vma.new_tick()
         self.node = OmaNode.objects.get(pk=self.node.pk)
         back = self.node.down_since is None or mark_back(self.node)  # reconciles its exports first
-        report.lost_nodes = mark_lost_nodes(self.node)
-        if back:
-            self.take_over(report)
+        # Once a poll interval, not on every busy tick (ten a second while copies end and jobs are
+        # placed): what these look for is measured in seconds or minutes (a node silent for the stale
+        # period, a lost node's copy the VMA says stopped, a silent worker, a back-off that ended, a
+        # detach to run again, a group's sync that is due).
+        slow = time.monotonic() - self.checked_at >= workflow_conf().poll_interval
+        if slow:
+            self.checked_at = time.monotonic()
+            report.lost_nodes = mark_lost_nodes(self.node)
+            if back:
+                self.take_over(report)
         self.follow(report)
-        if time.monotonic() - self.recovered_at >= workflow_conf().poll_interval:
-            # Once a poll interval, not on every busy tick: what it looks for (a silent worker, a back-off
-            # that ended, a detach to run again) is measured in seconds.
-            self.recovered_at = time.monotonic()
+        if slow:
             self.recover(report)
         if back and self._dispatch_due(report):
             self.dispatch(report)
             self.waiting = report.waiting
         else:
             report.waiting = self.waiting  # as the last placement left them
-        report.scheduled = start_due_syncs(self.node)
-        report.still_detaching = DestinationVolume.objects.filter(
-            node=self.node, state=DestinationVolume.State.DETACHING
-        ).count()
+        if slow:
+            report.scheduled = start_due_syncs(self.node)
+        report.still_detaching = len(self.in_flight)  # this follower's detach threads
         return report
 
     # --- 1. copies at the VMA ---------------------------------------------------------------

@@ -9,7 +9,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from devtools.vma_sim import Faults
@@ -70,6 +71,28 @@ def test_a_busy_follower_renews_its_lease_once_a_second_not_on_every_tick() -> N
     assert not lease.hold() and not lease.hold(), "it stands by, asking again on every tick"
     lease.drop()
     assert OmaNode.objects.get(pk=node.pk).follower == "follower-b", "dropping drops nothing of the new one's"
+
+
+def test_what_changes_in_seconds_is_looked_at_once_a_poll_interval_not_on_every_tick(settings: Any) -> None:
+    """Lost nodes, their work, and due group syncs are looked for once a poll interval: a busy tick (ten a
+    second) reads none of it."""
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "POLL_INTERVAL": 0.5}
+    follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None)
+
+    def tick_sql() -> str:
+        with CaptureQueriesContext(connection) as queries:
+            follower.tick()
+        return "\n".join(q["sql"] for q in queries.captured_queries)
+
+    checks = ("migrations_app_migrationgroup", '"down_since" IS NOT NULL', '"follower_beat_at" <')
+    first = tick_sql()
+    assert all(check in first for check in checks), first
+    busy = tick_sql()
+    assert not any(check in busy for check in checks), busy
+    time.sleep(0.5)
+    again = tick_sql()
+    assert all(check in again for check in checks), "looked at again once the interval passed"
+    follower.close()
 
 
 def test_a_vma_that_never_answers_costs_one_timeout_a_tick_not_one_a_copy(settings: object) -> None:

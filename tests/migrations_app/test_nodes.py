@@ -273,12 +273,14 @@ def test_a_node_that_stops_beating_is_marked_down_once_and_its_waiting_jobs_go_e
         assert job.node == lost and queued == [], "node-b is alive: its job is its own"
 
         OmaNode.objects.filter(pk=lost.pk).update(follower_beat_at=timezone.now() - timedelta(hours=1))
+        a.checked_at = -1e9  # a poll interval later: lost nodes are looked for once an interval
         report = a.tick()
         assert report.lost_nodes == ["node-b"]
         job.refresh_from_db()
         assert job.node == a.node and queued == [job.pk], "placed on the live node in the same tick"
         (down,) = NodeEvent.objects.filter(kind="node.down")
         assert down.node == lost and down.actor == a.node.name and job.job_id in down.message
+        a.checked_at = -1e9
         assert a.tick().lost_nodes == [], "marked once"
 
         b = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None)
