@@ -95,6 +95,46 @@ def test_what_changes_in_seconds_is_looked_at_once_a_poll_interval_not_on_every_
     follower.close()
 
 
+def test_a_tick_asks_the_vma_about_its_copies_side_by_side() -> None:
+    """Each ask is a round trip (over a WAN in production): a tick asks about its copies side by side, not
+    one after the other, after a first ask alone finds the VMA reachable. Every answer is still acted on."""
+    from migrations_app.vma_client import VmaError
+    from tests.support.factories import make_jobs
+
+    lock = threading.Lock()
+    in_flight, most, asked = 0, 0, []
+
+    class SlowVma:
+        def replication(self, replication_id: str) -> object:
+            nonlocal in_flight, most
+            with lock:
+                in_flight += 1
+                most = max(most, in_flight)
+                asked.append(replication_id)
+            time.sleep(0.2)  # a round trip
+            with lock:
+                in_flight -= 1
+            raise VmaError("internal", "the VMA failed", 500)
+
+        def close(self) -> None:
+            pass
+
+    jobs = make_jobs(5, state=JobState.REPLICATING)
+    follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None, vma=SlowVma())  # type: ignore[arg-type]
+    try:
+        MigrationJob.objects.filter(pk__in=[j.pk for j in jobs]).update(node=follower.node)
+        for job in jobs:
+            MigrationJob.objects.filter(pk=job.pk).update(replication_id=f"{job.job_id}-1")
+        report = follower.tick()
+    finally:
+        follower.close()
+    assert sorted(asked) == sorted(f"{job.job_id}-1" for job in jobs), "each copy asked once"
+    assert most > 1, "asked one after the other"
+    assert sorted(report.finished) == sorted(job.job_id for job in jobs)
+    failed = MigrationJob.objects.filter(pk__in=[j.pk for j in jobs], state=JobState.FAILED)
+    assert failed.count() == 5 and all("the VMA failed" in job.error for job in failed)
+
+
 def test_a_vma_that_never_answers_costs_one_timeout_a_tick_not_one_a_copy(settings: object) -> None:
     """The VMA accepts connections and says nothing (a firewall dropping its answers): the first poll of
     a tick waits out its deadline; the other copies of that tick are not asked again, so a tick stays
