@@ -63,6 +63,14 @@ class Faults:
     # VMA does not see): its digest is still the source's.
     corrupt: bool = False
     malformed: bool = False  # progress answers break the contract (a byte count that is not a number)
+    api_rtt_seconds: float = 0.0  # each API call answers this much later: the WAN round trip to the VMA
+
+
+class SimServer(ThreadingHTTPServer):
+    # A real agent's HTTP server listens with the kernel's backlog (net.core.somaxconn), not socketserver's
+    # 5: a follower asking about its copies side by side must not wait out a dropped SYN's one-second
+    # retransmit.
+    request_queue_size = 128
 
 
 def coalesce(blocks: list[int]) -> list[list[int]]:
@@ -690,6 +698,8 @@ class VmaSimulator:
                 except ApiError as exc:
                     status, payload = exc.status, {"error": {"code": exc.code, "message": exc.message}}
                 data = json.dumps(payload).encode()
+                if sim.faults.api_rtt_seconds:
+                    time.sleep(sim.faults.api_rtt_seconds)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -705,4 +715,4 @@ class VmaSimulator:
             def log_message(self, *args: object) -> None:
                 pass
 
-        return ThreadingHTTPServer((host, port), Handler)
+        return SimServer((host, port), Handler)
