@@ -439,6 +439,12 @@ def main() -> None:
         default=50,
         help="each disk copy's WAN link, full or incremental, for the stack and the bare copy alike (0: no limit)",
     )
+    parser.add_argument(
+        "--vma-rtt-ms",
+        type=float,
+        default=0,
+        help="the round trip of each call to the VMA's API (the WAN between the VMware site and the OMA)",
+    )
     parser.add_argument("--postgres", metavar="URL", help="run on a scratch database made on this server")
     parser.add_argument("--tls", action="store_true", help="NBD over TLS (the production default) for both runs")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a round may take")
@@ -505,7 +511,8 @@ def main() -> None:
         vms = make_inventory(root / "vma", specs, args.size_mib, dense=not args.sparse)
         by_name = {vm.name: vm for vm in vms}
         rate = int(args.rate_mbit * 1_000_000) or None
-        sim = VmaSimulator(vms, TOKEN, Faults(rate_bits_per_second=rate), layout.vma_tls if layout.tls else None)
+        faults = Faults(rate_bits_per_second=rate, api_rtt_seconds=args.vma_rtt_ms / 1000)
+        sim = VmaSimulator(vms, TOKEN, faults, layout.vma_tls if layout.tls else None)
         server = sim.serve("127.0.0.1", vma_port)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         client = VmaClient(f"http://127.0.0.1:{vma_port}", TOKEN)
@@ -653,6 +660,7 @@ def main() -> None:
             "ratio": round(ideal / round_1_wall, 3) if round_1_wall else None,
             "storage": "tmpfs" if on_tmpfs else "disk",
             "rate_mbit": args.rate_mbit,
+            "vma_rtt_ms": args.vma_rtt_ms,
             "round_worker_steps_p50_ms": [percentile(values, 50) for values in chains],
             "round_copy_end_noticed_p50_ms": [percentile(values, 50) for values in notices],
             "round_step_p50_ms": [{step: percentile(v, 50) for step, v in sorted(r.items())} for r in steps],
