@@ -20,7 +20,9 @@ max_concurrent_copies, detaches, reattaches, helper_writes_after_reattach, reloa
 worker_processes, peak_rss_mb, slot_utilization, overhead_p95_ms, data_mb, wall_s, ideal_wall_s, ratio,
 database, nodes, per_node_max_attached, replaced_after_node_loss, cross_node_double_attach).
 slot_utilization is the time-averaged share of the live nodes' slots (K each) holding a running copy
-while jobs wait for slots. per_node_max_attached: the most volumes any one node had attached at once;
+while jobs wait for slots: a copy running at the VMA (a job's disk whose copy ended is not counted while
+its job waits for the follower to notice; slot_replicating_share counts it, as stops before 2026-12-05
+did). per_node_max_attached: the most volumes any one node had attached at once;
 replaced_after_node_loss: jobs a live node took over from the killed one; cross_node_double_attach:
 volumes seen attached to two nodes at the same moment. round_slot_holders: per round, while jobs wait,
 the time-averaged share of the slots held by disks of jobs in each step ("copying": at the VMA; "replicating":
@@ -224,6 +226,7 @@ class Sampler(threading.Thread):
         self.max_copies = 0
         self.peak_rss = 0
         self.busy_share: list[float] = []
+        self.replicating_share: list[float] = []  # the same with every disk of a replicating job counted
         self.round_shares: list[list[float]] = [[]]
         # Per round, while jobs wait: what the slots hold, summed over samples (divided by samples x slots
         # at the end): disks of jobs in each step, idle attached volumes, detaching ones, free slots.
@@ -258,7 +261,11 @@ class Sampler(threading.Thread):
                 if MigrationJob.objects.filter(state=JobState.PENDING).exists():
                     live = sum(1 for node in self.nodes if node.alive)
                     replicating = JobDisk.objects.filter(job__state=JobState.REPLICATING).count()
-                    self.busy_share.append(min(1.0, replicating / (self.slots * max(1, live))))
+                    slots = self.slots * max(1, live)
+                    # A disk whose copy ended at the VMA holds no running copy, though its job stays
+                    # replicating until the follower notices the end.
+                    self.busy_share.append(min(1.0, min(copies, replicating) / slots))
+                    self.replicating_share.append(min(1.0, replicating / slots))
                     self.round_shares[-1].append(self.busy_share[-1])
                     self.count_holders(live, copies)
                 self.peak_rss = max(self.peak_rss, self.rss())
@@ -650,6 +657,9 @@ def main() -> None:
             "peak_rss_mb": round(sampler.peak_rss / 1e6, 1),
             "slot_utilization": round(sum(sampler.busy_share) / len(sampler.busy_share), 3)
             if sampler.busy_share
+            else None,
+            "slot_replicating_share": round(sum(sampler.replicating_share) / len(sampler.replicating_share), 3)
+            if sampler.replicating_share
             else None,
             "overhead_p50_ms": percentile(overheads, 50),
             "overhead_p95_ms": percentile(overheads, 95),

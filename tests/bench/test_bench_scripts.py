@@ -104,6 +104,8 @@ def test_fleet_prints_its_json_line_last(tmp_path: Path) -> None:
     attached, detaches = int(str(result["max_attached"])), int(str(result["detaches"]))
     assert attached <= 4 and detaches > 0, "3 two-disk VMs through 4 slots must evict"
     assert result["helper_writes_after_reattach"] == 0 and result["reloads"] == 0
+    # A slot counts as used while its copy runs at the VMA, not until the follower notices the copy ended.
+    assert float(str(result["slot_utilization"])) <= float(str(result["slot_replicating_share"]))
     # Each job's timeline: placed, its copy started and ended at the VMA, then verified and completed.
     timelines = [json.loads(line) for line in events.read_text().splitlines()]
     assert sorted(t["round"] for t in timelines) == [1, 1, 1, 2, 2, 2]
