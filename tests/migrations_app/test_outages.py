@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -20,11 +21,14 @@ pytestmark = pytest.mark.django_db(transaction=True)
 RATE = 32_000_000  # 16 MiB in about 4 s: long enough to cut in the middle
 
 
+def copies_of(sim: Sim, job: MigrationJob) -> list[Any]:
+    """The VMA's disk copies for the job, over all its replications (resumed ones included)."""
+    return [copy for rid, r in sim.sim.replications.items() if rid.startswith(job.job_id) for copy in r.copies]
+
+
 def written(sim: Sim, job: MigrationJob) -> int:
-    """Bytes the VMA really wrote for the job, over all its replications (resumed ones included)."""
-    return sum(
-        copy.written for rid, r in sim.sim.replications.items() if rid.startswith(job.job_id) for copy in r.copies
-    )
+    """Bytes the VMA really wrote for the job."""
+    return sum(copy.written for copy in copies_of(sim, job))
 
 
 def assert_resumed(sim: Sim, job: MigrationJob, disk: int, before: int = 0) -> None:
@@ -32,10 +36,9 @@ def assert_resumed(sim: Sim, job: MigrationJob, disk: int, before: int = 0) -> N
     from byte 0: a resumed replication skips what was confirmed, and at most the blocks written after the
     last checkpoint (one checkpoint's worth) are written twice. ``before``: bytes written by replications
     the VMA has since forgotten."""
-    copies = [c for rid, r in sim.sim.replications.items() if rid.startswith(job.job_id) for c in r.copies]
-    resumed = [c.written for c in copies if c.resume_from]
+    resumed = [c.written for c in copies_of(sim, job) if c.resume_from]
     assert resumed and all(n <= disk - (4 << 20) for n in resumed), f"resumed copies wrote {resumed}"
-    total = before + sum(c.written for c in copies)
+    total = before + written(sim, job)
     assert total <= disk + CHECKPOINT_BLOCKS * BLOCK, f"wrote {total} bytes for a {disk}-byte disk"
 
 
