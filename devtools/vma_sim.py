@@ -8,12 +8,14 @@ through the NBD protocol. Faults can be injected: fail or drop the connection at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -71,6 +73,31 @@ class SimServer(ThreadingHTTPServer):
     # 5: a follower asking about its copies side by side must not wait out a dropped SYN's one-second
     # retransmit.
     request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.connections: set[socket.socket] = set()  # open keep-alive connections
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening and cut every open connection: a stopped agent answers no one, not even a
+        client whose keep-alive connection was open."""
+        super().server_close()
+        with self.connections_lock:
+            open_now = list(self.connections)
+        for conn in open_now:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
 
 def coalesce(blocks: list[int]) -> list[list[int]]:
@@ -684,6 +711,10 @@ class VmaSimulator:
         sim = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as a real agent's HTTP server: a follower asking about its copies every tick
+            # reuses its connections instead of opening one a call (over TLS, a handshake a call).
+            protocol_version = "HTTP/1.1"
+
             def _handle(self, method: str) -> None:
                 try:
                     length = int(self.headers.get("Content-Length") or 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,24 @@ def test_unreachable_vma_is_a_clear_error(sim: Sim) -> None:
     sim.close()
     with pytest.raises(VmaUnavailable):
         VmaClient(sim.url, TOKEN, timeout=1, retries=1).health()
+
+
+def test_the_simulator_keeps_connections_open_and_going_offline_cuts_them(sim: Sim) -> None:
+    """Keep-alive, as a real agent's server: two calls on one connection. Going offline cuts the open
+    connection too, or a client that had one would still reach a VMA that is gone."""
+    conn = http.client.HTTPConnection("127.0.0.1", sim.server.server_address[1], timeout=5)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for _ in range(2):
+        conn.request("GET", "/api/v1/health", headers=headers)
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+        assert not response.will_close, "the connection stays open for the next call"
+    sim.go_offline()
+    conn.auto_open = 0  # no quiet reconnect: the open connection itself must be cut
+    with pytest.raises((http.client.HTTPException, OSError)):
+        conn.request("GET", "/api/v1/health", headers=headers)
+        conn.getresponse().read()
+    conn.close()
 
 
 def test_full_copy_moves_every_byte(nbdkit_server: RunningServer, sim: Sim) -> None:
