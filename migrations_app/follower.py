@@ -144,6 +144,7 @@ class Lease:
 class TickReport:
     followed: int = 0
     finished: list[str] = field(default_factory=list)
+    verifying: list[str] = field(default_factory=list)  # of the finished: copies whose volumes are read back now
     dispatched: list[str] = field(default_factory=list)
     waiting: int = 0
     recovered: list[str] = field(default_factory=list)
@@ -378,7 +379,8 @@ class Follower:
             if job.state == JobState.CANCELLING:
                 self._finish(job, state, JobState.CANCELLED, "")
             elif state["state"] == "completed":
-                self._finish(job, state, JobState.COMPLETED, "")
+                if self._finish(job, state, JobState.COMPLETED, "") == JobState.VERIFYING:
+                    report.verifying.append(job.job_id)
             elif state.get("error_kind") == "transient":
                 # The NBD server or the network cut the copy: continue it from what was confirmed.
                 self._write_progress([(job, state)])
@@ -529,12 +531,13 @@ class Follower:
             for job, disks, reported in changed:
                 write_progress(job, disks, reported)
 
-    def _finish(self, job: MigrationJob, state: Replication | None, to: str, error: str) -> None:
-        """The copy ended: record its last numbers, change ids and the job's final state together."""
+    def _finish(self, job: MigrationJob, state: Replication | None, to: str, error: str) -> str | None:
+        """The copy ended: record its last numbers, change ids and the job's final state together. Returns
+        the state the job went to (None: it had left the copy already)."""
         with transaction.atomic():
             locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
             if locked.state not in (JobState.REPLICATING, JobState.CANCELLING):
-                return
+                return None
             if to == JobState.COMPLETED and locked.state == JobState.CANCELLING:
                 to = JobState.CANCELLED  # the copy finished as the cancel came in: the cancel wins
             disks = {d.source_disk.unit_number: d for d in locked.disks.select_related("source_disk")}
@@ -585,6 +588,7 @@ class Follower:
             else:
                 record_job_event(locked, "step.failed", step=locked.current_step, message=error)
         self._forget(job.pk)
+        return to
 
     # --- 2. silent workers ------------------------------------------------------------------
 
@@ -823,8 +827,11 @@ class Follower:
         )
         signature = (pending["n"], pending["last"], pending["active"], self.node.drained_at)
         now = time.monotonic()
+        # A copy that ended and is being read back frees nothing yet: its job still holds its slots and
+        # counts as active. Its verification's end wakes the follower (``freed``) when it does.
+        ended = set(report.finished) - set(report.verifying)
         due = (
-            bool(report.finished or report.recovered or report.lost_nodes or report.taken_over)
+            bool(ended or report.recovered or report.lost_nodes or report.taken_over)
             or self.freed
             or signature != self.pending_signature
             or now - self.dispatched_at > DISPATCH_AT_LEAST_EVERY

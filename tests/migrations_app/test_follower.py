@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from devtools.vma_sim import Faults
 from migrations_app import actions
-from migrations_app.follower import LEASE_RENEW_EVERY, Follower, Lease, drop_lease, hold_lease
+from migrations_app.follower import LEASE_RENEW_EVERY, Follower, Lease, TickReport, drop_lease, hold_lease
 from migrations_app.models import DestinationVolume, JobEvent, JobState, MigrationJob, OmaNode
 from migrations_app.slots import release, this_node
 from migrations_app.workflow import STEP_FUNCTIONS, run_job
@@ -289,6 +289,57 @@ def test_a_sync_whose_copy_ended_is_verified_by_the_follower_itself_not_queued(
         assert verified.message.startswith("3 disk(s) read back and matched")
         assert job.disks.filter(verified_at__isnull=False).count() == 3
         assert_copied(job, sim)
+    finally:
+        follower.close()
+
+
+def test_a_copy_that_ends_places_nothing_until_its_read_back_frees_its_slots(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """A copy's end moves its job to verifying: it still holds its slots and counts as active, so that
+    tick places nothing (a placement is the node's lock and a read of every pending job). The read-back's
+    end frees them, and the next tick places the job that waits."""
+    gate = threading.Event()  # the copy runs until the test lets it end
+    sim = make_sim(Faults(gate=gate))
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ACTIVE_JOBS": 1}  # type: ignore[attr-defined]
+    first = actions.start_migration(vm_id=sim.vm("web-01").id)
+    drive(first, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
+    second = actions.start_migration(vm_id=sim.vm("db-01").id)
+    verifying: list[int] = []
+    queued: list[int] = []
+
+    def verify(pk: int) -> None:  # as the verifier threads do, without running it yet
+        verifying.append(pk)
+        follower.verifying.add(pk)
+
+    follower = Follower(enqueue=lambda task, pk: queued.append(pk), detach=lambda pk: None, verify=verify)
+    placements: list[TickReport] = []
+    place = follower.dispatch
+
+    def counted(report: TickReport) -> None:
+        placements.append(report)
+        place(report)
+
+    follower.dispatch = counted  # type: ignore[method-assign]
+    try:
+        follower.tick()
+        second.refresh_from_db()
+        assert second.state == JobState.PENDING and "maximum is 1" in second.wait_reason
+        follower.dispatched_at = time.monotonic() + 3600  # no periodic placement within this test
+        placements.clear()
+        gate.set()
+        run_ticks(follower, until=lambda: bool(verifying), job=first)
+        assert first.state == JobState.VERIFYING and verifying == [first.pk]
+        follower.tick()
+        assert placements == [], "nothing was placed while the copy's volumes are read back"
+        assert run_job(first.pk, "follower:verify") is not None  # what the verifier thread runs
+        first.refresh_from_db()
+        assert first.state == JobState.COMPLETED, first.error
+        follower.verifying.discard(first.pk)
+        follower.freed = True  # as the verifier thread says when it is done
+        follower.tick()
+        assert len(placements) == 1 and queued == [second.pk], "the next tick placed the waiting job"
     finally:
         follower.close()
 
