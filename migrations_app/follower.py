@@ -321,13 +321,17 @@ class Follower:
             report.lost_nodes = mark_lost_nodes(self.node)
             if back:
                 self.take_over(report)
+        # A slot freed since the last tick (a read-back or a detach ended) goes to the job that waits for
+        # it before the VMA is asked about the copies: the asks are round trips it does not need.
+        placed = back and self.freed and self._dispatch_due(report)
+        if placed:
+            self._place(report)
         self.follow(report)
         if slow:
             self.recover(report)
         if back and self._dispatch_due(report):
-            self.dispatch(report)
-            self.waiting = report.waiting
-        else:
+            self._place(report)
+        elif not placed:
             report.waiting = self.waiting  # as the last placement left them
         if slow:
             report.scheduled = start_due_syncs(self.node)
@@ -812,20 +816,7 @@ class Follower:
         in a worker: its volumes turn idle and may be evicted), a slot was freed, the pending jobs changed,
         the node was drained or undrained, or a while passed (settings, another node's moves). Placing
         takes the node's lock; on SQLite that is the write lock every worker needs."""
-        is_pending = Q(state=JobState.PENDING)
-        # Only active jobs are read (through the state index): a fleet's finished history grows by
-        # thousands of jobs a day and this runs on every tick.
-        pending = MigrationJob.objects.filter(
-            state__in=[JobState.PENDING, *WORKER_STEPS, JobState.CANCELLING]
-        ).aggregate(
-            n=Count("pk", filter=is_pending),
-            last=Max("pk", filter=is_pending),
-            active=Count(
-                "pk",
-                filter=Q(state__in=[*WORKER_STEPS, JobState.CANCELLING]) & (Q(node=self.node) | Q(node__isnull=True)),
-            ),
-        )
-        signature = (pending["n"], pending["last"], pending["active"], self.node.drained_at)
+        signature = self._signature()
         now = time.monotonic()
         # A copy that ended and is being read back frees nothing yet: its job still holds its slots and
         # counts as active. Its verification's end wakes the follower (``freed``) when it does.
@@ -840,7 +831,30 @@ class Follower:
             self.freed = False
             self.pending_signature = signature
             self.dispatched_at = now
-        return due and bool(pending["n"])
+        return due and bool(signature[0])
+
+    def _signature(self) -> tuple[int, int | None, int, datetime | None]:
+        """The pending jobs (how many, the newest), the active ones here, and whether the node is drained."""
+        is_pending = Q(state=JobState.PENDING)
+        # Only active jobs are read (through the state index): a fleet's finished history grows by
+        # thousands of jobs a day and this runs on every tick.
+        pending = MigrationJob.objects.filter(
+            state__in=[JobState.PENDING, *WORKER_STEPS, JobState.CANCELLING]
+        ).aggregate(
+            n=Count("pk", filter=is_pending),
+            last=Max("pk", filter=is_pending),
+            active=Count(
+                "pk",
+                filter=Q(state__in=[*WORKER_STEPS, JobState.CANCELLING]) & (Q(node=self.node) | Q(node__isnull=True)),
+            ),
+        )
+        return (pending["n"], pending["last"], pending["active"], self.node.drained_at)
+
+    def _place(self, report: TickReport) -> None:
+        self.dispatch(report)
+        self.waiting = report.waiting
+        # What this placement changed itself (jobs placed, failed as too big) is no reason to place again.
+        self.pending_signature = self._signature()
 
     def dispatch(self, report: TickReport) -> None:
         """Place pending jobs, oldest first, in one transaction under the node row's lock: what each needs

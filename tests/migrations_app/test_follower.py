@@ -344,6 +344,51 @@ def test_a_copy_that_ends_places_nothing_until_its_read_back_frees_its_slots(
         follower.close()
 
 
+def test_a_freed_slot_is_placed_before_the_vma_is_asked_and_a_placement_is_not_redone(settings: Any) -> None:
+    """A placement's own changes (jobs placed) are no reason for the next tick to place again; a slot freed
+    by a read-back goes to the waiting job before the tick asks the VMA about its copies (round trips)."""
+    from tests.support.factories import make_jobs
+
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ACTIVE_JOBS": 2}
+    (copying,) = make_jobs(1, state=JobState.REPLICATING)
+    first, second = make_jobs(2, state=JobState.PENDING)
+    at_ask: list[str] = []  # the second waiting job's state whenever the VMA is asked
+
+    class RunningVma:
+        def replication(self, replication_id: str) -> object:
+            at_ask.append(MigrationJob.objects.get(pk=second.pk).state)
+            return {"replication_id": replication_id, "vm_id": "", "state": "running", "error": "", "disks": []}
+
+        def close(self) -> None:
+            pass
+
+    follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None, vma=RunningVma())  # type: ignore[arg-type]
+    placements: list[TickReport] = []
+    place = follower.dispatch
+
+    def counted(report: TickReport) -> None:
+        placements.append(report)
+        place(report)
+
+    follower.dispatch = counted  # type: ignore[method-assign]
+    try:
+        MigrationJob.objects.filter(pk=copying.pk).update(node=follower.node, replication_id=f"{copying.job_id}-1")
+        follower.tick()
+        assert len(placements) == 1 and at_ask == [JobState.PENDING]
+        assert MigrationJob.objects.get(pk=first.pk).state == JobState.ATTACHING, "placed"
+        assert "maximum is 2" in MigrationJob.objects.get(pk=second.pk).wait_reason
+        follower.tick()
+        assert len(placements) == 1, "the placement's own changes are not placed again"
+        # The first job's sync ended (its read-back matched): the verifier frees its slots and wakes us.
+        MigrationJob.objects.filter(pk=first.pk).update(state=JobState.COMPLETED)
+        follower.freed = True
+        follower.tick()
+        assert len(placements) == 2
+        assert at_ask[-1] == JobState.ATTACHING, "placed before the VMA was asked about the copies"
+    finally:
+        follower.close()
+
+
 def test_a_copy_that_ends_before_its_worker_returns_is_still_verified_at_once(
     nbdkit_server: RunningServer, make_sim: SimFactory, settings: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
