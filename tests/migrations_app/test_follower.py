@@ -35,6 +35,19 @@ def run_ticks(follower: Follower, until: Any, job: MigrationJob, timeout: float 
         job.refresh_from_db()
 
 
+def count_placements(follower: Follower) -> list[TickReport]:
+    """Each placement the follower runs from now on, by its tick's report."""
+    placements: list[TickReport] = []
+    place = follower.dispatch
+
+    def counted(report: TickReport) -> None:
+        placements.append(report)
+        place(report)
+
+    follower.dispatch = counted  # type: ignore[method-assign]
+    return placements
+
+
 def test_one_follower_per_node_holds_the_lease_until_it_goes_quiet() -> None:
     node = this_node()
     assert hold_lease(node, "follower-a") and hold_lease(node, "follower-a"), "the holder renews it"
@@ -314,14 +327,7 @@ def test_a_copy_that_ends_places_nothing_until_its_read_back_frees_its_slots(
         follower.verifying.add(pk)
 
     follower = Follower(enqueue=lambda task, pk: queued.append(pk), detach=lambda pk: None, verify=verify)
-    placements: list[TickReport] = []
-    place = follower.dispatch
-
-    def counted(report: TickReport) -> None:
-        placements.append(report)
-        place(report)
-
-    follower.dispatch = counted  # type: ignore[method-assign]
+    placements = count_placements(follower)
     try:
         follower.tick()
         second.refresh_from_db()
@@ -363,14 +369,7 @@ def test_a_freed_slot_is_placed_before_the_vma_is_asked_and_a_placement_is_not_r
             pass
 
     follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None, vma=RunningVma())  # type: ignore[arg-type]
-    placements: list[TickReport] = []
-    place = follower.dispatch
-
-    def counted(report: TickReport) -> None:
-        placements.append(report)
-        place(report)
-
-    follower.dispatch = counted  # type: ignore[method-assign]
+    placements = count_placements(follower)
     try:
         MigrationJob.objects.filter(pk=copying.pk).update(node=follower.node, replication_id=f"{copying.job_id}-1")
         follower.tick()
