@@ -180,6 +180,7 @@ class TickVma:
     def __init__(self, client: VmaClient) -> None:
         self.client = client
         self.unreachable: VmaUnavailable | None = None
+        self.answered = False  # the last tick that asked about copies reached the VMA
         self.asker = ThreadPoolExecutor(max_workers=ASK_THREADS, thread_name_prefix="vma-ask")
 
     def new_tick(self) -> None:
@@ -205,8 +206,10 @@ class TickVma:
 
     def ask_about(self, jobs: Sequence[MigrationJob]) -> list[Replication | VmaError]:
         """Each job's copy as the VMA says it is now (a cancelling job's: after asking it to stop), or the
-        error asking it gave, in the jobs' order. The first is asked alone: when the VMA is unreachable,
-        that one ask finds out and the others fail at once; otherwise the rest are asked side by side."""
+        error asking it gave, in the jobs' order. When the last tick reached the VMA, all are asked side by
+        side (one round trip a tick; should it have gone away meanwhile, the asks wait out one timeout
+        together). Otherwise the first is asked alone: while the VMA is unreachable, that one ask finds
+        out and the others fail at once; if it answers, the rest are asked side by side."""
 
         def ask(job: MigrationJob) -> Replication | VmaError:
             try:
@@ -218,8 +221,10 @@ class TickVma:
 
         if not jobs:
             return []
-        first = ask(jobs[0])
-        return [first, *self.asker.map(ask, jobs[1:])]
+        alone = [] if self.answered else [ask(jobs[0])]
+        answers = [*alone, *self.asker.map(ask, jobs[len(alone) :])]
+        self.answered = self.unreachable is None
+        return answers
 
     def close(self) -> None:
         self.asker.shutdown(wait=True)

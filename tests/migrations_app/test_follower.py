@@ -148,6 +148,55 @@ def test_a_tick_asks_the_vma_about_its_copies_side_by_side() -> None:
     assert failed.count() == 5 and all("the VMA failed" in job.error for job in failed)
 
 
+def test_after_a_tick_that_reached_the_vma_every_copy_is_asked_at_once_the_first_too() -> None:
+    """One round trip a tick, not two (over a WAN each is tens of milliseconds): the first copy is asked
+    alone only while the VMA was not reached last time. Gone meanwhile, it costs the tick one timeout in
+    all (the asks overlap), and the next tick asks one copy alone again."""
+    from migrations_app.vma_client import VmaUnavailable
+    from tests.support.factories import make_jobs
+
+    lock = threading.Lock()
+    calls: list[tuple[float, float]] = []  # each ask's start and end
+    down = threading.Event()
+
+    class Vma:
+        def replication(self, replication_id: str) -> object:
+            started = time.monotonic()
+            time.sleep(0.2)  # a round trip, or a timeout
+            with lock:
+                calls.append((started, time.monotonic()))
+            if down.is_set():
+                raise VmaUnavailable("unreachable", "no route to the VMA")
+            return {"replication_id": replication_id, "vm_id": "", "state": "running", "error": "", "disks": []}
+
+        def close(self) -> None:
+            pass
+
+    def overlapping() -> int:
+        """The most asks of the last tick in flight at one moment."""
+        return max(sum(1 for s, e in calls if s <= start < e) for start, _ in calls)
+
+    jobs = make_jobs(4, state=JobState.REPLICATING)
+    follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None, vma=Vma())  # type: ignore[arg-type]
+    try:
+        for job in jobs:
+            MigrationJob.objects.filter(pk=job.pk).update(node=follower.node, replication_id=f"{job.job_id}-1")
+        follower.tick()
+        assert len(calls) == 4 and overlapping() == 3, "the first alone, then the rest side by side"
+        calls.clear()
+        follower.tick()
+        assert len(calls) == 4 and overlapping() == 4, "the VMA answered last tick: all four at once"
+        calls.clear()
+        down.set()
+        follower.tick()
+        assert len(calls) == 4 and overlapping() == 4, "gone meanwhile: one timeout in all"
+        calls.clear()
+        follower.tick()
+        assert len(calls) == 1, "not reached last tick: one copy alone, the others fail at once"
+    finally:
+        follower.close()
+
+
 def test_a_vma_that_never_answers_costs_one_timeout_a_tick_not_one_a_copy(settings: object) -> None:
     """The VMA accepts connections and says nothing (a firewall dropping its answers): the first poll of
     a tick waits out its deadline; the other copies of that tick are not asked again, so a tick stays
