@@ -346,7 +346,9 @@ def test_a_sync_whose_copy_ended_is_verified_by_the_follower_itself_not_queued(
         run_ticks(follower, until=lambda: job.state == JobState.COMPLETED, job=job)
         assert job.state == JobState.COMPLETED, (job.state, job.error)
         assert queued == [], "nothing went through the worker queue"
-        assert follower.wake.is_set(), "the follower is woken to place what waits for the freed slots"
+        # (The verifier thread wakes the follower once the job it verified has committed, so the test can
+        # see the job complete a moment before the wake-up.)
+        assert follower.wake.wait(10), "the follower is woken to place what waits for the freed slots"
         verified = JobEvent.objects.get(job=job, kind="sync.verified")
         assert verified.message.startswith("3 disk(s) read back and matched")
         assert job.disks.filter(verified_at__isnull=False).count() == 3
