@@ -10,6 +10,8 @@ Each tick it
    idle volumes detached when slots are short, and queues one worker task for a job it could place;
 4. starts the warm syncs of migration groups that are due.
 
+Between ticks, its placer thread places pending jobs as soon as a read-back or a detach frees slots.
+
 No task timeout can cut a copy: no worker waits for one. The follower holds a lease on its node's row, so
 a second follower of the same node stands by instead of doubling the work.
 """
@@ -261,6 +263,15 @@ class Follower:
         # Set when a detach or a verification freed a slot: the run loop ticks at once instead of sleeping on.
         self.wake = threading.Event()
         self.freed = True
+        # One placement at a time: the tick's, or the placer thread's. A read-back or a detach that freed
+        # slots wakes the placer, which hands them on at once: the tick may be busy asking the VMA about
+        # every copy (round trips the waiting job need not wait for), and the verifier and detach threads
+        # go back to their own work.
+        self.placing = threading.Lock()
+        self.place_wanted = threading.Event()
+        self.stopping = False
+        self.placer = threading.Thread(target=self._place_freed, name="placer", daemon=True)
+        self.placer.start()
         self.waiting = 0
         self.pending_signature: tuple[int, int | None, int, datetime | None] = (-1, None, -1, None)
         self.dispatched_at = 0.0
@@ -269,6 +280,9 @@ class Follower:
     def close(self) -> None:
         self.detacher.shutdown(wait=True)
         self.verifier.shutdown(wait=True)
+        self.stopping = True
+        self.place_wanted.set()
+        self.placer.join()
         self.vma.close()
 
     def _detach_in_thread(self, volume_pk: int) -> None:
@@ -283,8 +297,7 @@ class Follower:
                 log.exception("detaching volume %s failed", volume_pk)
             finally:
                 self.in_flight.discard(volume_pk)
-                self.freed = True
-                self.wake.set()
+                self._slots_freed()
                 connections.close_all()
 
         self.detacher.submit(run)
@@ -305,11 +318,38 @@ class Follower:
                 log.exception("verifying job %s failed", job_pk)
             finally:
                 self.verifying.discard(job_pk)
-                self.freed = True  # its volumes turned idle: a waiting job may take their slots
-                self.wake.set()
+                self._slots_freed()  # its volumes turned idle: a waiting job may take their slots
                 connections.close_all()
 
         transaction.on_commit(lambda: self.verifier.submit(run))
+
+    def _slots_freed(self) -> None:
+        """A read-back or a detach that ran in this thread freed slots (or may have): the placer thread
+        places what waits for them now."""
+        self.freed = True
+        self.place_wanted.set()
+
+    def _place_freed(self) -> None:
+        """The placer thread: places pending jobs whenever a read-back or a detach freed slots (several
+        frees during one placement make one more). When it cannot (its node is down, the placement
+        failed), the tick is woken to place instead."""
+        try:
+            while True:
+                self.place_wanted.wait()
+                if self.stopping:
+                    return
+                self.place_wanted.clear()
+                if self.node.down_since is not None:
+                    self.wake.set()  # the tick marks the node back first
+                    continue
+                try:
+                    self._place_if_due(TickReport())
+                except Exception:
+                    log.exception("placing the waiting jobs failed; the next tick places them")
+                    self.freed = True
+                    self.wake.set()
+        finally:
+            connections.close_all()
 
     def tick(self) -> TickReport:
         report = TickReport()
@@ -328,15 +368,11 @@ class Follower:
                 self.take_over(report)
         # A slot freed since the last tick (a read-back or a detach ended) goes to the job that waits for
         # it before the VMA is asked about the copies: the asks are round trips it does not need.
-        placed = back and self.freed and self._dispatch_due(report)
-        if placed:
-            self._place(report)
+        placed = back and self.freed and self._place_if_due(report)
         self.follow(report)
         if slow:
             self.recover(report)
-        if back and self._dispatch_due(report):
-            self._place(report)
-        elif not placed:
+        if not (back and self._place_if_due(report)) and not placed:
             report.waiting = self.waiting  # as the last placement left them
         if slow:
             report.scheduled = start_due_syncs(self.node)
@@ -854,6 +890,13 @@ class Follower:
             ),
         )
         return (pending["n"], pending["last"], pending["active"], self.node.drained_at)
+
+    def _place_if_due(self, report: TickReport) -> bool:
+        with self.placing:
+            if not self._dispatch_due(report):
+                return False
+            self._place(report)
+            return True
 
     def _place(self, report: TickReport) -> None:
         self.dispatch(report)

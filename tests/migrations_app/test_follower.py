@@ -336,8 +336,8 @@ def test_a_sync_whose_copy_ended_is_verified_by_the_follower_itself_not_queued(
     nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
     """The copy's end is noticed by the follower, which reads the volume back in its own verifier thread
-    at once: no worker task is queued (a trip through the queue holds the job's slots for nothing), the
-    digest is compared as a worker would, and the follower is woken to place a job in the freed slots."""
+    at once: no worker task is queued (a trip through the queue holds the job's slots for nothing), and
+    the digest is compared as a worker would."""
     sim = make_sim()
     wire(settings, nbdkit_server, sim)
     job = actions.start_migration(vm_id=sim.vm("app-01").id)  # 3 disks
@@ -348,9 +348,6 @@ def test_a_sync_whose_copy_ended_is_verified_by_the_follower_itself_not_queued(
         run_ticks(follower, until=lambda: job.state == JobState.COMPLETED, job=job)
         assert job.state == JobState.COMPLETED, (job.state, job.error)
         assert queued == [], "nothing went through the worker queue"
-        # (The verifier thread wakes the follower once the job it verified has committed, so the test can
-        # see the job complete a moment before the wake-up.)
-        assert follower.wake.wait(10), "the follower is woken to place what waits for the freed slots"
         verified = JobEvent.objects.get(job=job, kind="sync.verified")
         assert verified.message.startswith("3 disk(s) read back and matched")
         assert job.disks.filter(verified_at__isnull=False).count() == 3
@@ -399,6 +396,78 @@ def test_a_copy_that_ends_places_nothing_until_its_read_back_frees_its_slots(
         follower.freed = True  # as the verifier thread says when it is done
         follower.tick()
         assert len(placements) == 1 and queued == [second.pk], "the next tick placed the waiting job"
+    finally:
+        follower.close()
+
+
+def queued_by_thread() -> tuple[list[tuple[int, str]], Any]:
+    """An enqueue that records each queued job with the name of the thread that placed it."""
+    queued: list[tuple[int, str]] = []
+    return queued, lambda task, pk: queued.append((pk, threading.current_thread().name))
+
+
+def wait_until(done: Any, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(done())
+
+
+def test_a_read_back_that_frees_slots_places_the_waiting_job_in_its_own_thread(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """A read-back that turned a job's volumes idle has the follower's placer thread place the job that
+    waits for them at once, not the next tick (which may be busy asking the VMA about every copy: round
+    trips the waiting job need not wait for)."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "MAX_ACTIVE_JOBS": 1}  # type: ignore[attr-defined]
+    first = actions.start_migration(vm_id=sim.vm("web-01").id)
+    drive(first, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
+    second = actions.start_migration(vm_id=sim.vm("db-01").id)
+    queued, enqueue = queued_by_thread()
+    to_verify: list[int] = []
+    follower = Follower(enqueue=enqueue, detach=lambda pk: None, verify=to_verify.append)
+    try:
+        run_ticks(follower, until=lambda: first.state != JobState.REPLICATING, job=first)
+        assert first.state == JobState.VERIFYING and set(to_verify) == {first.pk}, (first.state, first.error)
+        follower._verify_in_thread(first.pk)  # the read-back the tick asked for runs now, in its thread
+        # No tick from here on.
+        assert wait_until(lambda: queued), "the waiting job was placed without a tick"
+        first.refresh_from_db()
+        assert first.state == JobState.COMPLETED, first.error
+        ((pk, thread),) = queued
+        assert pk == second.pk and thread == "placer", queued
+    finally:
+        follower.close()
+
+
+def test_a_detach_that_frees_a_slot_places_the_waiting_job_in_its_own_thread(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """A detach that freed a slot has the placer thread place the job that waits for it at once, not the
+    next tick; its volume gets that slot (no slot is overfilled)."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 3}  # type: ignore[attr-defined]
+    (done,) = drive(actions.start_migration(vm_id=sim.vm("app-01").id))  # 3 disks: every slot, idle now
+    assert done.state == JobState.COMPLETED, done.error
+    waiting = actions.start_migration(vm_id=sim.vm("web-01").id)  # 1 disk
+    queued, enqueue = queued_by_thread()
+    chosen: list[int] = []
+    follower = Follower(enqueue=enqueue, detach=chosen.append)
+    try:
+        follower.tick()  # chooses an idle volume to detach
+        (volume_pk,) = set(chosen)
+        assert not queued
+        follower._detach_in_thread(volume_pk)  # the detach the tick asked for runs now, in its thread
+        assert wait_until(lambda: queued), "the waiting job was placed without a tick"
+        (queued_event,) = JobEvent.objects.filter(job=waiting, kind="job.queued")
+        assert "needs 1 attach slots; 0 of 3 free" in queued_event.message, "it waited for the detach"
+        ((pk, thread),) = queued
+        assert pk == waiting.pk and thread == "placer", queued
+        assert DestinationVolume.objects.filter(node__isnull=False).count() == 3
+        assert DestinationVolume.objects.filter(detaches=1).count() == 1
     finally:
         follower.close()
 
