@@ -133,6 +133,92 @@ def test_a_read_back_the_helper_refuses_for_one_disk_names_that_disk(
     assert verified == {0, 2}
 
 
+def count_helper_reads(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The export names of each helper ``digest`` call verifications make from now on."""
+    calls: list[list[str]] = []
+    real = workflow.helper_client.digest
+
+    def digest(helper: object, ranges: dict[str, list[list[int]]]) -> object:
+        calls.append(sorted(ranges))
+        return real(helper, ranges)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(workflow.helper_client, "digest", digest)
+    return calls
+
+
+def test_an_incrementals_few_changed_blocks_are_read_back_through_the_export_not_the_helper(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full copy's whole disk is hashed by the helper (a local read); an incremental sync's few changed
+    MiB are read through the export, on the NBD connection that checks it is served (no helper process to
+    start), and compared alike: what differs from the VMA's digest still fails the sync."""
+    wire(settings, nbdkit_server, sim)
+    helper_reads = count_helper_reads(monkeypatch)
+    full = migrate("web-01", sim)
+    assert full.state == JobState.COMPLETED, full.error
+    assert len(helper_reads) == 1, "16 MiB: the helper hashes it"
+    incremental = migrate("web-01", sim)
+    assert incremental.state == JobState.COMPLETED, incremental.error
+    assert incremental.disks.get().previous_change_id, "an incremental sync"
+    assert len(helper_reads) == 1, "its changed blocks were read through the export"
+    assert incremental.events.get(kind="sync.verified").message == "1 disk(s) read back and matched the VMA's digests"
+    assert incremental.disks.get().verified_at is not None
+    assert_copied(incremental, sim)
+
+    sim.sim.faults.corrupt = True  # the next copy zeroes a block it wrote, and reports the source's digest
+    corrupted = migrate("web-01", sim)
+    assert corrupted.state == JobState.FAILED and corrupted.current_step == JobState.VERIFYING
+    assert corrupted.error.startswith("verifying: disk 0: what the volume holds differs from what the VMA sent")
+    assert len(helper_reads) == 1 and corrupted.disks.get().verified_at is None
+
+
+def test_a_read_back_through_the_export_past_its_end_names_that_disk(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An incremental's digest for disk 1 names bytes past its volume's end: the error names disk 1, the
+    other disks are still read back and marked verified, and no helper is started."""
+    wire(settings, nbdkit_server, sim)
+    assert migrate("app-01", sim).state == JobState.COMPLETED  # 3 disks
+    helper_reads = count_helper_reads(monkeypatch)
+    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
+
+    def verify(job: MigrationJob, runner: str) -> None:
+        disk = job.disks.get(source_disk__unit_number=1)
+        JobDisk.objects.filter(pk=disk.pk).update(digest={**disk.digest, "ranges": [[1 << 40, 1]]})
+        real(job, runner)
+
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+    job = migrate("app-01", sim)
+    assert job.state == JobState.FAILED and job.current_step == JobState.VERIFYING
+    assert job.error == (
+        "verifying: disk 1: cannot read it back: the VMA's digest covers bytes 1099511627776-1099511627777, "
+        f"the export serves {1 << 30}"
+    ), job.error
+    verified = set(job.disks.exclude(verified_at=None).values_list("source_disk__unit_number", flat=True))
+    assert verified == {0, 2} and helper_reads == []
+
+
+def test_a_digest_whose_ranges_are_not_offset_length_pairs_is_refused_by_the_helper(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranges that are not pairs of whole numbers at least 0 are never read through the export: they go to
+    the helper, which refuses them and says why; the sync fails, naming the disk."""
+    wire(settings, nbdkit_server, sim)
+    assert migrate("web-01", sim).state == JobState.COMPLETED
+    helper_reads = count_helper_reads(monkeypatch)
+    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
+
+    def verify(job: MigrationJob, runner: str) -> None:
+        disk = job.disks.get()
+        JobDisk.objects.filter(pk=disk.pk).update(digest={**disk.digest, "ranges": [[0, -4096]]})
+        real(job, runner)
+
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+    job = migrate("web-01", sim)
+    assert job.state == JobState.FAILED and job.error.startswith("verifying: disk 0: cannot read it back: "), job.error
+    assert len(helper_reads) == 1
+
+
 def test_an_nbd_server_down_while_verifying_is_waited_for_not_blamed_on_the_copy(
     nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
