@@ -111,6 +111,18 @@ def test_what_differs_from_the_vmas_digest_fails_the_sync(
     assert not job.disks.exclude(verified_at=None).exists()
 
 
+def with_digest_ranges(monkeypatch: pytest.MonkeyPatch, ranges: list[list[int]], unit: int = 0) -> None:
+    """From now on, verifications see disk ``unit``'s digest naming ``ranges`` (as a VMA might send)."""
+    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
+
+    def verify(job: MigrationJob, runner: str) -> None:
+        disk = job.disks.get(source_disk__unit_number=unit)
+        JobDisk.objects.filter(pk=disk.pk).update(digest={**disk.digest, "ranges": ranges})
+        real(job, runner)
+
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+
+
 def test_a_read_back_the_helper_refuses_for_one_disk_names_that_disk(
     nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -118,14 +130,7 @@ def test_a_read_back_the_helper_refuses_for_one_disk_names_that_disk(
     names ranges past its volume's end), each disk is read alone: the error names disk 1, and the disks
     that matched are marked verified."""
     wire(settings, nbdkit_server, sim)
-    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
-
-    def verify(job: MigrationJob, runner: str) -> None:
-        disk = job.disks.get(source_disk__unit_number=1)
-        JobDisk.objects.filter(pk=disk.pk).update(digest={**disk.digest, "ranges": [[1 << 40, 1]]})
-        real(job, runner)
-
-    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+    with_digest_ranges(monkeypatch, [[1 << 40, 1]], unit=1)
     job = migrate("app-01", sim)  # 3 disks
     assert job.state == JobState.FAILED and job.current_step == JobState.VERIFYING
     assert job.error.startswith("verifying: disk 1: cannot read it back: range [1099511627776, 1] is not"), job.error
@@ -180,14 +185,7 @@ def test_a_read_back_through_the_export_past_its_end_names_that_disk(
     wire(settings, nbdkit_server, sim)
     assert migrate("app-01", sim).state == JobState.COMPLETED  # 3 disks
     helper_reads = count_helper_reads(monkeypatch)
-    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
-
-    def verify(job: MigrationJob, runner: str) -> None:
-        disk = job.disks.get(source_disk__unit_number=1)
-        JobDisk.objects.filter(pk=disk.pk).update(digest={**disk.digest, "ranges": [[1 << 40, 1]]})
-        real(job, runner)
-
-    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+    with_digest_ranges(monkeypatch, [[1 << 40, 1]], unit=1)
     job = migrate("app-01", sim)
     assert job.state == JobState.FAILED and job.current_step == JobState.VERIFYING
     assert job.error == (
@@ -206,14 +204,7 @@ def test_a_digest_whose_ranges_are_not_offset_length_pairs_is_refused_by_the_hel
     wire(settings, nbdkit_server, sim)
     assert migrate("web-01", sim).state == JobState.COMPLETED
     helper_reads = count_helper_reads(monkeypatch)
-    real = workflow.STEP_FUNCTIONS[JobState.VERIFYING]
-
-    def verify(job: MigrationJob, runner: str) -> None:
-        disk = job.disks.get()
-        JobDisk.objects.filter(pk=disk.pk).update(digest={**disk.digest, "ranges": [[0, -4096]]})
-        real(job, runner)
-
-    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.VERIFYING, verify)
+    with_digest_ranges(monkeypatch, [[0, -4096]])
     job = migrate("web-01", sim)
     assert job.state == JobState.FAILED and job.error.startswith("verifying: disk 0: cannot read it back: "), job.error
     assert len(helper_reads) == 1
