@@ -469,6 +469,8 @@ def finish_cancel(job: MigrationJob, runner: str = "") -> None:
 # plus its start (100 ms and more while the node is busy). An incremental sync's few changed blocks go
 # this way; a full copy's whole disks are hashed locally by the helper.
 READ_BACK_THROUGH_NBD = 8 << 20
+# ... and in at most this many ranges (each is an NBD round trip; a VMA's changed extents are merged).
+READ_BACK_THROUGH_NBD_RANGES = 1024
 
 
 def verify(job: MigrationJob, runner: str) -> None:
@@ -497,7 +499,11 @@ def verify(job: MigrationJob, runner: str) -> None:
             raise StepFailed(f"verifying: disk {unit} has no export to read back")
         checked.append((disk, unit, disk.mapping.export_name))
     sizes = [_byte_count(disk.digest["ranges"]) if disk.digest else 0 for disk, _, _ in checked]
-    through_nbd = None not in sizes and sum(size or 0 for size in sizes) <= READ_BACK_THROUGH_NBD
+    through_nbd = (
+        None not in sizes
+        and sum(size or 0 for size in sizes) <= READ_BACK_THROUGH_NBD
+        and sum(len(disk.digest["ranges"]) for disk, _, _ in checked if disk.digest) <= READ_BACK_THROUGH_NBD_RANGES
+    )
     to_read: list[tuple[JobDisk, int, str, list[list[int]]]] = []
     unverified = []
     matched: list[int] = []

@@ -210,6 +210,21 @@ def test_a_digest_whose_ranges_are_not_offset_length_pairs_is_refused_by_the_hel
     assert len(helper_reads) == 1
 
 
+def test_a_digest_of_many_small_ranges_is_read_back_by_the_helper_not_one_nbd_read_each(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few KiB in thousands of ranges would be thousands of NBD round trips: past 1,024 ranges the
+    helper hashes them locally, even when they add up to less than 8 MiB."""
+    wire(settings, nbdkit_server, sim)
+    assert migrate("web-01", sim).state == JobState.COMPLETED
+    helper_reads = count_helper_reads(monkeypatch)
+    with_digest_ranges(monkeypatch, [[n * 8192, 512] for n in range(1025)])
+    job = migrate("web-01", sim)
+    assert job.state == JobState.FAILED and job.current_step == JobState.VERIFYING
+    assert job.error.startswith("verifying: disk 0: what the volume holds differs"), job.error
+    assert len(helper_reads) == 1, "read by the helper"
+
+
 def test_an_nbd_server_down_while_verifying_is_waited_for_not_blamed_on_the_copy(
     nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
