@@ -256,11 +256,12 @@ class Follower:
         self.detach = detach or self._detach_in_thread
         # A sync whose copy ended is verified here, in the follower's own threads, as soon as the copy's
         # end is noticed: its slots are not held while the step waits its turn in the worker queue, and
-        # the next tick places a waiting job in the slots it frees. Called inside the tick's transaction.
+        # the placer thread places a waiting job in the slots it frees. Called inside the tick's transaction.
         self.verifier = ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="verify")
         self.verify = verify or self._verify_in_thread
         self.verifying: set[int] = set()  # jobs handed to the verifier threads and not done yet
-        # Set when a detach or a verification freed a slot: the run loop ticks at once instead of sleeping on.
+        # Set when the placer thread could not place (its node is down, or the placement failed): the run
+        # loop ticks at once instead of sleeping on, and the tick places.
         self.wake = threading.Event()
         self.freed = True
         # One placement at a time: the tick's, or the placer thread's. A read-back or a detach that freed
@@ -860,7 +861,7 @@ class Follower:
         signature = self._signature()
         now = time.monotonic()
         # A copy that ended and is being read back frees nothing yet: its job still holds its slots and
-        # counts as active. Its verification's end wakes the follower (``freed``) when it does.
+        # counts as active. Its verification's end has the placer thread place (``freed``) when it does.
         ended = set(report.finished) - set(report.verifying)
         due = (
             bool(ended or report.recovered or report.lost_nodes or report.taken_over)
@@ -895,14 +896,11 @@ class Follower:
         with self.placing:
             if not self._dispatch_due(report):
                 return False
-            self._place(report)
+            self.dispatch(report)
+            self.waiting = report.waiting
+            # What this placement changed itself (jobs placed, failed as too big) is no reason to place again.
+            self.pending_signature = self._signature()
             return True
-
-    def _place(self, report: TickReport) -> None:
-        self.dispatch(report)
-        self.waiting = report.waiting
-        # What this placement changed itself (jobs placed, failed as too big) is no reason to place again.
-        self.pending_signature = self._signature()
 
     def dispatch(self, report: TickReport) -> None:
         """Place pending jobs, oldest first, in one transaction under the node row's lock: what each needs

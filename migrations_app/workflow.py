@@ -498,12 +498,7 @@ def verify(job: MigrationJob, runner: str) -> None:
         if disk.mapping is None:
             raise StepFailed(f"verifying: disk {unit} has no export to read back")
         checked.append((disk, unit, disk.mapping.export_name))
-    sizes = [_byte_count(disk.digest["ranges"]) if disk.digest else 0 for disk, _, _ in checked]
-    through_nbd = (
-        None not in sizes
-        and sum(size or 0 for size in sizes) <= READ_BACK_THROUGH_NBD
-        and sum(len(disk.digest["ranges"]) for disk, _, _ in checked if disk.digest) <= READ_BACK_THROUGH_NBD_RANGES
-    )
+    through_nbd = _small_read_back([disk.digest["ranges"] if disk.digest else [] for disk, _, _ in checked])
     to_read: list[tuple[JobDisk, int, str, list[list[int]]]] = []
     unverified = []
     matched: list[int] = []
@@ -541,17 +536,19 @@ def verify(job: MigrationJob, runner: str) -> None:
     record_job_event(job, "sync.verified", step=JobState.VERIFYING, message=message)
 
 
-def _byte_count(ranges: object) -> int | None:
-    """How many bytes a digest's ranges cover; None when they are not a list of [offset, length] pairs of
-    integers at least 0 (the helper refuses those, saying why)."""
-    if not isinstance(ranges, list):
-        return None
-    total = 0
-    for pair in ranges:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(type(n) is int and n >= 0 for n in pair)):
-            return None
-        total += pair[1]
-    return total
+def _small_read_back(per_disk: list[object]) -> bool:
+    """Whether the disks' digest ranges are few enough bytes in few enough ranges to be read through the
+    exports, and all [offset, length] pairs of integers at least 0 (the helper refuses others, saying why)."""
+    count = total = 0
+    for ranges in per_disk:
+        if not isinstance(ranges, list):
+            return False
+        for pair in ranges:
+            if not (isinstance(pair, list) and len(pair) == 2 and all(type(n) is int and n >= 0 for n in pair)):
+                return False
+            count += 1
+            total += pair[1]
+    return total <= READ_BACK_THROUGH_NBD and count <= READ_BACK_THROUGH_NBD_RANGES
 
 
 def _compare(disk: JobDisk, unit: int, value: str, matched: list[int], problems: list[StepFailed | StepRetry]) -> None:

@@ -65,7 +65,7 @@ class Command(BaseCommand):
                 # tick comes at once: a freed slot is used within a fraction of a second.
                 pause = BUSY_INTERVAL if busy else interval
                 if follower.wake.wait(max(0.0, started + pause - time.monotonic())):
-                    follower.wake.clear()  # a detach freed a slot: place the waiting job now
+                    follower.wake.clear()  # the placer thread could not place: this tick does
         finally:
             lease.drop()
             follower.close()
