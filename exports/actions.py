@@ -109,30 +109,22 @@ def ensure_exports(requests: list[ExportRequest], *, actor: str = "system") -> l
     devices = [req.device for req, _ in checked]
     if len(set(devices)) != len(devices):
         raise ExportConflict("two disks of one request name the same device")
-    for req, _ in checked:
-        conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
-        if conflict is not None:
-            raise conflict
+    conflict = _device_conflict([req for req, _ in checked])
+    if conflict is not None:
+        raise conflict
     backend = get_backend()
-    served = _ServedNames(backend)
-    results: list[VMExportMapping | None] = []
+    results = _reuse(backend, checked)
     to_serve: list[VMExportMapping] = []
     written_at = 0.0
-    fresh: list[tuple[ExportRequest, str]] = []
-    for req, name in checked:
-        reused = _reuse(backend, served, req, name)
-        results.append(reused)
-        if reused is None:
-            fresh.append((req, name))
+    fresh = [(req, name) for (req, name), reused in zip(checked, results, strict=True) if reused is None]
     if fresh:
         try:
             to_serve, written_at = _write_exports(backend, fresh, actor)
         except IntegrityError as exc:
             # Lost a race with another request for the same device (the unique constraint decided).
-            for req, _ in fresh:
-                conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
-                if conflict is not None:
-                    raise conflict from exc
+            conflict = _device_conflict([req for req, _ in fresh])
+            if conflict is not None:
+                raise conflict from exc
             raise ExportConflict(str(exc)) from exc
     # Outside any transaction: a reload may wait for its spacing, and must not hold row locks.
     made = {
@@ -161,33 +153,53 @@ class _ServedNames:
         return name in self.names
 
 
-def _reuse(backend: NbdBackend, served: _ServedNames, req: ExportRequest, name: str) -> VMExportMapping | None:
-    current = VMExportMapping.objects.filter(vm_id=req.vm_id, disk_unit_number=req.disk_unit).first()
-    if (
-        current is None
-        or current.node != nbd_conf().node
-        or current.status != Status.ACTIVE
-        or current.device_path != req.device
-        or backend.link_target(name) != req.device
-        or name not in served
-    ):
-        return None
-    now = timezone.now()
-    VMExportMapping.objects.filter(pk=current.pk).update(last_used_at=now)
-    current.last_used_at = now
-    return current
+def _reuse(backend: NbdBackend, checked: list[tuple[ExportRequest, str]]) -> list[VMExportMapping | None]:
+    """Each request's mapping if it is served as asked already (its row, link and served name all
+    right), else None. The rows are read in one query and the reused ones touched in one write."""
+    node = nbd_conf().node
+    wanted = {(req.vm_id, req.disk_unit) for req, _ in checked}
+    current = {
+        (m.vm_id, m.disk_unit_number): m
+        for m in VMExportMapping.objects.filter(
+            vm_id__in={vm_id for vm_id, _ in wanted}, disk_unit_number__in={unit for _, unit in wanted}
+        )
+    }
+    served = _ServedNames(backend)
+    results: list[VMExportMapping | None] = []
+    for req, name in checked:
+        mapping = current.get((req.vm_id, req.disk_unit))
+        if (
+            mapping is None
+            or mapping.node != node
+            or mapping.status != Status.ACTIVE
+            or mapping.device_path != req.device
+            or backend.link_target(name) != req.device
+            or name not in served
+        ):
+            mapping = None
+        results.append(mapping)
+    reused = [m for m in results if m is not None]
+    if reused:
+        now = timezone.now()
+        VMExportMapping.objects.filter(pk__in=[m.pk for m in reused]).update(last_used_at=now)
+        for mapping in reused:
+            mapping.last_used_at = now
+    return results
 
 
-def _device_conflict(vm_id: str, disk_unit: int, device: str) -> ExportConflict | None:
-    other = (
-        VMExportMapping.objects.filter(device_path=device, node=nbd_conf().node)
-        .exclude(vm_id=vm_id, disk_unit_number=disk_unit)
-        .exclude(status=Status.RETIRED)
-        .first()
-    )
-    if other is None:
-        return None
-    return ExportConflict(f"device {device} is already exported as {other.export_name} ({other.vm_name})")
+def _device_conflict(requests: list[ExportRequest]) -> ExportConflict | None:
+    """The first request whose device another VM disk's live export on this node holds (one query)."""
+    holders = {
+        m.device_path: m
+        for m in VMExportMapping.objects.filter(
+            device_path__in={req.device for req in requests}, node=nbd_conf().node
+        ).exclude(status=Status.RETIRED)  # at most one live export per device and node (a constraint)
+    }
+    for req in requests:
+        other = holders.get(req.device)
+        if other is not None and (other.vm_id, other.disk_unit_number) != (req.vm_id, req.disk_unit):
+            return ExportConflict(f"device {req.device} is already exported as {other.export_name} ({other.vm_name})")
+    return None
 
 
 def _write_exports(
@@ -196,10 +208,9 @@ def _write_exports(
     """Rows and links for the disks that are not served as asked: every row is locked (in disk order,
     so two callers cannot deadlock), then one helper call links them all, then the rows are saved.
     Holding the row locks across the helper call keeps link and row in agreement under races."""
-    for req, _ in requests:
-        conflict = _device_conflict(req.vm_id, req.disk_unit, req.device)
-        if conflict is not None:
-            raise conflict
+    conflict = _device_conflict([req for req, _ in requests])
+    if conflict is not None:
+        raise conflict
     node = nbd_conf().node
     with transaction.atomic(durable=True):
         rows = []
