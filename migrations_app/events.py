@@ -14,6 +14,43 @@ from .models import JobEvent, MigrationJob
 from .topics import JOB
 
 
+def job_event(
+    job: MigrationJob,
+    kind: str,
+    *,
+    step: str = "",
+    message: str = "",
+    data: dict[str, Any] | None = None,
+    duration_ms: int | None = None,
+    actor: str = "system",
+) -> JobEvent:
+    """An event of the job, not written yet (``record_job_events`` writes several at once)."""
+    return JobEvent(
+        job=job,
+        kind=kind,
+        step=step,
+        message=scrub(message),
+        data=data or {},
+        duration_ms=duration_ms,
+        actor=actor,
+    )
+
+
+def record_job_events(job: MigrationJob, events: list[JobEvent | None]) -> list[JobEvent]:
+    """Write the events (None: nothing) and tell the job's pages once. In the caller's transaction if it
+    has one (no savepoint: an event fails with what it records), else in one of its own: one write lock
+    on SQLite for all of them."""
+    written = [event for event in events if event is not None]
+    if not written:
+        return []
+    with transaction.atomic(savepoint=False):
+        announce(JOB, job.pk)
+        if len(written) == 1:
+            written[0].save()
+            return written
+        return JobEvent.objects.bulk_create(written)
+
+
 def record_job_event(
     job: MigrationJob,
     kind: str,
@@ -24,15 +61,5 @@ def record_job_event(
     duration_ms: int | None = None,
     actor: str = "system",
 ) -> JobEvent:
-    # One transaction for the event and its live update: one write lock on SQLite, not two.
-    with transaction.atomic():
-        announce(JOB, job.pk)
-        return JobEvent.objects.create(
-            job=job,
-            kind=kind,
-            step=step,
-            message=scrub(message),
-            data=data or {},
-            duration_ms=duration_ms,
-            actor=actor,
-        )
+    event = job_event(job, kind, step=step, message=message, data=data, duration_ms=duration_ms, actor=actor)
+    return record_job_events(job, [event])[0]

@@ -51,12 +51,17 @@ def this_node() -> OmaNode:
     return node
 
 
-def volumes_for(job: MigrationJob) -> list[DestinationVolume]:
-    """The job's destination volumes, one per VM disk (made when first needed)."""
-    disks = list(JobDisk.objects.filter(job=job).select_related("source_disk").order_by("source_disk__unit_number"))
+def volumes_for(job: MigrationJob, disks: list[JobDisk] | None = None) -> list[DestinationVolume]:
+    """The job's destination volumes, one per VM disk (made when first needed), in the order of its
+    ``disks`` (read here if not given, by unit number)."""
+    if disks is None:
+        disks = list(JobDisk.objects.filter(job=job).select_related("source_disk").order_by("source_disk__unit_number"))
+    made = {v.source_disk_id: v for v in DestinationVolume.objects.filter(source_disk__job_disks__job=job)}
     volumes = []
     for disk in disks:
-        volume, _ = DestinationVolume.objects.get_or_create(source_disk=disk.source_disk)
+        volume = made.get(disk.source_disk_id)
+        if volume is None:
+            volume, _ = DestinationVolume.objects.get_or_create(source_disk=disk.source_disk)
         volumes.append(volume)
     return volumes
 

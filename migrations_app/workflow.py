@@ -31,13 +31,14 @@ from exports.nbd_protocol import NbdConnection, NbdConnectionLost, NbdError, Nbd
 
 from .backends import get_vma_client, get_volume_backend
 from .conf import vma_conf, workflow_conf
-from .events import record_job_event
+from .events import job_event, record_job_event, record_job_events
 from .models import (
     ROLLBACK_ON_FAILURE,
     SEQUENCES,
     WORKER_STEPS,
     DestinationVolume,
     JobDisk,
+    JobEvent,
     JobKind,
     JobState,
     MigrationJob,
@@ -159,22 +160,23 @@ def run_job(job_pk: int, runner: str) -> MigrationJob | None:
         if job.state == JobState.CANCELLING:
             raise Cancelled(job.job_id)
         if job.state == JobState.ROLLING_BACK:
-            _run_step(job, JobState.ROLLING_BACK, runner)
-            finish_rollback(job)
+            _enter(job, JobState.ROLLING_BACK, runner)
+            finish_rollback(job, _run_step(job, JobState.ROLLING_BACK, runner))
             return job
         steps = SEQUENCES[job.kind]
+        finished: JobEvent | None = None  # a step's end, recorded with the next step's start
         for step in steps[steps.index(JobState(job.current_step)) :]:
-            if job.state != step:
-                _move(job, step)
-            _run_step(job, step, runner)
+            _enter(job, step, runner, finished)
+            finished = _run_step(job, step, runner)
             if step == JobState.REPLICATING:
                 return job  # the copy runs at the VMA now; the follower has the job (replicate let it go)
         if job.kind == JobKind.TEST_FAILOVER:
             _move(job, JobState.TESTING)
             MigrationJob.objects.filter(pk=job.pk).update(runner="")
-            record_job_event(job, "failover.testing", message="the test VM runs; end the test to sync again")
+            testing = job_event(job, "failover.testing", message="the test VM runs; end the test to sync again")
+            record_job_events(job, [finished, testing])
         else:
-            complete(job)
+            complete(job, finished)
     except Cancelled:
         finish_cancel(job, runner)
     except LostOwnership:
@@ -224,12 +226,14 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def complete(job: MigrationJob) -> None:
+def complete(job: MigrationJob, finished: JobEvent | None = None) -> None:
     """The job is done: a sync (verified, when verification is on) with its volumes marked used now (the
-    least recently used idle volume is the first detached); a live failover with its VM running."""
+    least recently used idle volume is the first detached); a live failover with its VM running.
+    ``finished``: its last step's end, recorded with the completion."""
     with transaction.atomic():
         locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
         if locked.state not in (JobState.REPLICATING, JobState.VERIFYING, JobState.STARTING_VM):
+            record_job_events(locked, [finished])
             return
         locked.transition_to(JobState.COMPLETED)
         locked.runner = ""
@@ -238,16 +242,17 @@ def complete(job: MigrationJob) -> None:
             DestinationVolume.objects.filter(source_disk__job_disks__job=locked).update(
                 last_used_at=timezone.now(), full_copy_next=False
             )
-            record_job_event(locked, "job.completed")
+            done = job_event(locked, "job.completed")
         else:
             locked.vm.destination_vm_id = locked.destination_vm_id
             locked.vm.migrated_at = timezone.now()
             locked.vm.save(update_fields=["destination_vm_id", "migrated_at"])
-            record_job_event(
+            done = job_event(
                 locked,
                 "failover.completed",
                 message=f"{locked.vm.name} runs as CloudStack VM {locked.destination_vm_id}",
             )
+        record_job_events(locked, [finished, done])
     job.refresh_from_db()
 
 
@@ -288,11 +293,13 @@ def start_rollback(job: MigrationJob, why: str, actor: str = "system") -> None:
     job.refresh_from_db()
 
 
-def finish_rollback(job: MigrationJob) -> None:
-    """The rollback step is done: a test failover ends completed (syncs go on), a live one rolled back."""
+def finish_rollback(job: MigrationJob, finished: JobEvent | None = None) -> None:
+    """The rollback step is done (``finished``: its end): a test failover ends completed (syncs go on), a
+    live one rolled back."""
     with transaction.atomic():
         locked = MigrationJob.objects.select_for_update().get(pk=job.pk)
         if locked.state != JobState.ROLLING_BACK:
+            record_job_events(locked, [finished])
             return
         # A test that ran ends completed; a failover (or a test) that failed on its way is rolled back.
         ran = locked.kind == JobKind.TEST_FAILOVER and locked.test_ends_at is not None
@@ -301,17 +308,44 @@ def finish_rollback(job: MigrationJob) -> None:
         locked.runner = ""
         locked.save(update_fields=[*TRANSITION_FIELDS, "runner"])
         kind = "failover.test_ended" if to == JobState.COMPLETED else "failover.rolled_back"
-        record_job_event(locked, kind, message="the volumes are back with the OMA; syncs can go on")
+        back = job_event(locked, kind, message="the volumes are back with the OMA; syncs can go on")
+        record_job_events(locked, [finished, back])
     job.refresh_from_db()
 
 
 STEP_FUNCTIONS: dict[str, Callable[[MigrationJob, str], None]] = {}
 
 
-def _run_step(job: MigrationJob, step: str, runner: str) -> None:
+def _enter(job: MigrationJob, step: str, runner: str, finished: JobEvent | None = None) -> None:
+    """Start a step: in one transaction the job moves to it (unless it is there, resumed), its heartbeat
+    is renewed, and the step's start is recorded (after ``finished``, the previous step's end). The
+    write is conditional on this worker still owning the job in the state it last saw: a cancel or
+    another worker's takeover meanwhile is never overwritten (LostOwnership, Cancelled)."""
+    was = job.state
+    with transaction.atomic():
+        if job.state != step:
+            job.transition_to(step)
+            fields = {name: getattr(job, name) for name in TRANSITION_FIELDS}
+        else:
+            fields = {"heartbeat_at": timezone.now()}
+        mine = MigrationJob.objects.filter(pk=job.pk, runner=runner, state=was).update(**fields)
+        record_job_events(job, [finished, job_event(job, "step.started", step=step) if mine else None])
+    if not mine:
+        _why_not_mine(job, runner)
+
+
+def _why_not_mine(job: MigrationJob, runner: str) -> None:
+    """Raise what a conditional write of the job found: another worker owns it, or it is being cancelled."""
+    job.refresh_from_db(fields=["state", "runner"])
+    if job.runner == runner and job.state == JobState.CANCELLING:
+        raise Cancelled(job.job_id)
+    raise LostOwnership(job.job_id)
+
+
+def _run_step(job: MigrationJob, step: str, runner: str) -> JobEvent | None:
+    """Run the step; its end (with its duration), to be recorded with what comes next. The copy's step
+    ends when the copy does: the follower records that."""
     started = time.monotonic()
-    record_job_event(job, "step.started", step=step)
-    beat(job, runner)
     try:
         STEP_FUNCTIONS[step](job, runner)
     except (VolumeError, ExportError, VmaError) as exc:
@@ -319,8 +353,9 @@ def _run_step(job: MigrationJob, step: str, runner: str) -> None:
     if job.step_errors:
         MigrationJob.objects.filter(pk=job.pk).update(step_errors=0, retry_at=None)
         job.step_errors = 0
-    if step != JobState.REPLICATING:  # the copy's step finishes when the copy does (the follower)
-        record_job_event(job, "step.finished", step=step, duration_ms=int((time.monotonic() - started) * 1000))
+    if step == JobState.REPLICATING:
+        return None
+    return job_event(job, "step.finished", step=step, duration_ms=int((time.monotonic() - started) * 1000))
 
 
 def _disks(job: MigrationJob) -> list[JobDisk]:
@@ -329,9 +364,9 @@ def _disks(job: MigrationJob) -> list[JobDisk]:
 
 def provision(job: MigrationJob, runner: str) -> None:
     backend = get_volume_backend()
-    volumes = {v.source_disk_id: v for v in volumes_for(job)}
-    for disk in _disks(job):
-        volume = volumes[disk.source_disk_id]
+    disks = _disks(job)
+    reused: list[JobDisk] = []
+    for disk, volume in zip(disks, volumes_for(job, disks), strict=True):
         with heartbeat_kept(job, runner):
             existing = backend.get_volume(volume.volume_id) if volume.volume_id else None
         if existing is not None:
@@ -348,8 +383,9 @@ def provision(job: MigrationJob, runner: str) -> None:
                     f"its volume grew from {existing.size_bytes >> 20} MiB to {grown.size_bytes >> 20} MiB",
                 )
             # A full copy moves the whole disk; an incremental's size is what the VMA counts as changed.
-            total = disk.bytes_total if disk.previous_change_id else capacity
-            JobDisk.objects.filter(pk=disk.pk).update(volume_id=volume.volume_id, bytes_total=total)
+            disk.volume_id = volume.volume_id
+            disk.bytes_total = disk.bytes_total if disk.previous_change_id else capacity
+            reused.append(disk)
             continue
         name = volume_name_for(job.vm.vm_id, disk.source_disk.unit_number)
         with heartbeat_kept(job, runner):
@@ -374,17 +410,19 @@ def provision(job: MigrationJob, runner: str) -> None:
             else:
                 record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({created.id})")
         beat(job, runner)
+    JobDisk.objects.bulk_update(reused, ["volume_id", "bytes_total"])  # the volumes kept: one write
 
 
 def attach(job: MigrationJob, runner: str) -> None:
     """Attach each volume to this node (its slot was reserved when the job was dispatched). A volume
     that is attached already costs nothing; one detached to free a slot is attached again."""
     backend = get_volume_backend()
-    volumes = {v.source_disk_id: v for v in volumes_for(job)}
-    for disk in _disks(job):
-        volume = volumes[disk.source_disk_id]
+    disks = _disks(job)
+    present: list[JobDisk] = []
+    for disk, volume in zip(disks, volumes_for(job, disks), strict=True):
         if volume.state == DestinationVolume.State.ATTACHED and volume.device_path:
-            JobDisk.objects.filter(pk=disk.pk).update(device_path=volume.device_path)
+            disk.device_path = volume.device_path
+            present.append(disk)
             continue
         with heartbeat_kept(job, runner):
             device = backend.attach_volume(volume.volume_id)
@@ -392,6 +430,7 @@ def attach(job: MigrationJob, runner: str) -> None:
         DestinationVolume.objects.filter(pk=volume.pk).update(attaches=volume.attaches + 1)
         JobDisk.objects.filter(pk=disk.pk).update(device_path=device)
         beat(job, runner)
+    JobDisk.objects.bulk_update(present, ["device_path"])  # the volumes attached already: one write
 
 
 def export(job: MigrationJob, runner: str) -> None:
@@ -401,7 +440,8 @@ def export(job: MigrationJob, runner: str) -> None:
         mappings = ensure_exports(requests, actor=job.job_id)
     with transaction.atomic():
         for disk, mapping in zip(disks, mappings, strict=True):
-            JobDisk.objects.filter(pk=disk.pk).update(mapping=mapping)
+            disk.mapping = mapping
+        JobDisk.objects.bulk_update(disks, ["mapping"])
         record_job_event(
             job, "exports.ready", step=JobState.EXPORTING, message=", ".join(m.export_name for m in mappings)
         )
@@ -485,10 +525,15 @@ def verify(job: MigrationJob, runner: str) -> None:
     long as the copy itself); a job's disks are read in one helper call, side by side."""
     conf = nbd_conf()
     checked: list[tuple[JobDisk, int, str]] = []
-    for disk in _disks(job):
+    disks = _disks(job)
+    volume_ids = dict(
+        DestinationVolume.objects.filter(source_disk__in=[d.source_disk_id for d in disks]).values_list(
+            "source_disk", "volume_id"
+        )
+    )
+    for disk in disks:
         unit = disk.source_disk.unit_number
-        volume = DestinationVolume.objects.filter(source_disk=disk.source_disk).first()
-        if volume is None or volume.volume_id != disk.volume_id:
+        if volume_ids.get(disk.source_disk_id) != disk.volume_id:
             raise StepFailed(f"verifying: disk {unit}: its volume was replaced during the sync; sync it again")
         if not os.path.exists(disk.device_path):
             raise StepFailed(
@@ -527,13 +572,15 @@ def verify(job: MigrationJob, runner: str) -> None:
                         problems.append(StepRetry(f"verifying: disk {unit}: cannot read it back yet: {result.message}"))
                     continue
                 _compare(disk, unit, result["sha256"], matched, problems)
-    JobDisk.objects.filter(pk__in=matched).update(verified_at=timezone.now())  # each disk that matched
-    if problems:
-        raise problems[0]
     message = f"{len(matched)} disk(s) read back and matched the VMA's digests"
     if unverified:
         message += f"; disk(s) {', '.join(map(str, unverified))}: the VMA sent no digest, not compared"
-    record_job_event(job, "sync.verified", step=JobState.VERIFYING, message=message)
+    with transaction.atomic():
+        JobDisk.objects.filter(pk__in=matched).update(verified_at=timezone.now())  # each disk that matched
+        if not problems:
+            record_job_event(job, "sync.verified", step=JobState.VERIFYING, message=message)
+    if problems:
+        raise problems[0]
 
 
 def _small_read_back(per_disk: list[object]) -> bool:
