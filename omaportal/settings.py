@@ -198,6 +198,10 @@ Q_CLUSTER = {
     # many it takes per look (a burst of dispatched jobs is picked up at once, not one per poll).
     "poll": 0.05,
     "bulk": 4,
+    # Every finished task's row is kept, and pruned by age with the rest of the history
+    # (OMA_RETENTION_DAYS). django-q2's default keeps the last 250 instead: to save each task it reads
+    # and locks all 250 (on SQLite under the write lock every worker and the follower wait for).
+    "save_limit": 0,
 }
 
 LOGGING = {

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_q.models import Task
 from prometheus_client.parser import text_string_to_metric_families
@@ -105,3 +107,32 @@ def test_pruning_deletes_only_old_history_of_finished_jobs(settings: Any) -> Non
     assert list(JobEvent.objects.filter(job=finished)) == [recent]
     assert JobEvent.objects.filter(job=active).count() == active_events  # an active job keeps its history
     assert ExportEvent.objects.count() == 1 and list(Task.objects.values_list("id", flat=True)) == ["t2"]
+
+
+def test_a_finished_task_is_saved_without_reading_the_others(db: None) -> None:
+    """Every task row is kept until it is old (the retention above prunes it): saving one does not read
+    the others, however many there are (django-q2's default reads and locks the last 250 each time,
+    and drops the oldest, which also hid all but the last 250 from the fleet bench's duplicate count)."""
+    from django_q.monitor import save_task
+
+    now = timezone.now()
+    Task.objects.bulk_create(
+        [Task(id=f"t{i}", name=f"t{i}", func="f", started=now, stopped=now, success=True) for i in range(300)]
+    )
+    package = {
+        "id": "new",
+        "name": "new",
+        "func": "migrations_app.tasks.run_job_task",
+        "args": (1,),
+        "kwargs": {},
+        "started": now,
+        "stopped": now,
+        "result": "completed",
+        "success": True,
+        "sync": True,
+    }
+    with CaptureQueriesContext(connection) as queries:
+        save_task(package, broker=None)
+    assert Task.objects.count() == 301
+    read_all = [q["sql"] for q in queries.captured_queries if "LIMIT" not in q["sql"] and q["sql"].startswith("SELECT")]
+    assert not read_all, read_all
