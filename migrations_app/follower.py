@@ -597,10 +597,13 @@ class Follower:
             if verifying:
                 # Not complete before the portal has re-read what the VMA says it wrote (the step below).
                 to = JobState.VERIFYING
+                digested = []
                 for item in state["disks"] if state is not None else []:
                     disk = disks.get(item["unit_number"])
                     if disk is not None:
-                        JobDisk.objects.filter(pk=disk.pk).update(digest=item.get("digest") or {})
+                        disk.digest = item.get("digest") or {}
+                        digested.append(disk)
+                JobDisk.objects.bulk_update(digested, ["digest"])
             if to != JobState.COMPLETED:  # complete() below makes that transition itself
                 locked.transition_to(to, error=error)
                 locked.queued_at = timezone.now() if verifying else locked.queued_at
@@ -1007,30 +1010,34 @@ def _values(item: DiskProgress, disk: JobDisk | None) -> tuple[int, int, int, st
 
 
 def write_progress(job: MigrationJob, disks: dict[int, JobDisk], reported: list[DiskProgress]) -> None:
-    """One job's per-disk progress, one throughput sample for its sparkline and a live update. Call it
-    inside a transaction; the caller batches jobs."""
+    """One job's per-disk progress (one statement for all its disks), one throughput sample for its
+    sparkline and a live update. Call it inside a transaction, with the job as read in it or this tick
+    (its sparkline is extended from there: only the follower writes it while the copy runs); the caller
+    batches jobs."""
+    changed = []
     for item in reported:
         values = _values(item, disks.get(item["unit_number"]))
         if values is None:
             continue
-        done, total, rate, change_id, checkpoint, checkpoint_bytes = values
-        JobDisk.objects.filter(pk=disks[item["unit_number"]].pk).update(
-            bytes_done=done,
-            bytes_total=total,
-            throughput_bps=rate,
-            new_change_id=change_id,
-            checkpoint=checkpoint[:255],
-            checkpoint_bytes=checkpoint_bytes,
-        )
-    samples = MigrationJob.objects.filter(pk=job.pk).values_list("throughput_samples", flat=True).first() or []
+        disk = disks[item["unit_number"]]
+        (disk.bytes_done, disk.bytes_total, disk.throughput_bps, disk.new_change_id, checkpoint,
+         disk.checkpoint_bytes) = values  # fmt: skip
+        disk.checkpoint = checkpoint[:255]
+        changed.append(disk)
+    JobDisk.objects.bulk_update(changed, PROGRESS_FIELDS)
     rate = sum(int(item.get("throughput_bps") or 0) for item in reported)
-    MigrationJob.objects.filter(pk=job.pk).update(throughput_samples=[*samples, rate][-SPARKLINE_SAMPLES:])
+    job.throughput_samples = [*(job.throughput_samples or []), rate][-SPARKLINE_SAMPLES:]
+    MigrationJob.objects.filter(pk=job.pk).update(throughput_samples=job.throughput_samples)
     announce(PROGRESS, job.pk)
+
+
+PROGRESS_FIELDS = ["bytes_done", "bytes_total", "throughput_bps", "new_change_id", "checkpoint", "checkpoint_bytes"]
 
 
 def record_progress(job: MigrationJob, reported: list[DiskProgress]) -> None:
     """One job's progress in its own transaction (what the follower batches for many jobs)."""
     with transaction.atomic():
+        job.refresh_from_db(fields=["throughput_samples"])
         disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
         write_progress(job, disks, reported)
 

@@ -685,3 +685,31 @@ def test_ticks_faster_than_the_poll_interval_write_progress_once_an_interval(
         assert job.disks.get().bytes_done > 0
     finally:
         follower.close()
+
+
+def test_a_jobs_progress_is_written_in_the_same_statements_whatever_its_disk_count() -> None:
+    """The follower writes every moving copy's progress once a poll interval: a job's disks in one
+    statement, its sparkline extended from the job as read this tick (not read again)."""
+    from migrations_app.follower import write_progress
+    from tests.support.factories import make_jobs
+
+    def statements(disk_count: int) -> list[str]:
+        (job,) = make_jobs(1, state=JobState.REPLICATING, disks=disk_count)
+        disks = {d.source_disk.unit_number: d for d in job.disks.select_related("source_disk")}
+        reported = [
+            {"unit_number": unit, "state": "copying", "bytes_done": 7 << 20, "bytes_total": 0,
+             "throughput_bps": 1_000_000, "change_id": f"c{unit}", "checkpoint": f"k{unit}",
+             "checkpoint_bytes": 6 << 20}
+            for unit in disks
+        ]  # fmt: skip
+        with CaptureQueriesContext(connection) as queries, transaction.atomic():
+            write_progress(job, disks, reported)  # type: ignore[arg-type]
+        job.refresh_from_db()
+        assert job.throughput_samples[-2:] == [90e6, 1_000_000 * disk_count], "one sample more, of every disk"
+        by_unit = job.disks.order_by("source_disk__unit_number")
+        written = by_unit.values_list("bytes_done", "new_change_id", "checkpoint")
+        assert list(written) == [(7 << 20, f"c{unit}", f"k{unit}") for unit in range(disk_count)]
+        return [q["sql"] for q in queries.captured_queries]
+
+    one, three = statements(1), statements(3)
+    assert len(three) == len(one), three
