@@ -391,9 +391,10 @@ def run_round(vms: list[Any], number: int, timeout: float, started_jobs: Any = N
 
 
 def write_timelines(path: Path, jobs: list[Any], round_started: list[float], sim: Any) -> None:
-    """One JSON line a job: its round, VM, and each event, each start of a worker task for it (which
-    splits a placed job's wait into the task queue's and the worker's own), and its copy's start and end
-    at the VMA, in seconds from its round's start."""
+    """One JSON line a job: its round, VM, and each event, each time a worker task was queued for it
+    (django-q2 stamps a task's ``started`` when it is queued: it splits a placed job's wait into the
+    follower's enqueue and the cluster's), and its copy's start and end at the VMA, in seconds from its
+    round's start."""
     from django_q.models import Task
 
     from migrations_app.models import JobEvent
@@ -407,8 +408,8 @@ def write_timelines(path: Path, jobs: list[Any], round_started: list[float], sim
                 for e in JobEvent.objects.filter(job=job).order_by("id")
             ]
             events += [
-                (round(started.timestamp() - zero, 3), "task.started", "")
-                for started in Task.objects.filter(name=f"run_job_task-{job.pk}").values_list("started", flat=True)
+                (round(queued.timestamp() - zero, 3), "task.queued", "")
+                for queued in Task.objects.filter(name=f"run_job_task-{job.pk}").values_list("started", flat=True)
             ]
             replication = sim.replications.get(f"{job.job_id}-{job.attempt}")
             if replication is not None:

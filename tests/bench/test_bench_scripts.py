@@ -111,7 +111,7 @@ def test_fleet_prints_its_json_line_last(tmp_path: Path) -> None:
     assert sorted(t["round"] for t in timelines) == [1, 1, 1, 2, 2, 2]
     for timeline in timelines:
         kinds = [kind for _, kind, _ in timeline["events"]]
-        order = ["job.started", "task.started", "vma.started", "vma.finished", "sync.verified", "job.completed"]
+        order = ["job.started", "task.queued", "vma.started", "vma.finished", "sync.verified", "job.completed"]
         assert [kind for kind in kinds if kind in order] == order, kinds
 
 
