@@ -3,7 +3,7 @@ and by every workflow step (so a step never reaches back into ``actions``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from django.db import transaction
 
@@ -14,25 +14,26 @@ from .models import JobEvent, MigrationJob
 from .topics import JOB
 
 
-def job_event(
-    job: MigrationJob,
-    kind: str,
-    *,
-    step: str = "",
-    message: str = "",
-    data: dict[str, Any] | None = None,
-    duration_ms: int | None = None,
-    actor: str = "system",
-) -> JobEvent:
+class EventFields(TypedDict, total=False):
+    """What an event says besides its kind, each optional."""
+
+    step: str
+    message: str
+    data: dict[str, Any] | None
+    duration_ms: int | None
+    actor: str
+
+
+def job_event(job: MigrationJob, kind: str, **fields: Unpack[EventFields]) -> JobEvent:
     """An event of the job, not written yet (``record_job_events`` writes several at once)."""
     return JobEvent(
         job=job,
         kind=kind,
-        step=step,
-        message=scrub(message),
-        data=data or {},
-        duration_ms=duration_ms,
-        actor=actor,
+        step=fields.get("step", ""),
+        message=scrub(fields.get("message", "")),
+        data=fields.get("data") or {},
+        duration_ms=fields.get("duration_ms"),
+        actor=fields.get("actor", "system"),
     )
 
 
@@ -51,15 +52,5 @@ def record_job_events(job: MigrationJob, events: list[JobEvent | None]) -> list[
         return JobEvent.objects.bulk_create(written)
 
 
-def record_job_event(
-    job: MigrationJob,
-    kind: str,
-    *,
-    step: str = "",
-    message: str = "",
-    data: dict[str, Any] | None = None,
-    duration_ms: int | None = None,
-    actor: str = "system",
-) -> JobEvent:
-    event = job_event(job, kind, step=step, message=message, data=data, duration_ms=duration_ms, actor=actor)
-    return record_job_events(job, [event])[0]
+def record_job_event(job: MigrationJob, kind: str, **fields: Unpack[EventFields]) -> JobEvent:
+    return record_job_events(job, [job_event(job, kind, **fields)])[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -289,23 +290,36 @@ def test_a_resyncs_bookkeeping_does_not_grow_with_its_disks(
     assert counts["app-01"] == counts["web-01"], counts
 
 
+def run_interrupted_in_provisioning(
+    sim: Sim, runner: str, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[MigrationJob], object]
+) -> MigrationJob:
+    """A new job of web-01 run by ``runner`` from provisioning, with ``meanwhile`` happening to it while
+    its worker provisions (after the step's own work); the job as the run left it."""
+    job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    MigrationJob.objects.filter(pk=job.pk).update(state=JobState.PROVISIONING, current_step=JobState.PROVISIONING)
+    provision = workflow.STEP_FUNCTIONS[JobState.PROVISIONING]
+
+    def interrupted(job: MigrationJob, runner: str) -> None:
+        provision(job, runner)
+        meanwhile(job)
+
+    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.PROVISIONING, interrupted)
+    run_job(job.pk, runner)
+    job.refresh_from_db()
+    return job
+
+
 def test_a_worker_whose_job_was_taken_over_between_steps_writes_nothing_more(
     nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another worker took the job over while this one ran a step (it was presumed dead): this one
     must not move the job on to its next step, nor record starting it; what it finished is recorded."""
     wire(settings, nbdkit_server, sim)
-    job = actions.start_migration(vm_id=sim.vm("web-01").id)
-    MigrationJob.objects.filter(pk=job.pk).update(state=JobState.PROVISIONING, current_step=JobState.PROVISIONING)
-    provision = workflow.STEP_FUNCTIONS[JobState.PROVISIONING]
 
-    def taken_over_meanwhile(job: MigrationJob, runner: str) -> None:
-        provision(job, runner)
+    def taken_over(job: MigrationJob) -> None:
         MigrationJob.objects.filter(pk=job.pk).update(runner="the-new-worker")
 
-    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.PROVISIONING, taken_over_meanwhile)
-    run_job(job.pk, "the-old-worker")
-    job.refresh_from_db()
+    job = run_interrupted_in_provisioning(sim, "the-old-worker", monkeypatch, taken_over)
     assert (job.state, job.runner) == (JobState.PROVISIONING, "the-new-worker")
     steps = list(job.events.filter(kind__startswith="step.").values_list("kind", "step"))
     assert steps == [("step.started", "provisioning"), ("step.finished", "provisioning")]
@@ -315,17 +329,11 @@ def test_a_cancel_during_a_step_stops_the_job_before_the_next(
     nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wire(settings, nbdkit_server, sim)
-    job = actions.start_migration(vm_id=sim.vm("web-01").id)
-    MigrationJob.objects.filter(pk=job.pk).update(state=JobState.PROVISIONING, current_step=JobState.PROVISIONING)
-    provision = workflow.STEP_FUNCTIONS[JobState.PROVISIONING]
 
-    def cancelled_meanwhile(job: MigrationJob, runner: str) -> None:
-        provision(job, runner)
+    def cancelled(job: MigrationJob) -> None:
         actions.cancel_job(job_id=job.job_id, actor="operator")
 
-    monkeypatch.setitem(workflow.STEP_FUNCTIONS, JobState.PROVISIONING, cancelled_meanwhile)
-    run_job(job.pk, "a-worker")
-    job.refresh_from_db()
+    job = run_interrupted_in_provisioning(sim, "a-worker", monkeypatch, cancelled)
     assert job.state == JobState.CANCELLED, job.error
     events = list(job.events.values_list("kind", "step"))
     after = events[events.index(("job.cancel_requested", "provisioning")) + 1 :]
