@@ -1020,9 +1020,9 @@ def write_progress(job: MigrationJob, disks: dict[int, JobDisk], reported: list[
         if values is None:
             continue
         disk = disks[item["unit_number"]]
-        (disk.bytes_done, disk.bytes_total, disk.throughput_bps, disk.new_change_id, checkpoint,
-         disk.checkpoint_bytes) = values  # fmt: skip
-        disk.checkpoint = checkpoint[:255]
+        for name, value in zip(PROGRESS_FIELDS, values, strict=True):  # _values gives them in this order
+            setattr(disk, name, value)
+        disk.checkpoint = disk.checkpoint[:255]
         changed.append(disk)
     JobDisk.objects.bulk_update(changed, PROGRESS_FIELDS)
     rate = sum(int(item.get("throughput_bps") or 0) for item in reported)
