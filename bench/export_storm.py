@@ -217,6 +217,20 @@ def first_pgrep_pid(marker: str) -> int | None:
     return pids[0] if pids else None
 
 
+def sighup_first(marker: str) -> bool:
+    """Signal the first process pgrep finds, as the seed's helper did; say whether a reload was asked for."""
+    pid = first_pgrep_pid(marker)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        # What pgrep found (a connection's child, or the server the bug just killed) exited before the
+        # signal: the seed's helper failed the same way, and no reload happened.
+        return False
+    return True
+
+
 def pid_alive(pid: int) -> bool:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
@@ -252,11 +266,8 @@ def baseline(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 fh.truncate(VOLUME_SIZE)
             with open(layout.server_config, "a") as fh:
                 fh.write(f"[{name}]\n    exportname = {device}\n")
-            pid = first_pgrep_pid(str(layout.server_config))
-            if pid is not None:
-                os.kill(pid, signal.SIGHUP)
-                reloads += 1
             names.append(name)
+            reloads += sighup_first(str(layout.server_config))
     wall = time.perf_counter() - t0
     time.sleep(1.0)
     streamer.stop.set()

@@ -32,6 +32,25 @@ def test_export_storm_prints_its_json_line_last() -> None:
     assert result["reuse_reloads"] == 0
 
 
+def test_the_baseline_counts_no_reload_when_the_process_found_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The baseline reproduces nbd-server's reload bug, so what pgrep found can exit before its SIGHUP.
+    from bench import export_storm
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    monkeypatch.setattr(export_storm, "first_pgrep_pid", lambda marker: gone.pid)
+    assert export_storm.sighup_first("any") is False
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        monkeypatch.setattr(export_storm, "first_pgrep_pid", lambda marker: sleeper.pid)
+        assert export_storm.sighup_first("any") is True
+        assert sleeper.wait(timeout=10) == -signal.SIGHUP
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_migration_e2e_prints_its_json_line_last() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.migration_e2e", "--vms", "1", "--disks", "2", "--size-mib", "8", "--repeat", "2",
