@@ -80,6 +80,9 @@ VERIFY_THREADS = 4
 # says it ends within this many seconds: its end is noticed at once, without asking the VMA about every
 # copy ten times a second (each ask costs the VMA and the follower CPU, and a WAN round trip).
 ENDING_WITHIN = 0.5
+# The next tick comes this long after the moment a copy should end by its last progress (the VMA
+# counts its last bytes and reports the end within a few milliseconds).
+END_MARGIN = 0.01
 # Copies one tick asks the VMA about side by side (each ask is a round trip, over a WAN in production:
 # asked one after the other, 25 copies at 50 ms each would make every tick take over a second).
 ASK_THREADS = 8
@@ -455,6 +458,15 @@ class Follower:
         if due:
             self.asked_at[job.pk] = now
         return due
+
+    def next_tick_at(self, due: float) -> float:
+        """When the next tick should come (monotonic): at ``due`` (the run loop's cadence), or earlier,
+        just after the first followed copy should end by its last progress, so the end is noticed then and
+        not up to a tick later (a slot waits for it). A copy past its expected end that still runs is asked
+        about at the cadence, never in a tight loop."""
+        now = time.monotonic()
+        coming = [end for end in self.ends_at.values() if end > now]
+        return min(due, min(coming) + END_MARGIN) if coming else due
 
     def _expect_end(self, job: MigrationJob, state: Replication) -> None:
         """When the copy should end: its slowest disk's bytes left at that disk's rate (unknown while a
