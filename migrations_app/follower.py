@@ -80,13 +80,6 @@ VERIFY_THREADS = 4
 # says it ends within this many seconds: its end is noticed at once, without asking the VMA about every
 # copy ten times a second (each ask costs the VMA and the follower CPU, and a WAN round trip).
 ENDING_WITHIN = 0.5
-# The next tick comes this long after the moment a copy should end by its last progress (the VMA
-# counts its last bytes and reports the end within a few milliseconds).
-END_MARGIN = 0.01
-# A copy still running when it should have ended (flushing, hashing what it wrote) is asked about again
-# after this, twice as long each time, this many times; then at the run loop's cadence.
-END_RECHECK = 0.02
-END_RECHECKS = 3
 # Copies one tick asks the VMA about side by side (each ask is a round trip, over a WAN in production:
 # asked one after the other, 25 copies at 50 ms each would make every tick take over a second).
 ASK_THREADS = 8
@@ -255,7 +248,6 @@ class Follower:
         self.progress_at: dict[int, float] = {}  # job -> when its progress was last written (monotonic)
         self.asked_at: dict[int, float] = {}  # job -> when the VMA was last asked about its copy (monotonic)
         self.ends_at: dict[int, float] = {}  # job -> when its copy should end, by its last progress (monotonic)
-        self.end_missed: dict[int, int] = {}  # job -> asks that found its copy running past its expected end
         self.node = this_node()
         # Detaches free slots: the follower runs them itself, a few at a time beside its ticks (a CloudStack
         # detach takes seconds), instead of queueing them behind the workers' steps.
@@ -464,15 +456,6 @@ class Follower:
             self.asked_at[job.pk] = now
         return due
 
-    def next_tick_at(self, due: float) -> float:
-        """When the next tick should come (monotonic): at ``due`` (the run loop's cadence), or earlier,
-        just after the first followed copy should end by its last progress, so the end is noticed then and
-        not up to a tick later (a slot waits for it). A copy still running past its expected end is asked
-        about again a few times, backing off, then at the cadence: never in a tight loop."""
-        now = time.monotonic()
-        coming = [end for end in self.ends_at.values() if end > now]
-        return min(due, min(coming) + END_MARGIN) if coming else due
-
     def _expect_end(self, job: MigrationJob, state: Replication) -> None:
         """When the copy should end: its slowest disk's bytes left at that disk's rate (unknown while a
         disk that has bytes left reports no rate yet)."""
@@ -485,14 +468,7 @@ class Follower:
                     self.ends_at.pop(job.pk, None)
                     return
                 left = max(left, remaining / rate)
-        now = time.monotonic()
-        end = now + left
-        expected = self.ends_at.get(job.pk)
-        if expected is not None and expected <= now:
-            # It should have ended by now: the VMA finishes it (flushing, hashing). Soon again, backing off.
-            missed = self.end_missed[job.pk] = self.end_missed.get(job.pk, 0) + 1
-            end = max(end, now + END_RECHECK * 2 ** (missed - 1)) if missed <= END_RECHECKS else now
-        self.ends_at[job.pk] = end
+        self.ends_at[job.pk] = time.monotonic() + left
 
     def _outage(self, job: MigrationJob, why: str, report: TickReport, *, resume: bool) -> None:
         """A copy interrupted (its VMA unreachable or restarted, its NBD target gone): within the outage
@@ -573,7 +549,6 @@ class Follower:
         self.progress_at.pop(job_pk, None)
         self.asked_at.pop(job_pk, None)
         self.ends_at.pop(job_pk, None)
-        self.end_missed.pop(job_pk, None)
         for key in [k for k in self.written if k[0] == job_pk]:
             del self.written[key]
 

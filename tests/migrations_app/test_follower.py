@@ -15,17 +15,7 @@ from django.utils import timezone
 
 from devtools.vma_sim import Faults
 from migrations_app import actions
-from migrations_app.follower import (
-    END_MARGIN,
-    END_RECHECK,
-    END_RECHECKS,
-    LEASE_RENEW_EVERY,
-    Follower,
-    Lease,
-    TickReport,
-    drop_lease,
-    hold_lease,
-)
+from migrations_app.follower import LEASE_RENEW_EVERY, Follower, Lease, TickReport, drop_lease, hold_lease
 from migrations_app.models import DestinationVolume, JobEvent, JobState, MigrationJob, OmaNode
 from migrations_app.slots import release, this_node
 from migrations_app.workflow import STEP_FUNCTIONS, run_job
@@ -630,55 +620,6 @@ def test_a_copy_is_asked_about_once_a_poll_interval_and_every_tick_as_it_ends(
             job.refresh_from_db()
         assert job.state == JobState.VERIFYING, job.state
         assert last[-3:] == [True, True, True], f"the copy's last ticks asked: {last[-8:]}"
-    finally:
-        follower.close()
-
-
-def test_the_next_tick_comes_when_a_copy_should_end(
-    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
-) -> None:
-    """A copy's end is noticed when its progress says it comes, not up to a tick later (its slots wait
-    for it): the next tick is due just after the first copy should end when that is before the loop's
-    cadence; a copy still running past its expected end is asked about again a few times, backing off,
-    then at the cadence: never in a tight loop."""
-    # 4 MiB/s into 32 MiB: the copy runs for about 8 s.
-    sim = make_sim(Faults(rate_bits_per_second=32 << 20), size_mib=32)
-    wire(settings, nbdkit_server, sim)
-    job = actions.start_migration(vm_id=sim.vm("web-01").id)
-    drive(job, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
-    follower = Follower(enqueue=lambda task, pk: None, detach=lambda pk: None, verify=lambda pk: None)
-    try:
-        started = time.monotonic()
-        while job.pk not in follower.ends_at and time.monotonic() - started < 30:  # its rate is known
-            follower.tick()
-            time.sleep(0.05)
-        now = time.monotonic()
-        end = follower.ends_at[job.pk]
-        assert end > now + 1, "the copy has seconds to go"
-        assert follower.next_tick_at(now + 60) == end + END_MARGIN
-        assert follower.next_tick_at(now + 0.1) == now + 0.1  # the cadence comes first
-        wall_end = time.time() + end - now  # the expected end on the simulator's clock
-        replication = sim.sim.replications[job.replication_id]
-        while replication.finished_at is None and time.monotonic() - now < 60:
-            time.sleep(0.05)
-        assert replication.finished_at is not None
-        assert abs(replication.finished_at - wall_end) < 1.5, "the copy ended when its progress said"
-
-        # Past its expected end and still running (the VMA flushes, hashes): asked again soon, backing
-        # off, then at the cadence.
-        finishing: Any = {"state": "running", "disks": [{"state": "copying", "bytes_total": 8, "bytes_done": 8}]}
-        follower.ends_at[job.pk] = time.monotonic() - 1
-        gaps = []
-        for _ in range(END_RECHECKS + 2):
-            asked = time.monotonic()
-            follower._expect_end(job, finishing)
-            gaps.append(round(follower.next_tick_at(asked + 10) - asked, 2))
-            follower.ends_at[job.pk] = time.monotonic() - 0.001  # that tick came, the copy still runs
-        recheck = [round(END_RECHECK * 2**n + END_MARGIN, 2) for n in range(END_RECHECKS)]
-        assert gaps == [*recheck, 10, 10], gaps
-        follower.ends_at.clear()
-        due = time.monotonic() + 0.1
-        assert follower.next_tick_at(due) == due
     finally:
         follower.close()
 

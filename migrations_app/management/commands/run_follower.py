@@ -62,10 +62,9 @@ class Command(BaseCommand):
                 if options["once"]:
                     break
                 # While work flows (a copy ended, a job was placed, a volume is being detached), the next
-                # tick comes at once: a freed slot is used within a fraction of a second. It comes earlier
-                # still when a copy should end before then.
-                due = started + (BUSY_INTERVAL if busy else interval)
-                if follower.wake.wait(max(0.0, follower.next_tick_at(due) - time.monotonic())):
+                # tick comes at once: a freed slot is used within a fraction of a second.
+                pause = BUSY_INTERVAL if busy else interval
+                if follower.wake.wait(max(0.0, started + pause - time.monotonic())):
                     follower.wake.clear()  # the placer thread could not place: this tick does
         finally:
             lease.drop()
