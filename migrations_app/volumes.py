@@ -137,7 +137,44 @@ class LocalVolumeBackend:
         )
 
     def find_volume(self, name: str) -> Volume | None:
-        return next((v for v in self.list_volumes() if v.name == name), None)
+        if not NAME_RE.fullmatch(name):
+            return None
+        with self._locked():
+            return self._named(name)
+
+    def _name_path(self, name: str) -> Path:
+        # (a name is letters, digits, '.', '_' and '-': with the suffix, never "." or ".." or a path)
+        return self.root / "names" / f"{name}.id"
+
+    def _named(self, name: str) -> Volume | None:
+        """The volume with this name, through the name index (one file per name holding its volume's
+        id), not by reading every volume's metadata: a fleet's root holds hundreds. Call it locked."""
+        if not (self.root / "names").is_dir():
+            self._index_names()
+        try:
+            volume_id = self._name_path(name).read_text().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            volume = self.get_volume(volume_id)
+        except VolumeError:
+            return None
+        return volume if volume is not None and volume.name == name else None
+
+    def _index_names(self) -> None:
+        """Index the names of a root made before the index, once, whole or not at all."""
+        building = self.root / ".names.tmp"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir()
+        for volume in self.list_volumes():
+            (building / f"{volume.name}.id").write_text(volume.id)
+        os.replace(building, self.root / "names")
+
+    def _index(self, volume: Volume) -> None:
+        path = self._name_path(volume.name)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(volume.id)
+        os.replace(tmp, path)
 
     def create_volume(self, name: str, size_bytes: int) -> Volume:
         """Create the named volume, or return the one that already has this name (idempotent)."""
@@ -145,14 +182,15 @@ class LocalVolumeBackend:
             raise VolumeError(f"volume name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
         size = round_up_gib(size_bytes)
         with self._locked():
-            for volume in self.list_volumes():
-                if volume.name == name:
-                    if volume.size_bytes < size_bytes:
-                        raise VolumeError(
-                            f"volume {name} exists with {volume.size_bytes} bytes, fewer than {size_bytes}"
-                        )
-                    return volume
+            volume = self._named(name)
+            if volume is not None:
+                if volume.size_bytes < size_bytes:
+                    raise VolumeError(f"volume {name} exists with {volume.size_bytes} bytes, fewer than {size_bytes}")
+                return volume
             volume = Volume(id=str(uuid.uuid4()), name=name, size_bytes=size)
+            # The name first: a crash before the metadata leaves an entry that names no volume (ignored
+            # and replaced), never a volume its name cannot find (a second one would be made).
+            self._index(volume)
             with open(self.image_path(volume.id), "xb") as fh:
                 fh.truncate(size)
             self._save(volume)
@@ -249,6 +287,9 @@ class LocalVolumeBackend:
                 raise VolumeError(f"volume {volume.name} is attached to {where}; detach it first")
             self.image_path(volume_id).unlink(missing_ok=True)
             self._meta_path(volume_id).unlink()
+            with contextlib.suppress(FileNotFoundError):
+                if self._name_path(volume.name).read_text().strip() == volume.id:
+                    self._name_path(volume.name).unlink()
 
     def _require(self, volume_id: str) -> Volume:
         volume = self.get_volume(volume_id)

@@ -31,6 +31,47 @@ def test_create_is_sparse_and_idempotent_by_name(tmp_path: Path) -> None:
     assert [v.id for v in backend.list_volumes()] == [first.id]
 
 
+def test_a_volume_is_found_by_its_name_without_reading_every_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet's root holds hundreds of volumes, and every new one is looked up by name first (under the
+    lock every attach and detach also takes): through the name index, not a read of them all."""
+    backend = LocalVolumeBackend(tmp_path)
+    made = {f"oma-vm{n}-disk0": backend.create_volume(f"oma-vm{n}-disk0", GIB).id for n in range(20)}
+
+    def every_volume() -> None:
+        raise AssertionError("every volume's metadata was read")
+
+    monkeypatch.setattr(backend, "list_volumes", every_volume)
+    assert backend.create_volume("oma-vm7-disk0", GIB).id == made["oma-vm7-disk0"]
+    found = backend.find_volume("oma-vm3-disk0")
+    assert found is not None and found.id == made["oma-vm3-disk0"]
+    new = backend.create_volume("oma-vm20-disk0", GIB)
+    assert new.id not in made.values()
+    assert backend.find_volume("oma-vm99-disk0") is None
+    # Deleted: the name is free again.
+    backend.delete_volume(made["oma-vm3-disk0"])
+    assert backend.find_volume("oma-vm3-disk0") is None
+    assert backend.create_volume("oma-vm3-disk0", GIB).id != made["oma-vm3-disk0"]
+
+
+def test_a_root_made_before_the_name_index_keeps_its_names(tmp_path: Path) -> None:
+    """Volumes made before the index (or an index lost) are indexed from their metadata on first use:
+    creating one of their names again returns the volume, never a second one."""
+    backend = LocalVolumeBackend(tmp_path)
+    old = backend.create_volume("oma-vm1-disk0", GIB)
+    backend.create_volume("oma-vm2-disk0", GIB)
+    shutil.rmtree(tmp_path / "names")
+    again = LocalVolumeBackend(tmp_path)
+    assert again.create_volume("oma-vm1-disk0", GIB).id == old.id
+    assert sorted(v.name for v in again.list_volumes()) == ["oma-vm1-disk0", "oma-vm2-disk0"]
+    # An entry naming a volume whose files were removed by hand is not believed.
+    again.image_path(old.id).unlink()
+    again._meta_path(old.id).unlink()
+    assert again.find_volume("oma-vm1-disk0") is None
+    assert again.create_volume("oma-vm1-disk0", GIB).id != old.id
+
+
 def test_existing_smaller_volume_is_an_error(tmp_path: Path) -> None:
     backend = LocalVolumeBackend(tmp_path)
     backend.create_volume("v", GIB)
