@@ -472,8 +472,7 @@ def _give_back(job: MigrationJob) -> str:
             device = volume.device_path
         else:
             device = get_volume_backend().attach_volume(volume.volume_id)
-            mark_attached(volume, device)
-            DestinationVolume.objects.filter(pk=volume.pk).update(attaches=volume.attaches + 1)
+            mark_attached([(volume, device)])
         requests.append(ExportRequest(job.vm.vm_id, job.vm.name, volume.source_disk.unit_number, device))
     ensure_exports(requests, actor=job.job_id)
     return f"{len(volumes)} volume(s) attached to the OMA again and exported"

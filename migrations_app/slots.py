@@ -210,9 +210,16 @@ def idle_volumes(node: OmaNode) -> list[DestinationVolume]:
     )
 
 
-def mark_attached(volume: DestinationVolume, device: str) -> None:
-    DestinationVolume.objects.filter(pk=volume.pk).update(
-        state=State.ATTACHED, device_path=device, updated_at=timezone.now()
+def mark_attached(attached: list[tuple[DestinationVolume, str]]) -> None:
+    """Volumes attached to their node now, each as the device it shows as, counted in their attaches."""
+    if not attached:
+        return
+    now = timezone.now()
+    for volume, device in attached:
+        volume.state, volume.device_path, volume.updated_at = State.ATTACHED, device, now
+        volume.attaches += 1
+    DestinationVolume.objects.bulk_update(
+        [volume for volume, _ in attached], ["state", "device_path", "updated_at", "attaches"]
     )
 
 

@@ -415,22 +415,25 @@ def provision(job: MigrationJob, runner: str) -> None:
 
 def attach(job: MigrationJob, runner: str) -> None:
     """Attach each volume to this node (its slot was reserved when the job was dispatched). A volume
-    that is attached already costs nothing; one detached to free a slot is attached again."""
+    that is attached already costs nothing; one detached to free a slot is attached again. What was
+    attached is recorded in one transaction, also when a later volume's attach fails: the node's slots
+    are counted from these rows."""
     backend = get_volume_backend()
     disks = _disks(job)
-    present: list[JobDisk] = []
-    for disk, volume in zip(disks, volumes_for(job, disks), strict=True):
-        if volume.state == DestinationVolume.State.ATTACHED and volume.device_path:
-            disk.device_path = volume.device_path
-            present.append(disk)
-            continue
-        with heartbeat_kept(job, runner):
-            device = backend.attach_volume(volume.volume_id)
-        mark_attached(volume, device)
-        DestinationVolume.objects.filter(pk=volume.pk).update(attaches=volume.attaches + 1)
-        JobDisk.objects.filter(pk=disk.pk).update(device_path=device)
-        beat(job, runner)
-    JobDisk.objects.bulk_update(present, ["device_path"])  # the volumes attached already: one write
+    attached: list[tuple[DestinationVolume, str]] = []
+    try:
+        for disk, volume in zip(disks, volumes_for(job, disks), strict=True):
+            if volume.state == DestinationVolume.State.ATTACHED and volume.device_path:
+                disk.device_path = volume.device_path
+                continue
+            with heartbeat_kept(job, runner):
+                disk.device_path = backend.attach_volume(volume.volume_id)
+            attached.append((volume, disk.device_path))
+    finally:
+        with transaction.atomic():
+            mark_attached(attached)
+            JobDisk.objects.bulk_update(disks, ["device_path"])
+    beat(job, runner)
 
 
 def export(job: MigrationJob, runner: str) -> None:

@@ -13,7 +13,9 @@ from django.test.utils import CaptureQueriesContext
 from devtools.vma_sim import Faults
 from exports.models import NbdServerState, VMExportMapping
 from migrations_app import actions, tasks, workflow
+from migrations_app.follower import detach_volume
 from migrations_app.models import DestinationVolume, JobEvent, JobState, MigrationJob
+from migrations_app.volumes import LocalVolumeBackend, VolumeError
 from migrations_app.workflow import run_job
 from tests.support.flows import assert_copied, drive, migrate, wire
 from tests.support.nbd import RunningServer
@@ -262,12 +264,22 @@ def test_a_grown_source_disk_grows_its_volume_first(nbdkit_server: RunningServer
     assert_copied(second, sim)
 
 
+def detach_all(name: str) -> None:
+    """Detach the VM's idle volumes as the follower does to free their slots."""
+    volumes = DestinationVolume.objects.filter(source_disk__vm__name=name)
+    volumes.update(state=DestinationVolume.State.DETACHING)
+    for pk in volumes.values_list("pk", flat=True):
+        assert detach_volume(pk) == "detached"
+
+
+@pytest.mark.parametrize("detached", [False, True], ids=["attached", "detached-between-syncs"])
 def test_a_resyncs_bookkeeping_does_not_grow_with_its_disks(
-    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch, detached: bool
 ) -> None:
     """Round 2 of a fleet is many short incremental syncs, each one worker run of bookkeeping on a busy
     node: a step reads its disks, volumes and exports in one query each and writes them in one
-    statement, so a 3-disk VM's re-sync costs the database what a 1-disk VM's does."""
+    statement, so a 3-disk VM's re-sync costs the database what a 1-disk VM's does, also when its
+    volumes were detached for other VMs' slots and are attached again."""
     wire(settings, nbdkit_server, sim)
     statements: list[str] = []
     run = tasks.run_job_task
@@ -281,13 +293,54 @@ def test_a_resyncs_bookkeeping_does_not_grow_with_its_disks(
     counts = {}
     for name in ("web-01", "app-01"):
         assert migrate(name, sim).state == JobState.COMPLETED
+        if detached:
+            detach_all(name)
         statements.clear()
         with monkeypatch.context() as patched:
             patched.setattr(tasks, "run_job_task", counted)
             again = migrate(name, sim)
         assert again.state == JobState.COMPLETED and again.disks.exclude(previous_change_id="").exists()
+        assert_copied(again, sim)
         counts[name] = len(statements)
     assert counts["app-01"] == counts["web-01"], counts
+    if detached:
+        assert set(DestinationVolume.objects.values_list("attaches", flat=True)) == {2}
+
+
+def test_volumes_attached_before_a_failed_attach_are_recorded_as_attached(
+    nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's slots are counted from the volume rows: when one volume's attach fails, the ones attached
+    before it are still recorded attached (with their device), and a retry attaches only the rest."""
+    wire(settings, nbdkit_server, sim)
+    assert migrate("app-01", sim).state == JobState.COMPLETED
+    detach_all("app-01")
+    calls: list[str] = []
+    real = LocalVolumeBackend.attach_volume
+
+    def second_fails(self: LocalVolumeBackend, volume_id: str) -> str:
+        calls.append(volume_id)
+        if len(calls) == 2:
+            raise VolumeError("the hypervisor refused the attach")
+        return real(self, volume_id)
+
+    monkeypatch.setattr(LocalVolumeBackend, "attach_volume", second_fails)
+    job = actions.start_migration(vm_id=sim.vm("app-01").id)
+    (job,) = drive(job)
+    assert job.state == JobState.FAILED and "refused" in job.error and len(calls) == 2, (job.state, calls)
+    volumes = {v.volume_id: v for v in DestinationVolume.objects.filter(source_disk__vm__name="app-01")}
+    first = volumes[calls[0]]
+    assert first.state == DestinationVolume.State.ATTACHED and first.device_path, first.state
+    assert Path(first.device_path).exists()
+    assert first.attaches == 2
+    assert {v.state for pk, v in volumes.items() if pk != calls[0]} == {DestinationVolume.State.RESERVED}
+    disk = job.disks.get(volume_id=calls[0])
+    assert disk.device_path == first.device_path
+    # A retry attaches the two that are not.
+    (job,) = drive(actions.retry_job(job_id=job.job_id, actor="operator"))
+    assert job.state == JobState.COMPLETED, job.error
+    assert len(calls) == 4 and calls[3] != calls[0]
+    assert_copied(job, sim)
 
 
 def run_interrupted_in_provisioning(
