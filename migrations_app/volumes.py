@@ -167,7 +167,8 @@ class LocalVolumeBackend:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir()
         for volume in self.list_volumes():
-            (building / f"{volume.name}.id").write_text(volume.id)
+            if NAME_RE.fullmatch(volume.name):  # (a metadata file's name never makes a path)
+                (building / f"{volume.name}.id").write_text(volume.id)
         os.replace(building, self.root / "names")
 
     def _index(self, volume: Volume) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -62,9 +64,15 @@ def test_a_root_made_before_the_name_index_keeps_its_names(tmp_path: Path) -> No
     old = backend.create_volume("oma-vm1-disk0", GIB)
     backend.create_volume("oma-vm2-disk0", GIB)
     shutil.rmtree(tmp_path / "names")
+    # A metadata file whose name would make a path (not one this backend writes) is left out of the index.
+    (tmp_path / f"{uuid.uuid4()}.json").write_text(
+        json.dumps({"id": str(uuid.uuid4()), "name": "../../x", "size_bytes": GIB})
+    )
     again = LocalVolumeBackend(tmp_path)
     assert again.create_volume("oma-vm1-disk0", GIB).id == old.id
-    assert sorted(v.name for v in again.list_volumes()) == ["oma-vm1-disk0", "oma-vm2-disk0"]
+    assert sorted(p.name for p in (tmp_path / "names").iterdir()) == ["oma-vm1-disk0.id", "oma-vm2-disk0.id"]
+    assert not (tmp_path.parent / "x.id").exists()
+    assert sorted(v.name for v in again.list_volumes()) == ["../../x", "oma-vm1-disk0", "oma-vm2-disk0"]
     # An entry naming a volume whose files were removed by hand is not believed.
     again.image_path(old.id).unlink()
     again._meta_path(old.id).unlink()
