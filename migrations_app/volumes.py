@@ -137,22 +137,24 @@ class LocalVolumeBackend:
         )
 
     def find_volume(self, name: str) -> Volume | None:
-        if not NAME_RE.fullmatch(name):
-            return None
         with self._locked():
             return self._named(name)
 
-    def _name_path(self, name: str) -> Path:
-        # (a name is letters, digits, '.', '_' and '-': with the suffix, never "." or ".." or a path)
-        return self.root / "names" / f"{name}.id"
+    def _name_path(self, name: str) -> Path | None:
+        """The name's entry in the index; None for a name no volume can have (never a path elsewhere:
+        a valid name is letters, digits, '.', '_' and '-', and with the suffix never "." or "..")."""
+        return self.root / "names" / f"{name}.id" if NAME_RE.fullmatch(name) else None
 
     def _named(self, name: str) -> Volume | None:
         """The volume with this name, through the name index (one file per name holding its volume's
         id), not by reading every volume's metadata: a fleet's root holds hundreds. Call it locked."""
         if not (self.root / "names").is_dir():
             self._index_names()
+        entry = self._name_path(name)
+        if entry is None:
+            return None
         try:
-            volume_id = self._name_path(name).read_text().strip()
+            volume_id = entry.read_text().strip()
         except FileNotFoundError:
             return None
         try:
@@ -167,12 +169,15 @@ class LocalVolumeBackend:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir()
         for volume in self.list_volumes():
-            if NAME_RE.fullmatch(volume.name):  # (a metadata file's name never makes a path)
-                (building / f"{volume.name}.id").write_text(volume.id)
+            entry = self._name_path(volume.name)
+            if entry is not None:  # (a metadata file's name never makes a path)
+                (building / entry.name).write_text(volume.id)
         os.replace(building, self.root / "names")
 
     def _index(self, volume: Volume) -> None:
         path = self._name_path(volume.name)
+        if path is None:
+            raise VolumeError(f"volume name {volume.name!r} must be 1-128 letters, digits, '.', '_' or '-'")
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(volume.id)
         os.replace(tmp, path)
@@ -288,9 +293,10 @@ class LocalVolumeBackend:
                 raise VolumeError(f"volume {volume.name} is attached to {where}; detach it first")
             self.image_path(volume_id).unlink(missing_ok=True)
             self._meta_path(volume_id).unlink()
+            entry = self._name_path(volume.name)
             with contextlib.suppress(FileNotFoundError):
-                if self._name_path(volume.name).read_text().strip() == volume.id:
-                    self._name_path(volume.name).unlink()
+                if entry is not None and entry.read_text().strip() == volume.id:
+                    entry.unlink()
 
     def _require(self, volume_id: str) -> Volume:
         volume = self.get_volume(volume_id)
