@@ -45,7 +45,7 @@ from .models import (
 )
 from .slots import mark_attached, volumes_for
 from .vma_client import ReplicationTarget, VmaError
-from .volumes import VolumeError, volume_name_for
+from .volumes import VolumeBackend, VolumeError, volume_name_for
 
 log = logging.getLogger(__name__)
 
@@ -387,30 +387,38 @@ def provision(job: MigrationJob, runner: str) -> None:
             disk.bytes_total = disk.bytes_total if disk.previous_change_id else capacity
             reused.append(disk)
             continue
-        name = volume_name_for(job.vm.vm_id, disk.source_disk.unit_number)
-        with heartbeat_kept(job, runner):
-            created = backend.create_volume(name, disk.source_disk.capacity_bytes)
-        with transaction.atomic():
-            replaced = bool(volume.volume_id)
-            # A new volume holds none of the earlier syncs: it is attached afresh and gets a full copy.
-            DestinationVolume.objects.filter(pk=volume.pk).update(
-                volume_id=created.id,
-                device_path="",
-                state=DestinationVolume.State.RESERVED if volume.node_id else DestinationVolume.State.DETACHED,
-            )
-            JobDisk.objects.filter(pk=disk.pk).update(volume_id=created.id, device_path="", previous_change_id="")
-            if replaced:
-                record_job_event(
-                    job,
-                    "volume.replaced",
-                    step=JobState.PROVISIONING,
-                    message=f"disk {disk.source_disk.unit_number}: volume {volume.volume_id} is gone; "
-                    f"{name} ({created.id}) replaces it and gets a full copy",
-                )
-            else:
-                record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({created.id})")
+        _create_volume(job, runner, backend, disk, volume)
         beat(job, runner)
     JobDisk.objects.bulk_update(reused, ["volume_id", "bytes_total"])  # the volumes kept: one write
+
+
+def _create_volume(
+    job: MigrationJob, runner: str, backend: VolumeBackend, disk: JobDisk, volume: DestinationVolume
+) -> None:
+    """Create the disk's volume (a new one, or one replacing a volume that is gone) and record it."""
+    name = volume_name_for(job.vm.vm_id, disk.source_disk.unit_number)
+    with heartbeat_kept(job, runner):
+        created = backend.create_volume(name, disk.source_disk.capacity_bytes)
+    with transaction.atomic():
+        replaced = bool(volume.volume_id)
+        # A new volume holds none of the earlier syncs: it is attached afresh and gets a full copy.
+        DestinationVolume.objects.filter(pk=volume.pk).update(
+            volume_id=created.id,
+            device_path="",
+            state=DestinationVolume.State.RESERVED if volume.node_id else DestinationVolume.State.DETACHED,
+        )
+        JobDisk.objects.filter(pk=disk.pk).update(volume_id=created.id, device_path="", previous_change_id="")
+        if replaced:
+            record_job_event(
+                job,
+                "volume.replaced",
+                step=JobState.PROVISIONING,
+                message=f"disk {disk.source_disk.unit_number}: volume {volume.volume_id} is gone; "
+                f"{name} ({created.id}) replaces it and gets a full copy",
+            )
+        else:
+            record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({created.id})")
+    volume.volume_id = created.id
 
 
 def attach(job: MigrationJob, runner: str) -> None:
