@@ -618,6 +618,14 @@ def main() -> None:
             for result in Task.objects.filter(func="migrations_app.tasks.run_job_task").values_list("result", flat=True)
             if str(result).startswith("not taken")
         )
+        # Volumes the workers created for jobs still waiting for attach slots (their slots not held meanwhile).
+        made_ahead = sum(
+            int(str(result).split()[0])
+            for result in Task.objects.filter(func="migrations_app.tasks.prepare_volumes_task").values_list(
+                "result", flat=True
+            )
+            if str(result).split()[:1] and str(result).split()[0].isdigit()
+        )
 
         if args.events:
             write_timelines(Path(args.events), all_jobs, round_started, sim)
@@ -661,6 +669,7 @@ def main() -> None:
             "helper_writes_after_reattach": sum(links(node.calls) for node in nodes) - links_after_round_1,
             "reloads": reloads,
             "duplicate_tasks": not_taken,
+            "volumes_made_ahead": made_ahead,
             "worker_processes": int(str(settings.Q_CLUSTER["workers"])),
             "peak_rss_mb": round(sampler.peak_rss / 1e6, 1),
             "slot_utilization": round(sum(sampler.busy_share) / len(sampler.busy_share), 3)

@@ -7,7 +7,8 @@ Each tick it
 2. recovers worker steps whose worker went silent (queued again, once), syncs left verifying by a
    follower that stopped (verified here) and cancels that no worker is left to finish;
 3. dispatches pending jobs, oldest first: it reserves each job's attach slots under the node's lock, has
-   idle volumes detached when slots are short, and queues one worker task for a job it could place;
+   idle volumes detached when slots are short, and queues one worker task for a job it could place (and
+   one that creates the missing volumes of a sync that waits for slots, so it holds none meanwhile);
 4. starts the warm syncs of migration groups that are due.
 
 Between ticks, its placer thread places pending jobs as soon as a read-back or a detach frees slots.
@@ -277,6 +278,7 @@ class Follower:
         self.pending_signature: tuple[int, int | None, int, datetime | None] = (-1, None, -1, None)
         self.dispatched_at = 0.0
         self.checked_at = -1e9  # when the checks made once a poll interval were last made (monotonic)
+        self.prepare_asked: set[int] = set()  # pending jobs whose volumes a worker was asked to create ahead
 
     def close(self) -> None:
         self.detacher.shutdown(wait=True)
@@ -921,6 +923,7 @@ class Follower:
                 .filter(Q(node=node) | Q(node__isnull=True))
                 .order_by("created_at", "pk")[:DISPATCH_BATCH]
             )
+            self.prepare_asked.intersection_update(job.pk for job in pending)  # the others left pending
             if not pending:
                 return
             disks: dict[int, list[int]] = {job.pk: [] for job in pending}
@@ -940,11 +943,17 @@ class Follower:
                 .count()
             )
             placer = Placer(node)
+            stale = stale_before()
+            ahead = 0  # slots the jobs waiting for them so far need: those within one node's worth are prepared
             for job in pending:
                 if node.drained:
                     waits.append((job, drained_wait_reason(node)))
                     continue
                 job_volumes = [volumes[sd] for sd in disks[job.pk]]
+                if job.runner and job.heartbeat_at is not None and job.heartbeat_at > stale:
+                    ahead += len(job_volumes)
+                    waits.append((job, "its volumes are being created; it waits for attach slots"))
+                    continue
                 if job.node_id is None and placer.better_node(job_volumes) is not None:
                     continue  # another node has more room: its follower places it
                 if len(job_volumes) > node.attach_slots:
@@ -960,6 +969,10 @@ class Follower:
                 if not reservation.reserved:
                     waits.append((job, reservation.wait_reason))
                     evicted += reservation.evict or []
+                    ahead += sum(1 for v in job_volumes if v.node_id is None)
+                    if ahead <= node.attach_slots and self._to_prepare(job, job_volumes):
+                        self.enqueue("prepare_volumes_task", job.pk)
+                        self.prepare_asked.add(job.pk)
                     continue
                 running += 1
                 resume = JobState(job.current_step or SEQUENCES[job.kind][0])
@@ -985,6 +998,16 @@ class Follower:
         for job, why in waits:
             self._wait(job, why)
         report.waiting = len(waits)
+
+    def _to_prepare(self, job: MigrationJob, volumes: list[DestinationVolume]) -> bool:
+        """Whether a sync that waits for attach slots should have its missing volumes created now, so its
+        slots are not held through their creation once it gets them (asked once per job and follower)."""
+        return (
+            job.kind == JobKind.SYNC
+            and job.current_step in ("", JobState.PROVISIONING)
+            and any(not v.volume_id for v in volumes)
+            and job.pk not in self.prepare_asked
+        )
 
     def _wait(self, job: MigrationJob, why: str) -> None:
         """A pending job says why it waits; the event log hears of it once per reason, not every tick."""

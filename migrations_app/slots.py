@@ -6,7 +6,8 @@ overfill a node; they are released when the volume leaves the node (eviction, cl
 job needs more slots than are free, idle volumes (attached, their VM without an active job) are detached,
 least recently used first, for all the jobs that wait for slots at once; the VM's next sync attaches them
 again, and since its export points at the stable by-id device, the export is reused with no helper write
-and no reload.
+and no reload. A sync that waits for slots has its missing volumes created meanwhile, holding none
+(``workflow.prepare_volumes``): the slots it gets are held from its attach on.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import secrets
 import socket
 
 from .follower import detach_volume
-from .workflow import run_job
+from .workflow import prepare_volumes, run_job
 
 
 def run_job_task(job_pk: int) -> str:
@@ -19,3 +19,8 @@ def run_job_task(job_pk: int) -> str:
 
 def detach_volume_task(volume_pk: int) -> str:
     return detach_volume(volume_pk)
+
+
+def prepare_volumes_task(job_pk: int) -> str:
+    runner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:prepare"
+    return prepare_volumes(job_pk, runner)

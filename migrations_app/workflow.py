@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
 from django.db import connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from exports import helper_client
@@ -419,6 +420,37 @@ def _create_volume(
         else:
             record_job_event(job, "volume.ready", step=JobState.PROVISIONING, message=f"{name} ({created.id})")
     volume.volume_id = created.id
+
+
+def prepare_volumes(job_pk: int, runner: str) -> str:
+    """Create the volumes a pending sync still lacks while it waits for attach slots (on CloudStack a
+    volume takes seconds to create): its slots are then held from its attach on, not through the
+    creation. The job is claimed as a step is (its runner and heartbeat), so the dispatcher does not
+    place it until this is done; the provisioning step then finds the volumes made. A failure here is
+    not the job's: provisioning creates what is missing, and says why if it cannot."""
+    with transaction.atomic():
+        taken = (
+            MigrationJob.objects.filter(pk=job_pk, state=JobState.PENDING, kind=JobKind.SYNC)
+            .filter(Q(runner="") | Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale_before()))
+            .update(runner=runner, heartbeat_at=timezone.now())
+        )
+    if not taken:
+        return "not needed: placed, ended or being prepared already"
+    job = MigrationJob.objects.select_related("vm").get(pk=job_pk)
+    made = 0
+    try:
+        backend = get_volume_backend()
+        disks = _disks(job)
+        for disk, volume in zip(disks, volumes_for(job, disks), strict=True):
+            if not volume.volume_id:
+                _create_volume(job, runner, backend, disk, volume)
+                made += 1
+    except VolumeError as exc:
+        log.warning("job %s: creating its volumes ahead failed (provisioning tries again): %s", job.job_id, exc)
+        return f"{made} volume(s) made ahead, then: {exc}"
+    finally:
+        MigrationJob.objects.filter(pk=job_pk, runner=runner).update(runner="")
+    return f"{made} volume(s) made ahead"
 
 
 def attach(job: MigrationJob, runner: str) -> None:

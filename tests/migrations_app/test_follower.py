@@ -401,9 +401,14 @@ def test_a_copy_that_ends_places_nothing_until_its_read_back_frees_its_slots(
 
 
 def queued_by_thread() -> tuple[list[tuple[int, str]], Any]:
-    """An enqueue that records each queued job with the name of the thread that placed it."""
+    """An enqueue that records each placed job (its steps' task) with the name of the thread that placed it."""
     queued: list[tuple[int, str]] = []
-    return queued, lambda task, pk: queued.append((pk, threading.current_thread().name))
+
+    def enqueue(task: str, pk: int) -> None:
+        if task == "run_job_task":  # (not the task that creates a waiting job's volumes ahead)
+            queued.append((pk, threading.current_thread().name))
+
+    return queued, enqueue
 
 
 def wait_until(done: Any, timeout: float = 10) -> bool:

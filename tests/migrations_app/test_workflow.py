@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from devtools.vma_sim import Faults
 from exports.models import NbdServerState, VMExportMapping
@@ -391,3 +394,65 @@ def test_a_cancel_during_a_step_stops_the_job_before_the_next(
     events = list(job.events.values_list("kind", "step"))
     after = events[events.index(("job.cancel_requested", "provisioning")) + 1 :]
     assert after == [("step.finished", "provisioning"), ("job.cancelled", "provisioning")], events
+
+
+def volume_of(name: str, unit: int = 0) -> DestinationVolume:
+    return DestinationVolume.objects.get(source_disk__vm__name=name, source_disk__unit_number=unit)
+
+
+def test_a_sync_waiting_for_attach_slots_has_its_volumes_created_meanwhile_without_a_slot(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """On CloudStack a volume takes seconds to create: a job that waits for slots has its volumes made
+    while it waits, holding no slot, so once it gets slots it holds them from its attach on. Only the
+    waiting jobs within one node's worth of slots are prepared (no fleet of volumes made at once)."""
+    gate = threading.Event()
+    sim = make_sim(Faults(gate=gate))
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 3}  # type: ignore[attr-defined]
+    busy = actions.start_migration(vm_id=sim.vm("app-01").id)  # 3 disks: every slot
+    drive(busy, until=lambda j: j.state == JobState.REPLICATING and bool(j.replication_id))
+    names = ["web-01", "db-01", "file-01"]  # 1, 2 and 2 disks: the first two fit in one node's slots
+    waiting = [actions.start_migration(vm_id=sim.vm(name).id) for name in names]
+
+    def made_ahead(job: MigrationJob) -> bool:
+        volumes = DestinationVolume.objects.filter(source_disk__vm=job.vm)
+        return job.vm.name == "file-01" or (volumes.count() > 0 and not volumes.filter(volume_id="").exists())
+
+    drive(*waiting, until=made_ahead)
+    for job in waiting:
+        job.refresh_from_db()
+        assert job.state == JobState.PENDING and "attach slots" in job.wait_reason, (job.vm.name, job.wait_reason)
+    made = {name: [volume_of(name, unit) for unit in range(len(sim.vm(name).disks))] for name in names}
+    for volume in made["web-01"] + made["db-01"]:
+        assert volume.volume_id and volume.node is None and volume.state == DestinationVolume.State.DETACHED, volume
+    assert not any(volume.volume_id for volume in made["file-01"]), "beyond one node's worth: not yet"
+    assert DestinationVolume.objects.filter(node__isnull=False).count() == 3, "the made ones hold no slot"
+    assert waiting[0].events.filter(kind="volume.ready").count() == 1
+    gate.set()
+    drive(busy, *waiting)
+    for job in [busy, *waiting]:
+        assert job.state == JobState.COMPLETED, (job.vm.name, job.state, job.error)
+        assert job.events.filter(kind="sync.verified").exists(), "read back and matched (some are detached by now)"
+    for name in ("web-01", "db-01"):
+        assert [volume_of(name, v.unit_number).volume_id for v in sim.vm(name).disks] == [
+            v.volume_id for v in made[name]
+        ], "provisioning found the volumes made ahead and made no other"
+        assert MigrationJob.objects.get(vm__name=name).events.filter(kind="volume.ready").count() == len(made[name])
+
+
+def test_a_pending_job_whose_volumes_are_being_made_is_not_placed_until_that_ends(
+    nbdkit_server: RunningServer, sim: Sim, settings: object
+) -> None:
+    wire(settings, nbdkit_server, sim)
+    job = actions.start_migration(vm_id=sim.vm("web-01").id)
+    MigrationJob.objects.filter(pk=job.pk).update(runner="other:1:prepare", heartbeat_at=timezone.now())
+    drive(job, until=lambda j: bool(j.wait_reason))
+    job.refresh_from_db()
+    assert job.state == JobState.PENDING and "being created" in job.wait_reason, "free slots, yet it waits"
+    assert workflow.prepare_volumes(job.pk, "me:prepare").startswith("not needed"), "one preparer at a time"
+    # The preparer died: its claim goes stale, and the job is placed (its provisioning makes the volume).
+    MigrationJob.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    (job,) = drive(job)
+    assert job.state == JobState.COMPLETED, job.error
+    assert workflow.prepare_volumes(job.pk, "me:prepare").startswith("not needed"), "no longer pending"
