@@ -57,7 +57,7 @@ from .models import (
     OmaNode,
 )
 from .nodes import drained_wait_reason, mark_back, mark_lost_nodes
-from .slots import Placer, release, this_node
+from .slots import Placer, release, this_node, used_slots
 from .topics import JOB, PROGRESS
 from .vma_client import DiskProgress, Replication, ReplicationTarget, VmaClient, VmaError, VmaUnavailable
 from .volumes import VolumeError
@@ -156,6 +156,7 @@ class TickReport:
     still_detaching: int = 0  # volumes being detached for a waiting job
     lost_nodes: list[str] = field(default_factory=list)  # other nodes this tick marked down
     taken_over: list[str] = field(default_factory=list)  # jobs of lost nodes this tick let go to be placed again
+    first_wanted: int = 0  # new slots the oldest job waiting for them needs (as this placement left it)
 
     @property
     def changed(self) -> bool:
@@ -278,6 +279,7 @@ class Follower:
         self.pending_signature: tuple[int, int | None, int, datetime | None] = (-1, None, -1, None)
         self.dispatched_at = 0.0
         self.checked_at = -1e9  # when the checks made once a poll interval were last made (monotonic)
+        self.first_wanted = 0  # new slots the oldest job waiting for them needs, by the last placement
         self.prepare_asked: set[int] = set()  # pending jobs whose volumes a worker was asked to create ahead
 
     def close(self) -> None:
@@ -300,7 +302,7 @@ class Follower:
                 log.exception("detaching volume %s failed", volume_pk)
             finally:
                 self.in_flight.discard(volume_pk)
-                self._slots_freed()
+                self._detach_done()
                 connections.close_all()
 
         self.detacher.submit(run)
@@ -325,6 +327,23 @@ class Follower:
                 connections.close_all()
 
         transaction.on_commit(lambda: self.verifier.submit(run))
+
+    def _detach_done(self) -> None:
+        """A detach ended (its slot is free, or it was kept): the placer places now if the oldest job
+        waiting for slots can have them, or if no other detach is still running. Otherwise the last
+        detach it waits for wakes the placer: a pass that places nothing still takes the node's lock
+        (on SQLite the write lock every worker needs), and a 2-disk job waited through one per detach.
+        A detach discards itself from ``in_flight`` after its slot was released, so the last one to end
+        always sees every slot the others freed."""
+        need = self.first_wanted
+        if need and self.in_flight:
+            try:
+                free = self.node.attach_slots - used_slots(self.node)
+            except Exception:
+                free = need  # the placer finds out what is wrong
+            if free < need:
+                return
+        self._slots_freed()
 
     def _slots_freed(self) -> None:
         """A read-back or a detach that ran in this thread freed slots (or may have): the placer thread
@@ -903,6 +922,7 @@ class Follower:
                 return False
             self.dispatch(report)
             self.waiting = report.waiting
+            self.first_wanted = report.first_wanted
             # What this placement changed itself (jobs placed, failed as too big) is no reason to place again.
             self.pending_signature = self._signature()
             return True
@@ -998,6 +1018,7 @@ class Follower:
         for job, why in waits:
             self._wait(job, why)
         report.waiting = len(waits)
+        report.first_wanted = placer.first_wanted
 
     def _to_prepare(self, job: MigrationJob, volumes: list[DestinationVolume]) -> bool:
         """Whether a sync that waits for attach slots should have its missing volumes created now, so its

@@ -98,6 +98,7 @@ class Placer:
         self.detaching = DestinationVolume.objects.filter(node=node, state=State.DETACHING).count()
         self.blocked = False  # an older job waits for slots: younger ones may not take freed ones first
         self.wanted = 0  # new slots the jobs waiting for them need, oldest first, this tick
+        self.first_wanted = 0  # new slots the oldest of them needs: what a freed slot must add up to
         self.idle: list[DestinationVolume] | None = None  # idle volumes not chosen yet, least recently used first
         self.active = MigrationJob.objects.filter(node=node, state__in=ACTIVE_STATES).count()
         self.others = other_nodes(node)
@@ -146,6 +147,7 @@ class Placer:
         behind = self.blocked
         self.blocked = True
         self.wanted += len(needed)
+        self.first_wanted = self.first_wanted or len(needed)
         evict = self._choose_idle(self.wanted - max(self.free, 0) - self.detaching)
         if behind:
             return Reservation(False, "waits for attach slots behind an older job", evict)

@@ -477,6 +477,40 @@ def test_a_detach_that_frees_a_slot_places_the_waiting_job_in_its_own_thread(
         follower.close()
 
 
+def test_a_job_waiting_for_two_detaches_is_placed_once_after_both_not_once_per_detach(
+    nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
+) -> None:
+    """A placement pass takes the node's lock (on SQLite the write lock every worker needs): a detach that
+    frees too little for the oldest waiting job, while another detach still runs, wakes no pass; the
+    last one does, and the job is placed in it."""
+    sim = make_sim()
+    wire(settings, nbdkit_server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 3}  # type: ignore[attr-defined]
+    (done,) = drive(actions.start_migration(vm_id=sim.vm("app-01").id))  # 3 disks: every slot, idle now
+    assert done.state == JobState.COMPLETED, done.error
+    waiting = actions.start_migration(vm_id=sim.vm("db-01").id)  # 2 disks
+    queued, enqueue = queued_by_thread()
+    chosen: list[int] = []
+    follower = Follower(enqueue=enqueue, detach=chosen.append)
+    try:
+        follower.tick()  # chooses two idle volumes to detach
+        first, second = sorted(set(chosen))
+        assert follower.first_wanted == 2
+        placements = count_placements(follower)
+        follower.in_flight.add(second)  # still being detached
+        follower._detach_in_thread(first)
+        assert wait_until(lambda: first not in follower.in_flight)
+        time.sleep(0.3)  # time for a pass the detach might have woken
+        assert placements == [] and queued == [], "one free slot of the two needed: no pass"
+        follower.in_flight.discard(second)
+        follower._detach_in_thread(second)
+        assert wait_until(lambda: bool(queued)), "the last detach has the job placed"
+        assert queued == [(waiting.pk, "placer")] and len(placements) == 1
+        assert DestinationVolume.objects.filter(node__isnull=False).count() == 3
+    finally:
+        follower.close()
+
+
 def test_a_freed_slot_is_placed_before_the_vma_is_asked_and_a_placement_is_not_redone(settings: Any) -> None:
     """A placement's own changes (jobs placed) are no reason for the next tick to place again; a slot freed
     by a read-back goes to the waiting job before the tick asks the VMA about its copies (round trips)."""
