@@ -971,7 +971,7 @@ class Follower:
                     continue
                 job_volumes = [volumes[sd] for sd in disks[job.pk]]
                 if job.runner and job.heartbeat_at is not None and job.heartbeat_at > stale:
-                    ahead += len(job_volumes)
+                    ahead += sum(1 for v in job_volumes if v.node_id is None)
                     waits.append((job, "its volumes are being created; it waits for attach slots"))
                     continue
                 if job.node_id is None and placer.better_node(job_volumes) is not None:
