@@ -24,12 +24,14 @@ while jobs wait for slots: a copy running at the VMA (a job's disk whose copy en
 its job waits for the follower to notice; slot_replicating_share counts it, as stops before 2026-12-05
 did). per_node_max_attached: the most volumes any one node had attached at once;
 replaced_after_node_loss: jobs a live node took over from the killed one; cross_node_double_attach:
-volumes seen attached to two nodes at the same moment. round_slot_holders: per round, while jobs wait,
-the time-averaged share of the slots held by disks of jobs in each step ("copying": at the VMA; "replicating":
-started or ended there but not yet followed), by idle attached volumes, by detaching ones, and free: where
-a slot's time goes when it is not copying. cpu_busy_share: how busy the machine's cores were over the
-rounds; cpu_s: CPU seconds over the rounds of the whole machine, of the OMA's processes (oma_workers with
-their helper calls, oma_follower, oma_nbd_server) and of this process (the VMA simulator with its copies).
+volumes seen attached to two nodes at the same moment. volumes_made_ahead: volumes the workers created
+for syncs still waiting for attach slots (their slots not held through it). round_slot_holders: per
+round, while jobs wait, the time-averaged share of the slots held by disks of jobs in each step
+("copying": at the VMA; "replicating": started or ended there but not yet followed), by idle attached
+volumes, by detaching ones, and free: where a slot's time goes when it is not copying. cpu_busy_share:
+how busy the machine's cores were over the rounds; cpu_s: CPU seconds over the rounds of the whole
+machine, of the OMA's processes (oma_workers with their helper calls, oma_follower, oma_nbd_server) and
+of this process (the VMA simulator with its copies).
 ``--events FILE`` writes each job's timeline (its events, its copy's start and end at the VMA) as JSON lines.
 """
 
