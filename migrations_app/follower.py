@@ -1101,6 +1101,5 @@ def detach_volume(volume_pk: int) -> str:
     except VolumeError as exc:
         log.warning("detaching %s failed: %s", volume, exc)
         return f"failed: {exc}"
-    release(volume)
-    DestinationVolume.objects.filter(pk=volume.pk).update(detaches=volume.detaches + 1)
+    release(volume, detached=True)
     return "detached"

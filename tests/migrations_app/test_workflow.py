@@ -275,6 +275,28 @@ def detach_all(name: str) -> None:
         assert detach_volume(pk) == "detached"
 
 
+def test_a_detach_frees_its_slot_and_counts_itself_in_one_write(
+    nbdkit_server: RunningServer, sim: Sim, settings: object
+) -> None:
+    """The follower detaches volumes side by side, each write taking SQLite's write lock: the volume's
+    release and its detach count are one statement."""
+    wire(settings, nbdkit_server, sim)
+    assert migrate("web-01", sim).state == JobState.COMPLETED
+    volume = volume_of("web-01")
+    DestinationVolume.objects.filter(pk=volume.pk).update(state=DestinationVolume.State.DETACHING)
+    with CaptureQueriesContext(connection) as queries:
+        assert detach_volume(volume.pk) == "detached"
+    writes = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert len(writes) == 1, writes
+    volume.refresh_from_db()
+    assert (volume.node, volume.state, volume.device_path, volume.detaches) == (
+        None,
+        DestinationVolume.State.DETACHED,
+        "",
+        1,
+    )
+
+
 @pytest.mark.parametrize("detached", [False, True], ids=["attached", "detached-between-syncs"])
 def test_a_resyncs_bookkeeping_does_not_grow_with_its_disks(
     nbdkit_server: RunningServer, sim: Sim, settings: object, monkeypatch: pytest.MonkeyPatch, detached: bool
