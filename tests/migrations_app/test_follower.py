@@ -447,20 +447,28 @@ def test_a_read_back_that_frees_slots_places_the_waiting_job_in_its_own_thread(
         follower.close()
 
 
+def behind_idle_slots(
+    server: RunningServer, make_sim: SimFactory, settings: object, name: str
+) -> tuple[MigrationJob, list[tuple[int, str]], list[int], Follower]:
+    """app-01's 3 disks idle in all 3 slots, and a migration of ``name`` waiting for them; a follower that
+    records the jobs it places (by thread) and the volumes it chooses to detach, without detaching them."""
+    sim = make_sim()
+    wire(settings, server, sim)
+    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 3}  # type: ignore[attr-defined]
+    (done,) = drive(actions.start_migration(vm_id=sim.vm("app-01").id))
+    assert done.state == JobState.COMPLETED, done.error
+    waiting = actions.start_migration(vm_id=sim.vm(name).id)
+    queued, enqueue = queued_by_thread()
+    chosen: list[int] = []
+    return waiting, queued, chosen, Follower(enqueue=enqueue, detach=chosen.append)
+
+
 def test_a_detach_that_frees_a_slot_places_the_waiting_job_in_its_own_thread(
     nbdkit_server: RunningServer, make_sim: SimFactory, settings: object
 ) -> None:
     """A detach that freed a slot has the placer thread place the job that waits for it at once, not the
     next tick; its volume gets that slot (no slot is overfilled)."""
-    sim = make_sim()
-    wire(settings, nbdkit_server, sim)
-    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 3}  # type: ignore[attr-defined]
-    (done,) = drive(actions.start_migration(vm_id=sim.vm("app-01").id))  # 3 disks: every slot, idle now
-    assert done.state == JobState.COMPLETED, done.error
-    waiting = actions.start_migration(vm_id=sim.vm("web-01").id)  # 1 disk
-    queued, enqueue = queued_by_thread()
-    chosen: list[int] = []
-    follower = Follower(enqueue=enqueue, detach=chosen.append)
+    waiting, queued, chosen, follower = behind_idle_slots(nbdkit_server, make_sim, settings, "web-01")  # 1 disk
     try:
         follower.tick()  # chooses an idle volume to detach
         (volume_pk,) = set(chosen)
@@ -483,15 +491,7 @@ def test_a_job_waiting_for_two_detaches_is_placed_once_after_both_not_once_per_d
     """A placement pass takes the node's lock (on SQLite the write lock every worker needs): a detach that
     frees too little for the oldest waiting job, while another detach still runs, wakes no pass; the
     last one does, and the job is placed in it."""
-    sim = make_sim()
-    wire(settings, nbdkit_server, sim)
-    settings.OMA_WORKFLOW = {**settings.OMA_WORKFLOW, "ATTACH_SLOTS": 3}  # type: ignore[attr-defined]
-    (done,) = drive(actions.start_migration(vm_id=sim.vm("app-01").id))  # 3 disks: every slot, idle now
-    assert done.state == JobState.COMPLETED, done.error
-    waiting = actions.start_migration(vm_id=sim.vm("db-01").id)  # 2 disks
-    queued, enqueue = queued_by_thread()
-    chosen: list[int] = []
-    follower = Follower(enqueue=enqueue, detach=chosen.append)
+    waiting, queued, chosen, follower = behind_idle_slots(nbdkit_server, make_sim, settings, "db-01")  # 2 disks
     try:
         follower.tick()  # chooses two idle volumes to detach
         first, second = sorted(set(chosen))
